@@ -1,0 +1,75 @@
+"""`python -m model_store ls`: the models, versions, aliases and key metrics as a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from model_store.store import ModelStore, StoreError
+
+
+def _metric(manifest: dict, *keys: str) -> str:
+    value = manifest.get("metrics", {})
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return "-"
+        value = value[key]
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def ls(store: ModelStore, console: Console) -> int:
+    table = Table(title=f"Model store {store.root}")
+    for column in ("model", "version", "aliases", "architecture", "params", "val MSE", "PSNR dB", "SSIM", "bicubic PSNR", "created"):
+        table.add_column(column)
+    for name in store.models():
+        by_version: dict[int, list[str]] = {}
+        for alias, version in store.aliases(name).items():
+            by_version.setdefault(version, []).append(alias)
+        for version in store.versions(name):
+            try:
+                m = store.manifest(name, version)
+            except StoreError as exc:
+                table.add_row(name, str(version), "", f"[red]{exc}[/red]", *[""] * 6)
+                continue
+            table.add_row(
+                name, str(version), ",".join(by_version.get(version, [])), m.get("architecture", {}).get("name", "?"),
+                f"{m.get('parameter_count', 0):,}", _metric(m, "model", "mse"), _metric(m, "model", "psnr"),
+                _metric(m, "model", "ssim"), _metric(m, "bicubic", "psnr"), m.get("created_at", "?"),
+            )
+    console.print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
+    parser.add_argument("--store", default=None, help="store root (default: $UPGRADER_STORE or ./store)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list models, versions, aliases and metrics")
+    alias = sub.add_parser("alias", help="point an alias at a version")
+    alias.add_argument("model")
+    alias.add_argument("alias")
+    alias.add_argument("version")
+    verify = sub.add_parser("verify", help="check every artifact's checksum")
+    verify.add_argument("model")
+    verify.add_argument("version", nargs="?", default="latest")
+    args = parser.parse_args(argv)
+    store, console = ModelStore(args.store), Console(width=160)
+    try:
+        if args.command == "ls":
+            return ls(store, console)
+        if args.command == "alias":
+            console.print(f"{args.model}:{args.alias} -> {store.set_alias(args.model, args.alias, args.version)}")
+            return 0
+        manifest = store.verify(args.model, args.version)
+        console.print(f"{args.model}:{manifest['version']} OK ({len(manifest['files'])} files verified)")
+        return 0
+    except StoreError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Code shared by the trainer, the model store and the service: architectures and image math."""

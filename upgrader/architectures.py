@@ -1,0 +1,104 @@
+"""The upgrader architectures: 8x8 RGB in [0, 1] -> 32x32 RGB in [0, 1].
+
+Every architecture is registered by name; the names are public API (they are
+written into each stored manifest and the service rebuilds models from them).
+The trainer and the service both build models only through `build_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+INPUT_SIZE = 8
+OUTPUT_SIZE = 32
+CHANNELS = 3
+INPUT_SHAPE = (CHANNELS, INPUT_SIZE, INPUT_SIZE)
+OUTPUT_SHAPE = (CHANNELS, OUTPUT_SIZE, OUTPUT_SIZE)
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} registered twice")
+        ARCHITECTURES[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_model(name: str, **params) -> nn.Module:
+    """Build a freshly initialised model of a registered architecture."""
+    try:
+        factory = ARCHITECTURES[name]
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
+    return factory(**params)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register("fc")
+class FullyConnectedUpgrader(nn.Module):
+    """Flatten -> 512-256-128-64 bottleneck -> 128-256-512 -> 3072 pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = [CHANNELS * INPUT_SIZE**2, 512, 256, 128, 64, 128, 256, 512]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w_in, w_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(widths[-1], CHANNELS * OUTPUT_SIZE**2), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1, *OUTPUT_SHAPE)
+
+
+@register("conv")
+class ConvUpgrader(nn.Module):
+    """Two conv+pool stages down to 128x2x2, then four transposed convs up to 32x32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(128, 64, 2, stride=2), nn.ReLU(inplace=True),  # 4x4
+            nn.ConvTranspose2d(64, 32, 2, stride=2), nn.ReLU(inplace=True),  # 8x8
+            nn.ConvTranspose2d(32, 3, 3, stride=2, padding=1, output_padding=1), nn.ReLU(inplace=True),  # 16x16
+            nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, output_padding=1), nn.Sigmoid(),  # 32x32
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+@register("resnet18")
+class ResNet18Upgrader(nn.Module):
+    """torchvision ResNet-18 encoder (3x3 stride-1 stem) to 512x1x1, transposed-conv decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        backbone = resnet18(weights=None)  # never pretrained: nothing is downloaded
+        backbone.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=True)
+        # Everything up to (not including) avgpool/fc: 8x8 -> maxpool 4x4 -> 4,2,1,1.
+        self.encoder = nn.Sequential(*list(backbone.children())[:-2])
+        layers: list[nn.Module] = []
+        for c_in, c_out in [(512, 256), (256, 128), (128, 64), (64, 32)]:
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
