@@ -1,0 +1,43 @@
+# The two commands of the README: `make run` and `make test`. Both are safe to re-run:
+# nothing is reinstalled unless pyproject.toml changed, nothing retrained if the store has models.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= $(or $(UPGRADER_DATA),../shared/datasets/cifar10-jpeg)
+STORE  ?= $(or $(UPGRADER_STORE),store)
+HOST   ?= $(or $(UPGRADER_HOST),127.0.0.1)
+PORT   ?= $(or $(UPGRADER_PORT),8000)
+# The quick profile: a few minutes on 2 CPU cores, enough for a working demo (not the full recipe).
+QUICK_TRAIN ?= --epochs 3 --limit-train 10000 --limit-val 1000 --max-minutes 1.5
+
+.PHONY: install run models serve test bench clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: models serve
+
+models: install
+	@if $(BIN)/python -c "import sys; from model_store import ModelStore; sys.exit(0 if ModelStore('$(STORE)').models() else 1)"; then \
+	  echo "store $(STORE) already has models:"; \
+	else \
+	  test -d "$(DATA)/train" || { echo "No training data at $(DATA). Set UPGRADER_DATA to an ImageFolder tree with train/ and test/ (or a cifar-10-batches-py directory), or run: $(BIN)/python -m trainer --download --data ./data ..."; exit 2; }; \
+	  $(BIN)/python -m trainer --models fc,conv,resnet18 --data "$(DATA)" --store "$(STORE)" $(QUICK_TRAIN); \
+	fi
+	@$(BIN)/python -m model_store --store "$(STORE)" ls
+
+serve: install
+	@echo; echo "Upgrader on http://$(HOST):$(PORT) (docs: /docs). Try, from another shell:"; \
+	echo "  curl -s -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @examples/cat-8x8.png http://$(HOST):$(PORT)/upscale -o cat-32x32.png"; \
+	echo "  curl -s http://$(HOST):$(PORT)/models"; echo
+	UPGRADER_STORE="$(STORE)" $(BIN)/python -m service --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
