@@ -1,0 +1,56 @@
+"""The three reference architectures: shapes, value range and the exact parameter counts of the issue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from upgrader.architectures import ARCHITECTURES, build_model, parameter_count
+from upgrader.imaging import bicubic_upscale, downsample, psnr_per_image, ssim_per_image, to_float
+
+REFERENCE_PARAMS = {"fc": 2_020_160, "conv": 117_655, "resnet18": 13_957_155}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_reference_architecture_shape_range_and_parameter_count(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    assert parameter_count(model) == REFERENCE_PARAMS[name]
+    with torch.inference_mode():
+        out = model(torch.rand(3, 3, 8, 8))
+    assert out.shape == (3, 3, 32, 32)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_every_registered_architecture_maps_8x8_to_32x32():
+    for name in ARCHITECTURES:
+        with torch.inference_mode():
+            assert build_model(name).eval()(torch.rand(2, 3, 8, 8)).shape == (2, 3, 32, 32), name
+
+
+def test_unknown_architecture_names_the_known_ones():
+    with pytest.raises(KeyError, match="unknown architecture 'vgg'.*conv"):
+        build_model("vgg")
+
+
+def test_bicubic_matches_pillow_on_real_images(real_images):
+    targets = to_float(real_images)
+    inputs = (downsample(targets) * 255).round() / 255  # what an 8x8 PNG holds
+    ours = bicubic_upscale(inputs)
+    pil = []
+    for img in (inputs * 255).round().byte().permute(0, 2, 3, 1).numpy():
+        pil.append(np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC)))
+    pil = to_float(torch.from_numpy(np.stack(pil)).permute(0, 3, 1, 2))
+    assert (ours - pil).abs().mean() < 1 / 255
+
+
+def test_psnr_and_ssim_behave(real_images):
+    x = to_float(real_images[:8])
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert torch.allclose(ssim_per_image(x, x), torch.ones(8))
+    assert (ssim_per_image(x, noisy) < 0.95).all()
+    mse = (x - noisy).pow(2).flatten(1).mean(1)
+    assert torch.allclose(psnr_per_image(x, noisy), -10 * torch.log10(mse))
+    assert (psnr_per_image(x, bicubic_upscale(downsample(x))) > psnr_per_image(x, noisy * 0)).all()
