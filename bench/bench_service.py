@@ -9,7 +9,8 @@ For each model it publishes freshly initialised (seeded) weights into a temporar
   batched   this service, default dynamic batching (UPGRADER_MAX_BATCH_IMAGES=64, MAX_WAIT_MS=2)
   batch1    this service with UPGRADER_MAX_BATCH_IMAGES=1 (no batching: the in-run baseline)
   litserve  bench/litserve_server.py: LitServe's own batching (max_batch_size=64, batch_timeout=2 ms),
-            same weights from the same store, same PNG-in / base64-PNG-out JSON contract
+            same weights from the same store, same PNG-in / base64-PNG-out JSON contract, same
+            PNG codec (service.codec; `--litserve-codec pil` for Pillow's)
 
 and drives each with the same load generator: `concurrency` keep-alive connections, each sending
 one real 8x8 PNG (CIFAR-10 test images reduced to 8x8) and waiting for the answer before the
@@ -47,6 +48,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -94,7 +96,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def to_pixels(batch: torch.Tensor) -> np.ndarray:
-    """float Nx3xHxW in [0, 1] -> uint8 NxHxWx3."""
+    """float Nx3xHxW in [0, 1] -> uint8 NxHxWx3 (rounded, as the service quantises)."""
     return batch.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -148,11 +150,12 @@ class ServerSpec:
     upscale_path: str
 
 
-def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max_wait_ms: float) -> ServerSpec:
+def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max_wait_ms: float, litserve_codec: str) -> ServerSpec:
     python = sys.executable
     if kind == "litserve":
         command = [python, str(PROJECT_ROOT / "bench" / "litserve_server.py"), "--store", str(store), "--model", model,
-                   "--port", str(port), "--threads", str(threads), "--max-batch-size", "64", "--batch-timeout", str(max_wait_ms / 1000)]
+                   "--port", str(port), "--threads", str(threads), "--max-batch-size", "64", "--batch-timeout", str(max_wait_ms / 1000),
+                   "--codec", litserve_codec]
         return ServerSpec(kind, command, {}, "/health", "/predict")
     env = {
         "UPGRADER_STORE": str(store),
@@ -190,6 +193,14 @@ class ServerProcess:
             time.sleep(0.25)
         raise RuntimeError(f"{self.spec.kind} server not ready at {url} after {timeout:.0f}s:\n{self.log_tail()}")
 
+    def pause(self) -> None:
+        """SIGSTOP the whole session: an idle server still burns CPU (LitServe's workers poll their
+        queues) that would be taken from the server being measured."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def log_tail(self, lines: int = 30) -> str:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -197,6 +208,8 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         # SIGTERM lets uvicorn / LitServe shut down gracefully; anything left of the session is killed.
         if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.resume()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
@@ -260,6 +273,7 @@ class CellResult:
     client_cpu: float = 0.0  # cores used by this load generator
     other_cpu: float = 0.0  # cores used by everything else on the machine
     loadavg_1m: float = 0.0
+    round: int = 0  # -1: the median over several rounds
 
 
 class LoadRun:
@@ -390,17 +404,32 @@ def check_outputs(server: ServerProcess, model: torch.nn.Module, pngs: list[byte
 # ---- in-process ceiling --------------------------------------------------------------------------
 
 
+def ceiling_codec() -> tuple[str, Callable[[list[bytes]], torch.Tensor], Callable[[torch.Tensor], list[bytes]]]:
+    """(name, PNGs -> uint8 Nx3x8x8, float outputs -> PNGs): the service's own codec when it is
+    importable (what the service pays per image), else Pillow."""
+    try:
+        from service import codec
+    except ImportError:
+        return "PIL", lambda pngs: torch.stack([decode_png(p) for p in pngs]), lambda outputs: [encode_png(p) for p in to_pixels(outputs)]
+
+    def decode(pngs: list[bytes]) -> torch.Tensor:
+        return codec.stack_images([codec.decode_image(png, INPUT_SIZE, item) for item, png in enumerate(pngs)])
+
+    def encode(outputs: torch.Tensor) -> list[bytes]:
+        return [codec.encode_png(image) for image in codec.quantize(outputs)]
+
+    return "service.codec", decode, encode
+
+
 def ceiling(model: torch.nn.Module, pngs: list[bytes], batch: int, seconds: float) -> float:
-    """Images/s of decode + forward at `batch` + encode, no HTTP, on this process's torch threads."""
+    """Images/s of decode + forward at `batch` + encode (+ base64), no HTTP, on this process's torch threads."""
+    _, decode, encode = ceiling_codec()
     chunks = [pngs[i:i + batch] for i in range(0, len(pngs) - batch + 1, batch)]
-    images, start, i = 0, time.perf_counter(), 0
+    images, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or images == 0:
-        chunk = chunks[i % len(chunks)]
-        i += 1
-        x = to_float(torch.stack([decode_png(p) for p in chunk]))
+        chunk = chunks[(images // batch) % len(chunks)]
         with torch.inference_mode():
-            pixels = to_pixels(model(x))
-        encoded = [base64.b64encode(encode_png(p)) for p in pixels]
+            encoded = [base64.b64encode(png) for png in encode(model(to_float(decode(chunk))))]
         images += len(encoded)
     return images / (time.perf_counter() - start)
 
@@ -413,12 +442,13 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def print_table(results: list[CellResult]) -> None:
-    header = f"{'model':<9}{'conc':>5} {'server':<9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}{'srv cpu':>8}{'cli cpu':>8}{'other':>7}{'load1':>6}"
+    header = f"{'model':<9}{'conc':>5} {'server':<9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}{'srv cpu':>8}{'cli cpu':>8}{'other':>7}{'load1':>6}{'req/cpu-s':>10}"
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r.model:<9}{r.concurrency:>5} {r.server:<9}{fmt(r.rps):>8}{fmt(r.p50_ms, 2):>9}{fmt(r.p99_ms, 2):>9}{fmt(r.mean_batch):>7}"
-              f"{r.errors:>7}{fmt(r.server_cpu, 2):>8}{fmt(r.client_cpu, 2):>8}{fmt(r.other_cpu, 2):>7}{fmt(r.loadavg_1m, 2):>6}")
+              f"{r.errors:>7}{fmt(r.server_cpu, 2):>8}{fmt(r.client_cpu, 2):>8}{fmt(r.other_cpu, 2):>7}{fmt(r.loadavg_1m, 2):>6}"
+              f"{fmt(r.rps / r.server_cpu if r.server_cpu else None, 0):>10}")
 
 
 def target_lines(results: list[CellResult], concurrency: int = 32) -> list[dict]:
@@ -439,6 +469,56 @@ def target_lines(results: list[CellResult], concurrency: int = 32) -> list[dict]
     return targets
 
 
+def start_servers(stack: contextlib.ExitStack, name: str, model: torch.nn.Module, store: ModelStore, pngs: list[bytes],
+                  log_dir: Path, args, checks: dict[str, str]) -> list[ServerProcess]:
+    """Start every server kind for `name` at once, wait until each is ready and serves the right pixels."""
+    started = []
+    for kind in args.servers:
+        port = free_port()
+        spec = server_spec(kind, name, store.root, port, args.threads, args.max_wait_ms, args.litserve_codec)
+        started.append(stack.enter_context(ServerProcess(spec, port, log_dir / f"{name}-{kind}.log")))
+    ready = []
+    for server in started:
+        key = f"{name}/{server.spec.kind}"
+        try:
+            ready_s = server.wait_ready(args.ready_timeout)
+        except RuntimeError as exc:
+            print(f"!! {exc}", flush=True)
+            checks[key] = str(exc).splitlines()[0]
+            continue
+        checks[key] = check_outputs(server, model, pngs) or "ok"
+        print(f"{server.spec.kind}: ready after {ready_s:.1f}s on :{server.port}, outputs: {checks[key]}", flush=True)
+        ready.append(server)
+    time.sleep(1.0)  # let start-up work settle, then see what each server burns while idle
+    before = [process_tree_cpu_s(s.proc.pid) for s in ready]
+    time.sleep(2.0)
+    idle = [(process_tree_cpu_s(s.proc.pid) - b) / 2.0 for s, b in zip(ready, before)]
+    print("idle cpu (cores): " + ", ".join(f"{s.spec.kind} {c:.3f}" for s, c in zip(ready, idle))
+          + "; servers not being measured are paused (SIGSTOP)", flush=True)
+    for server in ready:
+        server.pause()
+    return ready
+
+
+def summarise(results: list[CellResult]) -> list[CellResult]:
+    """One row per (model, concurrency, server): the median of each measure over rounds, errors summed."""
+    groups: dict[tuple, list[CellResult]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.concurrency, r.server), []).append(r)
+    summary = []
+    for (model, concurrency, server), rows in groups.items():
+        row = CellResult(model, concurrency, server, rows[0].duration_s, round=-1 if len(rows) > 1 else rows[0].round)
+        for measure in ("requests", "rps", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "server_cpu", "client_cpu", "other_cpu", "loadavg_1m"):
+            values = [getattr(r, measure) for r in rows if getattr(r, measure) is not None]
+            setattr(row, measure, statistics.median(values) if values else None)
+        row.errors = sum(r.errors for r in rows)
+        for r in rows:
+            for message, count in r.error_samples.items():
+                row.error_samples[message] = row.error_samples.get(message, 0) + count
+        summary.append(row)
+    return summary
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 
@@ -449,12 +529,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every cell this many times (servers rotated) and report medians")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a request may still take after a cell ends")
     parser.add_argument("--store", type=Path, default=None, help="use the latest versions in this store instead of fresh seeded models")
     # 1 by default: on 2 shared cores a second OpenMP thread spins against the HTTP layer and the
     # other tenants, and a forward pass gets 10-25x slower (measured: conv@64 13 ms -> 354 ms).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every server and the ceiling")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="batch fill wait for our service and LitServe")
+    parser.add_argument("--litserve-codec", choices=("service", "pil"), default="service",
+                        help="PNG codec inside LitServe: our service's (compares the serving machinery) or Pillow's")
     parser.add_argument("--images", type=int, default=256, help="distinct real test images to cycle through")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of the fresh models")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per in-process ceiling measurement (0: skip)")
@@ -495,35 +578,36 @@ def main() -> None:
             print(f"\n== {name} v{manifest['version']} ({manifest['parameter_count']:,} parameters)", flush=True)
             if args.ceiling_seconds > 0:
                 ceilings[name] = ceiling(model, pngs, 64, args.ceiling_seconds)
-                print(f"in-process ceiling (decode + forward@64 + encode): {ceilings[name]:.0f} images/s", flush=True)
-            for kind in args.servers:
-                port = free_port()
-                spec = server_spec(kind, name, store.root, port, args.threads, args.max_wait_ms)
-                with ServerProcess(spec, port, Path(tmp) / f"{name}-{kind}.log") as server:
-                    try:
-                        ready_s = server.wait_ready(args.ready_timeout)
-                    except RuntimeError as exc:
-                        print(f"!! {exc}", flush=True)
-                        checks[f"{name}/{kind}"] = str(exc).splitlines()[0]
-                        continue
-                    problem = check_outputs(server, model, pngs)
-                    checks[f"{name}/{kind}"] = problem or "ok"
-                    print(f"{kind}: ready in {ready_s:.1f}s on :{port}, outputs {problem or 'match the local model'}", flush=True)
+                print(f"in-process ceiling ({ceiling_codec()[0]} decode + forward@64 + encode): {ceilings[name]:.0f} images/s", flush=True)
+            with contextlib.ExitStack() as stack:
+                servers = start_servers(stack, name, model, store, pngs, Path(tmp), args, checks)
+                # All servers stay up (paused while not measured) and the cells alternate between
+                # them, so the contention from other tenants, which drifts over minutes, hits all alike.
+                for round_index in range(args.rounds):
                     for concurrency in args.concurrency:
-                        result = run_cell(server, name, pngs, concurrency, args)
-                        results.append(result)
-                        print(f"  c={concurrency:<4} {result.rps:8.1f} req/s  p50 {fmt(result.p50_ms, 2)} ms  p99 {fmt(result.p99_ms, 2)} ms  "
-                              f"batch {fmt(result.mean_batch)}  errors {result.errors}  cpu srv/cli/other "
-                              f"{result.server_cpu:.2f}/{result.client_cpu:.2f}/{result.other_cpu:.2f}", flush=True)
-                        for message, count in result.error_samples.items():
-                            print(f"    {count} x {message}", flush=True)
+                        for server in servers[round_index % len(servers):] + servers[:round_index % len(servers)]:
+                            server.resume()
+                            try:
+                                result = run_cell(server, name, pngs, concurrency, args)
+                            finally:
+                                server.pause()
+                            result.round = round_index
+                            results.append(result)
+                            print(f"  {server.spec.kind:<9}c={concurrency:<4} {result.rps:8.1f} req/s  p50 {fmt(result.p50_ms, 2)} ms  "
+                                  f"p99 {fmt(result.p99_ms, 2)} ms  batch {fmt(result.mean_batch)}  errors {result.errors}  cpu srv/cli/other "
+                                  f"{result.server_cpu:.2f}/{result.client_cpu:.2f}/{result.other_cpu:.2f}", flush=True)
+                            for message, count in result.error_samples.items():
+                                print(f"    {count} x {message}", flush=True)
 
-    print()
-    print_table(results)
+    summary = summarise(results)
+    print(f"\n{'median of ' + str(args.rounds) + ' rounds; ' if args.rounds > 1 else ''}cpu columns are cores: srv = the server's "
+          "process tree, cli = this load generator, other = everything else on the machine; req/cpu-s = req/s per server core "
+          "(less sensitive to contention than req/s)")
+    print_table(summary)
     if ceilings:
         print("\nin-process ceiling, images/s (PNG decode + forward at batch 64 + PNG encode, no HTTP): "
               + ", ".join(f"{name} {value:.0f}" for name, value in ceilings.items()))
-    goals = target_lines(results)
+    goals = target_lines(summary)
     if goals:
         print()
         for goal in goals:
@@ -533,7 +617,8 @@ def main() -> None:
     print(f"\nerrors: {errors}" + (f"; output checks failed: {bad_checks}" if bad_checks else "") + f"; load average now {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                         "results": [asdict(r) for r in results], "ceiling_images_per_s": ceilings,
+                                         "results": [asdict(r) for r in summary], "rounds": [asdict(r) for r in results],
+                                         "ceiling_images_per_s": ceilings,
                                          "targets": goals, "checks": checks}, indent=2))
         print(f"results written to {args.json}")
     sys.exit(1 if errors or bad_checks else 0)

@@ -1,12 +1,13 @@
 """LitServe baseline for bench/bench_service.py: the same model, weights and HTTP contract as our service.
 
-    python bench/litserve_server.py --store DIR --model resnet18 --port 8001 --threads 2
+    python bench/litserve_server.py --store DIR --model resnet18 --port 8001 --threads 1 [--codec pil]
 
 Serves `POST /predict` with a raw `Content-Type: image/png` body (one 8x8 PNG) and answers
 `{"model", "images": [{"index", "png" (base64), "width", "height"}], "metrics": {"images",
 "batch_size", "inference_ms", "device"}}`, like our `POST /upscale`. Batching is LitServe's own
 (`max_batch_size`, `batch_timeout`); `GET /health` is 200 once the inference worker is up.
-The weights come from the model store (`ModelStore.load`), never from a fresh init.
+The weights come from the model store (`ModelStore.load`), never from a fresh init. The PNG
+codec is our service's own by default (`--codec pil` for Pillow's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import base64
 import io
 import time
+from typing import Callable
 
 import litserve as ls
 import numpy as np
@@ -43,53 +45,71 @@ async def _prepare_raw_image_or_json(self, request, request_type):
 litserve_server.BaseRequestHandler._prepare_request = _prepare_raw_image_or_json
 
 
-class UpscaleAPI(ls.LitAPI):
-    """decode (PNG -> uint8 3x8x8), batch (stack, to float), predict, unbatch, encode (-> base64 PNG)."""
+def _pil_decode(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    if image.size != (INPUT_SIZE, INPUT_SIZE):
+        raise ValueError(f"image is {image.size[0]}x{image.size[1]}, expected {INPUT_SIZE}x{INPUT_SIZE}")
+    return np.asarray(image.convert("RGB"))
 
-    def __init__(self, store: str, model: str, version: str, threads: int, max_batch_size: int, batch_timeout: float):
+
+def _pil_encode(image: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_codec(name: str) -> tuple[Callable[[bytes], np.ndarray], Callable[[torch.Tensor], bytes]]:
+    """(decode: PNG -> uint8 HxWx3, encode: uint8 3xHxW -> PNG). "service" is our service's own codec,
+    so a comparison measures the serving machinery, not the PNG library; "pil" is what a plain
+    LitServe deployment would write."""
+    if name == "pil":
+        return _pil_decode, _pil_encode
+    from service.codec import decode_image, encode_png
+
+    return (lambda data: decode_image(data, INPUT_SIZE, 0)), encode_png
+
+
+class UpscaleAPI(ls.LitAPI):
+    """decode (PNG -> uint8 8x8x3), batch (stack, to float), predict, unbatch, encode (-> base64 PNG)."""
+
+    def __init__(self, store: str, model: str, version: str, threads: int, codec: str, max_batch_size: int, batch_timeout: float):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.store_root, self.model_name, self.version, self.threads = store, model, version, threads
+        self.store_root, self.model_name, self.version, self.threads, self.codec = store, model, version, threads, codec
 
     def setup(self, device) -> None:
         torch.set_num_threads(self.threads)
         self.device = torch.device(device)
+        self.decode_png, self.encode_png = image_codec(self.codec)
         self.model, manifest = ModelStore(self.store_root).load(self.model_name, self.version, self.device)
         self.model_info = {"name": manifest["name"], "version": manifest["version"]}
 
     # Unannotated on purpose: LitServe turns this annotation into the FastAPI endpoint's parameter type.
-    def decode_request(self, request) -> torch.Tensor:
+    def decode_request(self, request) -> np.ndarray:
         """`request` is the raw PNG body (bytes), see `_prepare_raw_image_or_json`."""
         try:
-            image = Image.open(io.BytesIO(request))
-            image.load()
-        except Exception as exc:
-            raise HTTPException(400, f"not a decodable image: {exc}") from None
-        if image.size != (INPUT_SIZE, INPUT_SIZE):
-            raise HTTPException(422, f"image is {image.size[0]}x{image.size[1]}, expected {INPUT_SIZE}x{INPUT_SIZE}")
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+            return self.decode_png(request)
+        except Exception as exc:  # either codec's error: the client sent something that is not an 8x8 image
+            raise HTTPException(400, f"image 0: {exc}") from None
 
-    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        return to_float(torch.stack(inputs)).to(self.device)
+    def batch(self, inputs: list[np.ndarray]) -> torch.Tensor:
+        return to_float(torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2)).to(self.device)
 
-    def predict(self, x: torch.Tensor) -> tuple[np.ndarray, int, float]:
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, int, float]:
         start = time.perf_counter()
         with torch.inference_mode():
-            y = self.model(x)
-        pixels = y.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            pixels = self.model(x).mul_(255).round_().clamp_(0, 255).to(torch.uint8).cpu()
         return pixels, len(x), (time.perf_counter() - start) * 1000
 
-    def unbatch(self, output: tuple[np.ndarray, int, float]) -> list[tuple[np.ndarray, int, float]]:
+    def unbatch(self, output: tuple[torch.Tensor, int, float]) -> list[tuple[torch.Tensor, int, float]]:
         pixels, batch_size, inference_ms = output
         return [(image, batch_size, inference_ms) for image in pixels]
 
-    def encode_response(self, output: tuple[np.ndarray, int, float]) -> dict:
-        pixels, batch_size, inference_ms = output
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        height, width = pixels.shape[:2]
+    def encode_response(self, output: tuple[torch.Tensor, int, float]) -> dict:
+        image, batch_size, inference_ms = output
+        png = base64.b64encode(self.encode_png(image)).decode()
         return {
             "model": self.model_info,
-            "images": [{"index": 0, "png": base64.b64encode(buffer.getvalue()).decode(), "width": width, "height": height}],
+            "images": [{"index": 0, "png": png, "width": image.shape[2], "height": image.shape[1]}],
             "metrics": {"images": 1, "batch_size": batch_size, "inference_ms": round(inference_ms, 3), "device": str(self.device)},
         }
 
@@ -102,12 +122,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads in the inference worker")
+    parser.add_argument("--codec", choices=("service", "pil"), default="service", help="PNG codec: our service's (default) or plain PIL")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-timeout", type=float, default=0.002, help="seconds LitServe waits to fill a batch")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
 
-    api = UpscaleAPI(args.store, args.model, args.version, args.threads, args.max_batch_size, args.batch_timeout)
+    api = UpscaleAPI(args.store, args.model, args.version, args.threads, args.codec, args.max_batch_size, args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
     server.run(host=args.host, port=args.port, log_level=args.log_level, generate_client_file=False)
 
