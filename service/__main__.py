@@ -1,0 +1,40 @@
+"""Run the service: `python -m service --host 0.0.0.0 --port 8000` (or `upgrader-serve`).
+
+Every flag overrides the UPGRADER_* environment variable of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.settings import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="upgrader-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="bind address (UPGRADER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (UPGRADER_PORT, default 8000)")
+    parser.add_argument("--store", help="model store root (UPGRADER_STORE)")
+    parser.add_argument("--default-model", help="model served when a request names none (UPGRADER_DEFAULT_MODEL)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (UPGRADER_DEVICE, default auto)")
+    parser.add_argument("--max-batch-images", type=int, help="images per forward pass (UPGRADER_MAX_BATCH_IMAGES, default 64)")
+    parser.add_argument("--max-wait-ms", type=float, help="batching window (UPGRADER_MAX_WAIT_MS, default 2)")
+    parser.add_argument("--torch-threads", type=int, help="torch CPU threads (UPGRADER_TORCH_THREADS)")
+    parser.add_argument("--log-level", help="log level (UPGRADER_LOG_LEVEL, default INFO)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = {key: value for key, value in vars(parse_args(argv)).items() if value is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=settings.request_timeout_s + 5)
+
+
+if __name__ == "__main__":
+    main()

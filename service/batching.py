@@ -1,0 +1,202 @@
+"""Dynamic batching: many concurrent requests -> few large forward passes.
+
+Per loaded (model, version) one `Batcher`:
+
+* `submit` puts a request's images on a queue bounded in *images*; a request that does
+  not fit is refused at once (503), so overload shows up as refusals, not latency.
+* the batcher task takes images from the head of the queue until it has
+  `max_batch_images` or the oldest image has waited `max_wait_ms`, splitting a large
+  request across batches; requests asking for a different ensemble size wait for the
+  next batch (they cannot share a forward pass).
+* each batch runs on the batcher's own worker thread (torch releases the GIL) while
+  the event loop keeps parsing requests and forming the next batch;
+* outputs are routed back by (request, offset), so each request gets exactly its own
+  images, in order, however they were split and merged.
+
+Everything but the forward pass runs on the event loop, so the queue needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from service.errors import ApiError, unavailable
+from service.metrics import Metrics
+from service.upscaler import BatchOutput
+
+log = logging.getLogger("service.batching")
+
+RunBatch = Callable[[torch.Tensor, int], BatchOutput]
+
+
+@dataclass
+class Job:
+    """One request's images and where its outputs go."""
+
+    images: torch.Tensor  # uint8 N x 3 x 8 x 8
+    ensemble: int
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    outputs: list[torch.Tensor | None] = field(default_factory=list)
+    pngs: list[bytes | None] = field(default_factory=list)
+    remaining: int = 0
+    started_at: float | None = None
+    inference_s: float = 0.0
+    batch_size: int = 0
+    abandoned: bool = False
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        self.outputs, self.pngs, self.remaining = [None] * n, [None] * n, n
+
+
+@dataclass
+class JobResult:
+    images: torch.Tensor  # uint8 N x 3 x 32 x 32
+    pngs: list[bytes]
+    batch_size: int  # the largest batch this request's images rode in
+    queue_s: float  # enqueue -> its first batch started
+    inference_s: float  # wall time of the batches it rode in
+
+
+@dataclass
+class _Slice:
+    job: Job
+    start: int
+    stop: int
+
+
+class Batcher:
+    def __init__(self, label: str, run_batch: RunBatch, *, max_batch_images: int, max_wait_ms: float,
+                 max_queue_images: int, retry_after_s: int, metrics: Metrics, metric_labels: tuple[str, str],
+                 thread_init: Callable[[], None] | None = None):
+        self.label, self.run_batch = label, run_batch
+        self.max_batch_images, self.max_wait_s, self.max_queue_images = max_batch_images, max_wait_ms / 1000, max_queue_images
+        self.retry_after_s, self.metrics, self.metric_labels = retry_after_s, metrics, metric_labels
+        self._queue: deque[_Slice] = deque()
+        self.queued_images = 0
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}", initializer=thread_init)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{label}")
+
+    # ---- request side -------------------------------------------------------------
+    async def submit(self, images: torch.Tensor, ensemble: int, timeout_s: float) -> JobResult:
+        n = len(images)
+        if self._closing:
+            raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
+        if self.queued_images + n > self.max_queue_images:
+            raise unavailable("queue_full", f"{self.label} queue is full ({self.queued_images} of {self.max_queue_images} images waiting)", self.retry_after_s)
+        job = Job(images, ensemble, asyncio.get_running_loop().create_future())
+        self._queue.append(_Slice(job, 0, n))
+        self._queued_changed(n)
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
+        except TimeoutError:
+            job.abandoned = True  # its queued slices are dropped, not computed
+            raise ApiError(504, "deadline_exceeded", f"{n} image(s) not inferred within {timeout_s:g}s on {self.label}") from None
+
+    def _queued_changed(self, delta: int) -> None:
+        self.queued_images += delta
+        self.metrics.queue_images.labels(*self.metric_labels).set(self.queued_images)
+
+    # ---- batcher side -------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._gather_more()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            images = torch.cat([s.job.images[s.start : s.stop] for s in batch]) if len(batch) > 1 else batch[0].job.images[batch[0].start : batch[0].stop]
+            started = time.perf_counter()
+            for s in batch:
+                s.job.started_at = s.job.started_at or started
+            try:
+                output = await loop.run_in_executor(self._executor, self.run_batch, images, batch[0].job.ensemble)
+            except Exception as exc:  # a model failure fails the requests in this batch, not the service
+                log.exception("batch of %d images failed on %s", len(images), self.label)
+                for s in batch:
+                    if not s.job.future.done():
+                        s.job.future.set_exception(unavailable("inference_failed", f"inference failed on {self.label}: {exc}", self.retry_after_s))
+                continue
+            self._deliver(batch, output, time.perf_counter() - started)
+
+    async def _gather_more(self) -> None:
+        """Wait until a full batch is queued or the oldest image has waited max_wait_ms."""
+        deadline = self._queue[0].job.enqueued_at + self.max_wait_s
+        while self.queued_images < self.max_batch_images and not self._closing:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Slice]:
+        """Up to max_batch_images images of one ensemble size, oldest first; splits the last slice if needed."""
+        batch: list[_Slice] = []
+        room = self.max_batch_images
+        ensemble = None
+        kept: deque[_Slice] = deque()
+        while self._queue and room:
+            s = self._queue.popleft()
+            if s.job.abandoned:
+                self._queued_changed(-(s.stop - s.start))
+                continue
+            ensemble = s.job.ensemble if ensemble is None else ensemble
+            if s.job.ensemble != ensemble:
+                kept.append(s)
+                continue
+            take = min(room, s.stop - s.start)
+            if take < s.stop - s.start:
+                self._queue.appendleft(_Slice(s.job, s.start + take, s.stop))
+                s = _Slice(s.job, s.start, s.start + take)
+            batch.append(s)
+            room -= take
+            self._queued_changed(-take)
+        self._queue.extendleft(reversed(kept))
+        return batch
+
+    def _deliver(self, batch: list[_Slice], output: BatchOutput, seconds: float) -> None:
+        size = len(output.pngs)
+        self.metrics.batch_size.labels(self.metric_labels[0]).observe(size)
+        self.metrics.inference_seconds.labels(self.metric_labels[0]).observe(seconds)
+        offset = 0
+        for s in batch:
+            job, count = s.job, s.stop - s.start
+            job.outputs[s.start : s.stop] = list(output.images[offset : offset + count])
+            job.pngs[s.start : s.stop] = output.pngs[offset : offset + count]
+            offset += count
+            job.remaining -= count
+            job.inference_s += seconds
+            job.batch_size = max(job.batch_size, size)
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(JobResult(torch.stack(job.outputs), job.pngs, job.batch_size,
+                                                job.started_at - job.enqueued_at, job.inference_s))
+
+    # ---- shutdown -----------------------------------------------------------------
+    async def close(self) -> None:
+        """Refuse new work, finish everything queued, stop the worker thread."""
+        self._closing = True
+        self._arrived.set()
+        await self._task
+        self._executor.shutdown(wait=True)
+        self.metrics.queue_images.remove(*self.metric_labels)

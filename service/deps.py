@@ -1,0 +1,63 @@
+"""Dependencies injected into the routers (everything lives on app.state, created by create_app)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.registry import ModelManager
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def _bearer(authorization: str | None) -> str | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(given: str | None, secret: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
+
+
+def require_api_key(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
+    x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
+) -> None:
+    if not settings.api_keys:
+        return
+    given = [key for key in (_bearer(authorization), x_api_key) if key]
+    if not any(_matches(key, secret.get_secret_value()) for key in given for secret in settings.api_keys):
+        raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <UPGRADER_ADMIN_TOKEN>`.")] = None,
+) -> None:
+    if settings.admin_token is None:
+        raise ApiError(403, "admin_disabled", "admin endpoints are disabled: UPGRADER_ADMIN_TOKEN is not set")
+    if not _matches(_bearer(authorization), settings.admin_token.get_secret_value()):
+        raise ApiError(401, "unauthorized", "a valid admin token is required (Authorization: Bearer <token>)",
+                       headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,25 @@
+"""Prometheus metrics on a per-app registry (two apps in one process never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UNKNOWN_MODEL = "-"  # label for requests that named no servable model (client text never becomes a label)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("upgrader_requests", "POST /upscale requests by model and HTTP status.", ["model", "status"], registry=r)
+        self.latency = Histogram("upgrader_request_seconds", "POST /upscale latency, from request to response.", ["model"], registry=r,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batch_size = Histogram("upgrader_batch_images", "Images per forward pass.", ["model"], registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.inference_seconds = Histogram("upgrader_inference_seconds", "Wall time of one batch: forward pass and PNG encoding.", ["model"], registry=r,
+                                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.queue_images = Gauge("upgrader_queue_images", "Images waiting for a batch, per loaded version.", ["model", "version"], registry=r)
+        self.images = Counter("upgrader_images_served", "Images upscaled and returned.", ["model"], registry=r)
+        self.load_failures = Counter("upgrader_model_load_failures", "Versions that failed verification or loading.", ["model", "version"], registry=r)
+        self.serving_version = Gauge("upgrader_serving_version", "Version answering version=latest, per model.", ["model"], registry=r)
+        self.loaded_versions = Gauge("upgrader_loaded_versions", "Versions loaded in memory, per model.", ["model"], registry=r)

@@ -1,0 +1,335 @@
+"""The model manager: which versions are loaded, which one answers `latest`, and hot reload.
+
+State per model, refreshed from the store every `poll_interval_s` (and at once when a
+request names a model or version the last scan has not seen):
+
+* `serving`: the newest version that loaded; `version=latest` resolves to it. A newer
+  version is loaded in the background and swapped in by one assignment, so a request
+  either got the old `Served` or the new one; a request holds a lease on its `Served`
+  until it has answered, and a replaced version is only shut down when its last lease
+  is returned (its queue drained).
+* `failed`: versions whose verification or loading failed, with the reason; they are
+  reported (log, metric, GET /models) and never served, and `serving` stays where it was.
+* aliased versions are kept loaded; other versions load on demand and the least
+  recently used beyond `extra_loaded_versions` are unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from model_store import LATEST, ModelStore
+from service.batching import Batcher
+from service.errors import ApiError, unavailable
+from service.metrics import Metrics
+from service.settings import Settings
+from service.upscaler import Upscaler, pick_device
+
+log = logging.getLogger("service.registry")
+
+
+@dataclass(eq=False)
+class Served:
+    """A loaded version with its batcher, and the leases of requests using it."""
+
+    name: str
+    version: int
+    manifest: dict
+    batcher: Batcher
+    last_used: float = field(default_factory=time.monotonic)
+    leases: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.released.set()
+
+
+@dataclass
+class ModelState:
+    name: str
+    versions: list[int] = field(default_factory=list)
+    aliases: dict[str, int] = field(default_factory=dict)  # explicit ones; `latest` means `serving`
+    manifests: dict[int, dict] = field(default_factory=dict)  # versions are immutable: read once
+    loaded: dict[int, Served] = field(default_factory=dict)
+    loading: dict[int, asyncio.Task] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    serving: int | None = None
+
+    def pinned(self) -> set[int]:
+        return {self.serving, *self.aliases.values()} - {None}
+
+
+@dataclass
+class _Scan:
+    versions: list[int]
+    aliases: dict[str, int]
+    manifests: dict[int, dict]
+    unreadable: dict[int, str]
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.store = ModelStore(settings.store)
+        self.device = pick_device(settings.device)
+        self.models: dict[str, ModelState] = {}
+        self.default_model: str | None = settings.default_model
+        self._watcher: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+        self._closing = False
+
+    # ---- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        await self.refresh()
+        self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
+        log.info("model manager started", extra={"store": str(self.store.root), "device": str(self.device),
+                                                  "models": {n: s.serving for n, s in self.models.items()}, "default_model": self.default_model})
+
+    async def close(self) -> None:
+        """Stop watching, then let every loaded version finish its queue."""
+        self._closing = True
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for state in self.models.values():
+            for served in list(state.loaded.values()):
+                self._retire(state, served)
+        await asyncio.gather(*self._retiring)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a store hiccup must not end hot reload
+                log.exception("store scan failed", extra={"store": str(self.store.root)})
+
+    # ---- store scanning -----------------------------------------------------------
+    def _scan_model(self, name: str, known: set[int]) -> _Scan:
+        """Read one model's versions, aliases and new manifests (runs in a thread)."""
+        versions = self.store.versions(name)
+        aliases = {k: v for k, v in self.store.aliases(name).items() if k != LATEST} if versions else {}
+        manifests, unreadable = {}, {}
+        for version in set(versions) - known:
+            try:
+                manifests[version] = self.store.manifest(name, version)
+            except Exception as exc:
+                unreadable[version] = str(exc)
+        return _Scan(versions, aliases, manifests, unreadable)
+
+    def _scan(self, known: dict[str, set[int]]) -> dict[str, _Scan]:
+        return {name: self._scan_model(name, known.get(name, set())) for name in self.store.models()}
+
+    def _merge(self, name: str, scan: _Scan) -> ModelState:
+        state = self.models.setdefault(name, ModelState(name))
+        state.versions, state.aliases = scan.versions, scan.aliases
+        state.manifests.update(scan.manifests)
+        for version, reason in scan.unreadable.items():
+            self._record_failure(state, version, reason)
+        if state.serving is not None and state.serving not in state.versions:
+            state.serving = None  # deleted from the store: pick the newest loadable one again
+        return state
+
+    async def refresh(self) -> None:
+        """Scan the store, load what should be loaded, unload what should not."""
+        known = {name: set(state.manifests) | set(state.failed) for name, state in self.models.items()}
+        scans = await asyncio.to_thread(self._scan, known)
+        for name in set(self.models) - set(scans):
+            for served in list(self.models[name].loaded.values()):
+                self._retire(self.models[name], served)
+            del self.models[name]
+        for name, scan in scans.items():
+            state = self._merge(name, scan)
+            await self._advance_serving(state)
+            for version in state.pinned():
+                if version not in state.failed:
+                    with contextlib.suppress(ApiError):  # recorded as failed; the alias answers 503
+                        await self._ensure_loaded(state, version)
+            self._evict(state)
+            self._update_gauges(state)
+        self.default_model = self.settings.default_model or self._best_model()
+
+    async def _rescan(self, name: str) -> ModelState | None:
+        """Read one model again (a request named something the last scan has not seen)."""
+        try:
+            known = set(self.models[name].manifests) if name in self.models else set()
+            scan = await asyncio.to_thread(self._scan_model, name, known)
+        except ValueError:  # not a valid model name
+            return None
+        if not scan.versions:
+            return self.models.get(name)
+        state = self._merge(name, scan)
+        if state.serving is None:
+            await self._advance_serving(state)
+        return state
+
+    def _best_model(self) -> str | None:
+        def psnr(state: ModelState) -> float:
+            value = state.manifests.get(state.serving, {}).get("metrics", {}).get("model", {}).get("psnr")
+            return float(value) if isinstance(value, (int, float)) else float("-inf")
+
+        candidates = sorted((s for s in self.models.values() if s.serving is not None), key=lambda s: (-psnr(s), s.name))
+        return candidates[0].name if candidates else None
+
+    # ---- loading ------------------------------------------------------------------
+    async def _advance_serving(self, state: ModelState) -> None:
+        """Swap `serving` to the newest version newer than it that loads."""
+        for version in sorted(state.versions, reverse=True):
+            if state.serving is not None and version <= state.serving:
+                return
+            if version in state.failed:
+                continue
+            try:
+                await self._ensure_loaded(state, version)
+            except ApiError:
+                continue
+            if state.serving is None or version > state.serving:
+                previous, state.serving = state.serving, version
+                log.info("serving new version", extra={"model": state.name, "version": version, "previous": previous})
+            return
+
+    async def _ensure_loaded(self, state: ModelState, version: int) -> Served:
+        if version in state.loaded:
+            return state.loaded[version]
+        if version in state.failed:
+            raise unavailable("version_unavailable", f"model {state.name!r} version {version} cannot be served: {state.failed[version]}",
+                              self.settings.retry_after_s)
+        if self._closing:
+            raise unavailable("shutting_down", "the service is shutting down", self.settings.retry_after_s)
+        task = state.loading.get(version)
+        if task is None:
+            task = state.loading[version] = asyncio.create_task(self._load(state, version), name=f"load-{state.name}-{version}")
+        return await asyncio.shield(task)
+
+    async def _load(self, state: ModelState, version: int) -> Served:
+        s = self.settings
+        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, s.amp_bf16)
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(upscaler.setup)
+        except Exception as exc:  # whatever a bad version does, it must not take the service down
+            self._record_failure(state, version, f"{type(exc).__name__}: {exc}")
+            raise unavailable("version_unavailable", f"model {state.name!r} version {version} cannot be served: {state.failed[version]}",
+                              s.retry_after_s) from None
+        finally:
+            state.loading.pop(version, None)
+        batcher = Batcher(f"{state.name}:{version}", upscaler.run_batch, max_batch_images=s.max_batch_images, max_wait_ms=s.max_wait_ms,
+                          max_queue_images=s.max_queue_images, retry_after_s=s.retry_after_s, metrics=self.metrics,
+                          metric_labels=(state.name, str(version)))
+        served = state.loaded[version] = Served(state.name, version, upscaler.manifest, batcher)
+        state.manifests[version] = upscaler.manifest
+        log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
+                                          "seconds": round(time.perf_counter() - started, 3)})
+        self._update_gauges(state)
+        return served
+
+    def _record_failure(self, state: ModelState, version: int, reason: str) -> None:
+        state.failed[version] = reason
+        self.metrics.load_failures.labels(state.name, str(version)).inc()
+        log.error("version refused", extra={"model": state.name, "version": version, "reason": reason})
+
+    # ---- unloading ----------------------------------------------------------------
+    def _evict(self, state: ModelState) -> None:
+        extras = sorted((s for v, s in state.loaded.items() if v not in state.pinned()), key=lambda s: s.last_used)
+        for served in extras[: max(0, len(extras) - self.settings.extra_loaded_versions)]:
+            self._retire(state, served)
+
+    def _retire(self, state: ModelState, served: Served) -> None:
+        """Stop routing to `served`; shut it down once the requests holding it have answered."""
+        state.loaded.pop(served.version, None)
+
+        async def drain() -> None:
+            await served.released.wait()
+            await served.batcher.close()
+            log.info("unloaded version", extra={"model": served.name, "version": served.version})
+
+        task = asyncio.create_task(drain(), name=f"retire-{served.name}-{served.version}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        self._update_gauges(state)
+
+    def _update_gauges(self, state: ModelState) -> None:
+        self.metrics.loaded_versions.labels(state.name).set(len(state.loaded))
+        if state.serving is not None:
+            self.metrics.serving_version.labels(state.name).set(state.serving)
+
+    # ---- requests -----------------------------------------------------------------
+    async def resolve(self, name: str | None, version: str) -> tuple[ModelState, int]:
+        """(model, version-or-alias) from a request -> state and version number, or 404/503."""
+        name = name or self.default_model
+        if name is None:
+            raise unavailable("no_model_loaded", f"no model is loaded from store {self.store.root}", self.settings.retry_after_s)
+        state = await self.model_state(name)
+        return state, await self.version_number(state, version)
+
+    async def model_state(self, name: str) -> ModelState:
+        state = self.models.get(name) or await self._rescan(name)
+        if state is None:
+            raise ApiError(404, "model_not_found", f"model {name!r} not found in the store (models: {sorted(self.models)})")
+        return state
+
+    async def version_number(self, state: ModelState, version: str) -> int:
+        number = self._lookup(state, version)
+        if number is None:
+            state = await self._rescan(state.name) or state
+            number = self._lookup(state, version)
+        if number is None and version == LATEST:
+            failures = "; ".join(f"version {v}: {why}" for v, why in sorted(state.failed.items()))
+            raise unavailable("version_unavailable" if failures else "no_model_loaded",
+                              f"model {state.name!r} has no loadable version" + (f" ({failures})" if failures else " yet"),
+                              self.settings.retry_after_s)
+        if number is None:
+            raise ApiError(404, "version_not_found", f"model {state.name!r} has no version or alias {version!r} "
+                                                     f"(versions: {state.versions}, aliases: {sorted(state.aliases)})")
+        return number
+
+    @staticmethod
+    def _lookup(state: ModelState, version: str) -> int | None:
+        if version == LATEST:
+            return state.serving
+        if version.isdigit():
+            return int(version) if int(version) in state.versions else None
+        return state.aliases.get(version)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str | None, version: str) -> AsyncIterator[Served]:
+        """The `Served` version for a request, kept alive until the request has answered."""
+        state, number = await self.resolve(name, version)
+        served = await self._ensure_loaded(state, number)
+        served.leases += 1
+        served.released.clear()
+        served.last_used = time.monotonic()
+        try:
+            yield served
+        finally:
+            served.leases -= 1
+            if served.leases == 0:
+                served.released.set()
+
+    async def set_alias(self, name: str, alias: str, version: str) -> int:
+        state, number = await self.resolve(name, version)
+        if number in state.failed:
+            raise ApiError(409, "version_failed", f"model {name!r} version {number} failed verification and cannot be promoted: {state.failed[number]}")
+        try:
+            await asyncio.to_thread(self.store.set_alias, name, alias, number)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_alias", str(exc)) from None
+        await self._rescan(name)
+        log.info("alias set", extra={"model": name, "alias": alias, "version": number})
+        with contextlib.suppress(ApiError):
+            await self._ensure_loaded(state, number)
+        return number
+
+    def is_ready(self) -> bool:
+        state = self.models.get(self.default_model or "")
+        return state is not None and state.serving in state.loaded

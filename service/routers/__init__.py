@@ -1,0 +1,1 @@
+"""HTTP routers: upscale (the product), models (what is served, admin), ops (health, metrics)."""

@@ -1,0 +1,88 @@
+"""What is served: GET /models..., the trainer's pictures, and the admin alias endpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from service.deps import ManagerDep, require_admin
+from service.errors import ApiError
+from service.registry import ModelManager, ModelState
+from service.schemas import AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+NameParam = Annotated[str, Path(description="Model name as in the store.")]
+VersionParam = Annotated[str, Path(description="Version number or alias (latest, stable, ...).")]
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown model, version or file."}}
+
+
+def version_info(state: ModelState, version: int, detail: bool = False) -> VersionInfo:
+    manifest = state.manifests.get(version, {})
+    if version in state.failed:
+        status = "failed"
+    elif version == state.serving:
+        status = "serving"
+    elif version in state.loaded:
+        status = "loaded"
+    else:
+        status = "loading" if version in state.loading else "available"
+    fields = dict(
+        version=version, status=status, error=state.failed.get(version), created_at=manifest.get("created_at"),
+        aliases=sorted(alias for alias, v in state.aliases.items() if v == version) + (["latest"] if version == state.serving else []),
+        dataset=manifest.get("dataset"), recipe=manifest.get("recipe"), metrics=manifest.get("metrics"),
+        weights_sha256=manifest.get("weights_sha256"), epochs_completed=manifest.get("epochs_completed"),
+    )
+    return VersionDetail(**fields, manifest=manifest) if detail else VersionInfo(**fields)
+
+
+def model_info(manager: ModelManager, state: ModelState) -> ModelInfo:
+    newest = state.manifests.get(state.serving) or (state.manifests[max(state.manifests)] if state.manifests else {})
+    aliases = dict(state.aliases, **({"latest": state.serving} if state.serving is not None else {}))
+    return ModelInfo(
+        name=state.name, architecture=newest.get("architecture"), parameter_count=newest.get("parameter_count"),
+        is_default=state.name == manager.default_model, serving_version=state.serving, loaded_versions=sorted(state.loaded),
+        aliases=aliases, versions=[version_info(state, v) for v in state.versions],
+    )
+
+
+@router.get("", summary="Every model in the store, its versions and what is loaded", response_model=ModelList)
+async def list_models(manager: ManagerDep) -> ModelList:
+    return ModelList(default_model=manager.default_model, models=[model_info(manager, s) for _, s in sorted(manager.models.items())])
+
+
+@router.get("/{name}", summary="One model", response_model=ModelInfo, responses=_NOT_FOUND)
+async def get_model(name: NameParam, manager: ManagerDep) -> ModelInfo:
+    return model_info(manager, await manager.model_state(name))
+
+
+@router.get("/{name}/versions/{version}", summary="One version with its full manifest", response_model=VersionDetail, responses=_NOT_FOUND)
+async def get_version(name: NameParam, version: VersionParam, manager: ManagerDep) -> VersionInfo:
+    state = await manager.model_state(name)
+    return version_info(state, await manager.version_number(state, version), detail=True)
+
+
+@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss curve or sample grid", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}, **_NOT_FOUND})
+async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "samples.png"], manager: ManagerDep) -> FileResponse:
+    state = await manager.model_state(name)
+    number = await manager.version_number(state, version)
+    path = manager.store.model_dir(name) / str(number) / picture
+    if not await run_in_threadpool(path.is_file):
+        raise ApiError(404, "file_not_found", f"model {name!r} version {number} has no {picture}")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.put("/{name}/aliases/{alias}", summary="Point an alias (e.g. stable) at a version: promote or roll back",
+            response_model=AliasResponse, dependencies=[Depends(require_admin)],
+            responses={401: {"model": ErrorResponse, "description": "Wrong or missing admin token."},
+                       403: {"model": ErrorResponse, "description": "UPGRADER_ADMIN_TOKEN is not set: admin is disabled."},
+                       409: {"model": ErrorResponse, "description": "The version failed verification."},
+                       422: {"model": ErrorResponse, "description": "Reserved or invalid alias."}, **_NOT_FOUND})
+async def put_alias(name: NameParam, alias: Annotated[str, Path(description="Alias name; latest and numbers are reserved.")],
+                    update: AliasUpdate, manager: ManagerDep) -> AliasResponse:
+    version = await manager.set_alias(name, alias, str(update.version))
+    return AliasResponse(name=name, alias=alias, version=version)

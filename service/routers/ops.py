@@ -1,0 +1,32 @@
+"""Operations: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import ManagerDep, MetricsDep, SettingsDep
+from service.errors import unavailable
+from service.schemas import ErrorResponse, Health
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz", summary="The process is alive", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", summary="The default model is loaded and requests can be served", response_model=Health,
+            responses={503: {"model": ErrorResponse, "description": "No default model loaded yet (or none in the store)."}})
+async def readyz(manager: ManagerDep, settings: SettingsDep) -> Health:
+    if not manager.is_ready():
+        raise unavailable("not_ready", f"default model {manager.default_model!r} is not loaded (store {manager.store.root})",
+                          settings.retry_after_s)
+    return Health(status="ready", default_model=manager.default_model,
+                  loaded={name: sorted(state.loaded) for name, state in manager.models.items()})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

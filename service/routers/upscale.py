@@ -1,0 +1,228 @@
+"""POST /upscale: images in (multipart, JSON base64 or one raw image), 32x32 PNGs out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_store import LATEST
+from service import codec
+from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
+from service.errors import ApiError
+from service.metrics import UNKNOWN_MODEL
+from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
+from service.settings import Settings
+from service.upscaler import Upscaler
+from upgrader.architectures import OUTPUT_SIZE
+from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
+
+router = APIRouter(tags=["upscale"])
+
+IMAGE_FIELD, REFERENCE_FIELD = "images", "references"
+ENSEMBLE_SIZES = (1, 8)
+INLINE_DECODE_LIMIT = 4  # decoding costs ~0.1 ms an image: beyond a few, decode off the event loop
+
+_binary = {"type": "string", "format": "binary"}
+_REQUEST_BODY = {
+    "required": True,
+    "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB); "
+                   "optional references are 32x32, aligned with the images.",
+    "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
+            IMAGE_FIELD: {"type": "array", "items": _binary, "description": "One or more parts named `images`."},
+            REFERENCE_FIELD: {"type": "array", "items": _binary, "description": "Optional parts named `references`, one per image."}}}},
+        "application/json": {"schema": UpscaleJSONRequest.model_json_schema()},
+        "image/png": {"schema": _binary},
+        "image/jpeg": {"schema": _binary},
+        "image/webp": {"schema": _binary},
+        "image/bmp": {"schema": _binary},
+    },
+}
+_ERRORS = {
+    400: "Corrupt or truncated image, empty part, invalid base64/JSON/multipart.",
+    401: "UPGRADER_API_KEYS is set and no valid key was sent.",
+    404: "Unknown model or version/alias.",
+    406: "Accept: image/png with more than one image.",
+    413: "Body, image, image count or declared image dimensions over the limits.",
+    415: "Not a PNG/JPEG/WebP/BMP image, or an unsupported Content-Type.",
+    422: "Wrong image size, unknown form/JSON field, no images, references not aligned, bad query parameter.",
+    503: "Queue full, no model loaded, version refused or shutting down (with Retry-After).",
+    504: "Not inferred within UPGRADER_REQUEST_TIMEOUT_S.",
+}
+_RESPONSES = {
+    200: {"model": UpscaleResponse, "description": "JSON by default; with `Accept: image/png` and one image, the PNG itself "
+          "(metrics in `Server-Timing`, model in `X-Upgrader-Model: name:version`).", "content": {"image/png": {"schema": _binary}}},
+    **{status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()},
+}
+
+
+@dataclass
+class UpscaleBody:
+    images: list[bytes]
+    references: list[bytes] | None
+
+
+@router.post("/upscale", summary="Upscale 8x8 images to 32x32", response_model=UpscaleResponse, responses=_RESPONSES,
+             openapi_extra={"requestBody": _REQUEST_BODY}, dependencies=[Depends(require_api_key)])
+async def upscale(
+    request: Request,
+    manager: ManagerDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    model: Annotated[str | None, Query(description="Model name; default UPGRADER_DEFAULT_MODEL, else the best by validation PSNR.")] = None,
+    version: Annotated[str, Query(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = LATEST,
+    ensemble: Annotated[int, Query(description="8: average the model over the 8 flips/rotations of each input.",
+                                   json_schema_extra={"enum": list(ENSEMBLE_SIZES)})] = 1,
+) -> Response:
+    started = time.perf_counter()
+    label, status = UNKNOWN_MODEL, 500
+    try:
+        if ensemble not in ENSEMBLE_SIZES:
+            raise ApiError(422, "invalid_parameter", f"ensemble must be one of {ENSEMBLE_SIZES}, not {ensemble}")
+        body = await read_body(request, settings)
+        check_acceptable(request, len(body.images))
+        async with manager.lease(model, version) as served:
+            label = served.name
+            inputs = await decode_all(Upscaler.decode, body.images, settings)
+            references = await decode_all(decode_reference, body.references, settings) if body.references else None
+            timeout = settings.request_timeout_s - (time.perf_counter() - started)
+            result = await served.batcher.submit(inputs, ensemble, timeout)
+        scores = await run_in_threadpool(score, result.images, references) if references is not None else None
+        total_ms = (time.perf_counter() - started) * 1000
+        run = UpscaleMetrics(images=len(result.pngs), batch_size=result.batch_size, queue_ms=round(result.queue_s * 1000, 3),
+                             inference_ms=round(result.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
+        response = make_response(request, served.name, served.version, result.pngs, scores, run)
+        metrics.images.labels(label).inc(len(result.pngs))
+        status = response.status_code
+        return response
+    except ApiError as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+
+# ---- body forms -------------------------------------------------------------------
+async def read_body(request: Request, settings: Settings) -> UpscaleBody:
+    """Whatever the form, -> encoded images and references; refuses unknown fields and bad counts."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        body = await read_multipart(request, settings)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        body = read_json(await request.body())
+    elif media_type.startswith("image/"):
+        body = UpscaleBody([await request.body()], None)
+    else:
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {media_type or '(none)'!r} is not accepted; send "
+                       "multipart/form-data (parts named images), application/json ({\"images\": [base64, ...]}) or one image/png body")
+    limit = settings.max_images_per_request
+    if not body.images:
+        raise ApiError(422, "missing_images", f"no images in the request: send one or more {IMAGE_FIELD!r}")
+    if len(body.images) > limit:
+        raise ApiError(413, "too_many_images", f"{len(body.images)} images in one request; the limit is {limit}", limit)
+    if body.references is not None and len(body.references) != len(body.images):
+        raise ApiError(422, "references_mismatch", f"{len(body.references)} references for {len(body.images)} images; send one per image")
+    return body
+
+
+async def read_multipart(request: Request, settings: Settings) -> UpscaleBody:
+    parts = 2 * settings.max_images_per_request
+    try:
+        form = await request.form(max_files=parts + 1, max_fields=parts + 1, max_part_size=settings.max_image_bytes)
+    except StarletteHTTPException as exc:  # python-multipart's complaints, surfaced by Starlette as 400
+        if str(exc.detail).startswith("Too many"):
+            raise ApiError(413, "too_many_images", f"more than {parts} parts; the limit is {settings.max_images_per_request} images "
+                           "and as many references", settings.max_images_per_request) from None
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+    fields: dict[str, list[bytes]] = {IMAGE_FIELD: [], REFERENCE_FIELD: []}
+    try:
+        for key, value in form.multi_items():
+            if key not in fields:
+                raise ApiError(422, "unknown_field", f"unexpected form field {key!r}; send parts named {IMAGE_FIELD!r} "
+                               f"(and optionally {REFERENCE_FIELD!r})")
+            if not isinstance(value, UploadFile):
+                raise ApiError(422, "not_a_file", f"{key} part {len(fields[key])} is a text field; send it as a file part "
+                               "(with a filename)", len(fields[key]))
+            fields[key].append(await value.read())
+    finally:
+        await form.close()
+    return UpscaleBody(fields[IMAGE_FIELD], fields[REFERENCE_FIELD] or None)
+
+
+def read_json(raw: bytes) -> UpscaleBody:
+    try:
+        payload = UpscaleJSONRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "json_invalid":
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error['msg']}") from None
+        if error["type"] == "extra_forbidden":
+            raise ApiError(422, "unknown_field", f"unexpected JSON field {where!r}; send {{\"images\": [base64, ...]}}") from None
+        if error["type"] == "missing" and where == IMAGE_FIELD:
+            raise ApiError(422, "missing_images", "the JSON body has no \"images\" list") from None
+        item = error["loc"][1] if len(error["loc"]) > 1 and isinstance(error["loc"][1], int) else None
+        raise ApiError(422, "invalid_body", f"{where or 'body'}: {error['msg']}", item) from None
+    decoded = {IMAGE_FIELD: [], REFERENCE_FIELD: []}
+    for key, values in ((IMAGE_FIELD, payload.images), (REFERENCE_FIELD, payload.references or [])):
+        for item, text in enumerate(values):
+            try:
+                decoded[key].append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "invalid_base64", f"{key}[{item}] is not valid base64", item) from None
+    return UpscaleBody(decoded[IMAGE_FIELD], decoded[REFERENCE_FIELD] if payload.references is not None else None)
+
+
+# ---- decoding, scoring, answering -------------------------------------------------
+def decode_reference(data: bytes, item: int, max_bytes: int | None = None):
+    return codec.decode_image(data, OUTPUT_SIZE, item, "reference", max_bytes)
+
+
+async def decode_all(decode, blobs: list[bytes], settings: Settings) -> torch.Tensor:
+    def run() -> torch.Tensor:
+        return codec.stack_images([decode(data, item, settings.max_image_bytes) for item, data in enumerate(blobs)])
+
+    return run() if len(blobs) <= INLINE_DECODE_LIMIT else await run_in_threadpool(run)
+
+
+def score(outputs: torch.Tensor, references: torch.Tensor) -> list[tuple[float, float]]:
+    """PSNR and SSIM of each output (as the client receives it, quantised) against its reference."""
+    a, b = to_float(outputs), to_float(references)
+    return list(zip(psnr_per_image(a, b).tolist(), ssim_per_image(a, b).tolist()))
+
+
+def wants_png(request: Request, count: int) -> bool:
+    return count == 1 and "image/png" in request.headers.get("accept", "")
+
+
+def check_acceptable(request: Request, count: int) -> None:
+    accept = request.headers.get("accept", "")
+    if count > 1 and "image/png" in accept and "json" not in accept and "*/*" not in accept:
+        raise ApiError(406, "not_acceptable", f"Accept: image/png answers one image; this request has {count} "
+                       "(accept application/json for several)")
+
+
+def make_response(request: Request, name: str, version: int, pngs: list[bytes], scores: list[tuple[float, float]] | None,
+                  run: UpscaleMetrics) -> Response:
+    if wants_png(request, len(pngs)):
+        timing = (f"queue;dur={run.queue_ms}, inference;dur={run.inference_ms}, total;dur={run.total_ms}, "
+                  f"batch;desc=\"{run.batch_size} images on {run.device}\"")
+        return Response(pngs[0], media_type="image/png", headers={"Server-Timing": timing, "X-Upgrader-Model": f"{name}:{version}"})
+    images = [
+        UpscaledImage(index=i, png=base64.b64encode(png).decode("ascii"), width=OUTPUT_SIZE, height=OUTPUT_SIZE,
+                      psnr=None if scores is None else round(scores[i][0], 4), ssim=None if scores is None else round(scores[i][1], 6))
+        for i, png in enumerate(pngs)
+    ]
+    payload = UpscaleResponse(model=ModelRef(name=name, version=version), images=images, metrics=run)
+    return Response(payload.model_dump_json(exclude_none=True), media_type="application/json")

@@ -1,0 +1,105 @@
+"""Request and response models: what clients send and get, and what /docs shows."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. wrong_size, unsupported_image, queue_full.", examples=["wrong_size"])
+    message: str = Field(description="What is wrong, naming the offending thing.", examples=["image 2 is 9x8; it must be 8x8"])
+    item: int | None = Field(None, description="Index of the offending image (or reference) in the request, when there is one.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class UpscaleJSONRequest(BaseModel):
+    """The JSON body form of POST /upscale."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(description="Base64-encoded 8x8 images (PNG, JPEG, WebP or BMP).")
+    references: list[str] | None = Field(None, description="Optional base64 32x32 references aligned with `images`; adds psnr/ssim per output.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class UpscaledImage(BaseModel):
+    index: int = Field(description="Position of the input image in the request.")
+    png: str = Field(description="The 32x32 output, base64-encoded PNG.")
+    width: int = 32
+    height: int = 32
+    psnr: float | None = Field(None, description="PSNR in dB against the reference (only when references were sent).")
+    ssim: float | None = Field(None, description="SSIM against the reference (only when references were sent).")
+
+
+class UpscaleMetrics(BaseModel):
+    images: int
+    batch_size: int = Field(description="Images in the (largest) batch this request's images rode in.")
+    queue_ms: float = Field(description="From queueing to the start of the first batch it rode in.")
+    inference_ms: float = Field(description="Wall time of the batches it rode in (forward pass and PNG encoding).")
+    total_ms: float = Field(description="From the request's arrival to the response being ready.")
+    device: str
+
+
+class UpscaleResponse(BaseModel):
+    model: ModelRef
+    images: list[UpscaledImage]
+    metrics: UpscaleMetrics
+
+
+class VersionInfo(BaseModel):
+    version: int
+    status: Literal["serving", "loaded", "loading", "available", "failed"] = Field(
+        description="serving: answers version=latest; loaded: in memory; available: in the store, loads on demand; failed: refused, see error.")
+    error: str | None = Field(None, description="Why the version was refused (failed only).")
+    created_at: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    dataset: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = Field(None, description="Validation metrics of the model and of bicubic (and self_ensemble when measured).")
+    weights_sha256: str | None = None
+    epochs_completed: int | None = None
+
+
+class VersionDetail(VersionInfo):
+    manifest: dict[str, Any] = Field(description="The full manifest as stored.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    architecture: dict[str, Any] | None = None
+    parameter_count: int | None = None
+    is_default: bool
+    serving_version: int | None = Field(description="The version answering version=latest.")
+    loaded_versions: list[int]
+    aliases: dict[str, int] = Field(description="Aliases including the implicit latest (= serving_version).")
+    versions: list[VersionInfo]
+
+
+class ModelList(BaseModel):
+    default_model: str | None = Field(description="Served when a request names no model.")
+    models: list[ModelInfo]
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int | str = Field(description="A version number or an existing alias (e.g. latest).", examples=[3])
+
+
+class AliasResponse(BaseModel):
+    name: str
+    alias: str
+    version: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
+    default_model: str | None = None
+    loaded: dict[str, list[int]] | None = None
