@@ -10,6 +10,10 @@ PORT   ?= $(or $(UPGRADER_PORT),8000)
 # The quick profile: a few minutes on 2 CPU cores, enough for a working demo (not the full recipe).
 QUICK_TRAIN ?= --epochs 3 --limit-train 10000 --limit-val 1000 --max-minutes 1.5
 
+# Settings from .env (see .env.example), exported to every command below.
+-include .env
+export
+
 .PHONY: install run models serve test bench clean-venv
 
 $(BIN)/.installed: pyproject.toml
