@@ -22,9 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import ApiError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-# Beyond this many declared pixels an image is refused as too large rather than as the
-# wrong size: it is either a mistake on the client's side or a decompression bomb.
-MAX_DECLARED_PIXELS = 1024 * 1024
+# Wider or taller than this, an image is refused as too large rather than as the wrong
+# size: it is a decompression bomb or a client sending full-size photos.
+MAX_DECLARED_SIDE = 1024
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +50,7 @@ def decode_image(data: bytes, size: int, item: int, what: str = "image", max_byt
         raise ApiError(415, "unsupported_image", f"{what} {item} is not a PNG, JPEG, WebP or BMP image", item) from None
     with image:
         width, height = image.size
-        if width * height > MAX_DECLARED_PIXELS:
+        if max(width, height) > MAX_DECLARED_SIDE:
             raise ApiError(413, "dimensions_too_large", f"{what} {item} declares {width}x{height} pixels; it must be {size}x{size}", item)
         if (width, height) != (size, size):
             raise ApiError(422, "wrong_size", f"{what} {item} is {width}x{height}; it must be {size}x{size}", item)

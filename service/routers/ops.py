@@ -12,12 +12,12 @@ from service.schemas import ErrorResponse, Health
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz", summary="The process is alive", response_model=Health)
+@router.get("/healthz", summary="The process is alive", response_model=Health, response_model_exclude_none=True)
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", summary="The default model is loaded and requests can be served", response_model=Health,
+@router.get("/readyz", summary="The default model is loaded and requests can be served", response_model=Health, response_model_exclude_none=True,
             responses={503: {"model": ErrorResponse, "description": "No default model loaded yet (or none in the store)."}})
 async def readyz(manager: ManagerDep, settings: SettingsDep) -> Health:
     if not manager.is_ready():

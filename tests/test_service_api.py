@@ -1,0 +1,350 @@
+"""The service in process (no socket): body forms, the bad-input matrix, models, admin, keys, metrics, docs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from contextlib import asynccontextmanager
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from model_store import ModelStore
+from service import Settings, create_app
+from test_service_support import (
+    assert_close_to,
+    assert_error,
+    decode_png,
+    expected_outputs,
+    in_process_client,
+    metric_value,
+    multipart,
+    png_bytes,
+    publish,
+    small_inputs,
+)
+from upgrader.ensemble import self_ensemble
+from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
+
+LOSS_CURVE = png_bytes(np.full((4, 4, 3), 7, np.uint8))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A store with conv (best PSNR: the default) and fc, one version each."""
+    store = ModelStore(tmp_path_factory.mktemp("api") / "store")
+    _, conv = publish(store, "conv", "conv", seed=1, psnr=23.0, files={"loss_curve.png": LOSS_CURVE})
+    _, fc = publish(store, "fc", "fc", seed=2, psnr=21.0)
+    return store, {"conv": conv, "fc": fc}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with in_process_client(store=served[0].root, poll_interval_s=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def inputs(real_images):
+    return small_inputs(real_images)
+
+
+@pytest.fixture(scope="module")
+def pngs(inputs):
+    return [png_bytes(image) for image in inputs]
+
+
+def outputs_of(response: httpx.Response) -> torch.Tensor:
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert [image["index"] for image in images] == list(range(len(images)))
+    assert all((image["width"], image["height"]) == (32, 32) for image in images)
+    return torch.stack([decode_png(base64.b64decode(image["png"])) for image in images])
+
+
+# ---- body forms ---------------------------------------------------------------------
+def test_multipart_json_and_raw_bodies_give_the_models_outputs(client, served, inputs, pngs):
+    conv = served[1]["conv"]
+    response = client.post("/upscale", files=multipart(pngs[:5]))
+    assert response.json()["model"] == {"name": "conv", "version": 1}  # the default: best validation PSNR
+    assert_close_to(outputs_of(response), expected_outputs(conv, inputs[:5]))
+    metrics = response.json()["metrics"]
+    assert metrics["images"] == 5 and metrics["device"] == "cpu" and 1 <= metrics["batch_size"] <= 64
+    assert metrics["total_ms"] >= metrics["inference_ms"] > 0 and metrics["queue_ms"] >= 0
+
+    body = {"images": [base64.b64encode(data).decode() for data in pngs[5:8]]}
+    response = client.post("/upscale?model=fc&version=1", json=body)
+    assert response.json()["model"] == {"name": "fc", "version": 1}
+    assert_close_to(outputs_of(response), expected_outputs(served[1]["fc"], inputs[5:8]))
+
+    response = client.post("/upscale?model=conv", content=pngs[8], headers={"content-type": "image/png"})
+    assert_close_to(outputs_of(response), expected_outputs(conv, inputs[8:9]))
+
+
+def test_other_formats_are_accepted(client, inputs):
+    for fmt, media in [("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("BMP", "image/bmp")]:
+        response = client.post("/upscale", content=png_bytes(inputs[0], fmt=fmt), headers={"content-type": media})
+        assert response.status_code == 200, (fmt, response.text)
+
+
+def test_accept_png_returns_the_image_with_timing_and_model_headers(client, served, inputs, pngs):
+    response = client.post("/upscale", files=multipart(pngs[:1]), headers={"accept": "image/png"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["x-upgrader-model"] == "conv:1"
+    timing = response.headers["server-timing"]
+    assert all(f"{name};dur=" in timing for name in ("queue", "inference", "total"))
+    assert_close_to(decode_png(response.content)[None], expected_outputs(served[1]["conv"], inputs[:1]))
+    assert_error(client.post("/upscale", files=multipart(pngs[:2]), headers={"accept": "image/png"}), 406, "not_acceptable")
+
+
+def test_references_add_psnr_and_ssim_of_what_the_client_receives(client, real_images, pngs):
+    references = [png_bytes(image) for image in real_images[:3]]
+    response = client.post("/upscale", files=multipart(pngs[:3], references=references))
+    outputs = outputs_of(response)
+    psnr = psnr_per_image(to_float(outputs), to_float(real_images[:3]))
+    ssim = ssim_per_image(to_float(outputs), to_float(real_images[:3]))
+    for image, p, s in zip(response.json()["images"], psnr.tolist(), ssim.tolist()):
+        assert image["psnr"] == pytest.approx(p, abs=1e-3) and image["ssim"] == pytest.approx(s, abs=1e-5)
+    body = {"images": [base64.b64encode(d).decode() for d in pngs[:1]], "references": [base64.b64encode(references[0]).decode()]}
+    assert "psnr" in client.post("/upscale", json=body).json()["images"][0]
+    assert "psnr" not in client.post("/upscale", files=multipart(pngs[:1])).json()["images"][0]
+
+
+def test_self_ensemble_averages_the_eight_views(client, served, inputs, pngs):
+    response = client.post("/upscale?ensemble=8", files=multipart(pngs[:4]))
+    with torch.inference_mode():
+        expected = (self_ensemble(served[1]["conv"], to_float(inputs[:4])) * 255).round().clamp(0, 255).to(torch.uint8)
+    assert_close_to(outputs_of(response), expected)
+    assert_error(client.post("/upscale?ensemble=3", files=multipart(pngs[:1])), 422, "invalid_parameter")
+
+
+# ---- the bad-input matrix -------------------------------------------------------------
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _huge_header() -> bytes:
+    from test_service_codec import png_with_declared_size
+
+    return png_with_declared_size(100_000, 100_000)
+
+
+BAD_REQUESTS = {
+    # name: (query, request kwargs from the good PNGs, status, code, item)
+    "not an image": ("", lambda p: {"files": multipart([p[0], b"GIF89a? no, just text"])}, 415, "unsupported_image", 1),
+    "truncated png": ("", lambda p: {"files": multipart([p[0], p[1], p[2][: len(p[2]) // 2]])}, 400, "corrupt_image", 2),
+    "9x8": ("", lambda p: {"files": multipart([png_bytes(np.zeros((8, 9, 3), np.uint8))])}, 422, "wrong_size", 0),
+    "32x32": ("", lambda p: {"files": multipart([p[0], png_bytes(np.zeros((32, 32, 3), np.uint8))])}, 422, "wrong_size", 1),
+    "1x1": ("", lambda p: {"files": multipart([png_bytes(np.zeros((1, 1, 3), np.uint8))])}, 422, "wrong_size", 0),
+    "huge declared size": ("", lambda p: {"files": multipart([p[0], _huge_header()])}, 413, "dimensions_too_large", 1),
+    "empty part": ("", lambda p: {"files": multipart([p[0], b""])}, 400, "empty_image", 1),
+    "too many images": ("", lambda p: {"files": multipart([p[0]] * 257)}, 413, "too_many_images", 256),
+    "way too many parts": ("", lambda p: {"files": multipart([p[0]] * 600)}, 413, "too_many_images", 256),
+    "wrong field": ("", lambda p: {"files": multipart([p[0]], field="image")}, 422, "unknown_field", None),
+    "text field": ("", lambda p: {"data": {"images": "abc"}, "files": multipart([p[0]])}, 422, "not_a_file", 0),
+    "no images": ("", lambda p: {"json": {"images": []}}, 422, "missing_images", None),
+    "json without images": ("", lambda p: {"json": {}}, 422, "missing_images", None),
+    "json wrong field": ("", lambda p: {"json": {"images": [_b64(p[0])], "imgs": []}}, 422, "unknown_field", None),
+    "json wrong type": ("", lambda p: {"json": {"images": [_b64(p[0]), 5]}}, 422, "invalid_body", 1),
+    "invalid base64": ("", lambda p: {"json": {"images": [_b64(p[0]), "!!!"]}}, 400, "invalid_base64", 1),
+    "invalid json": ("", lambda p: {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "invalid_json", None),
+    "unsupported content type": ("", lambda p: {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type", None),
+    "no body": ("", lambda p: {}, 415, "unsupported_media_type", None),
+    "references not aligned": ("", lambda p: {"files": multipart(p[:2], references=[png_bytes(np.zeros((32, 32, 3), np.uint8))])}, 422, "references_mismatch", None),
+    "reference of the wrong size": ("", lambda p: {"files": multipart(p[:1], references=[p[1]])}, 422, "wrong_size", 0),
+    "unknown model": ("?model=nope", lambda p: {"files": multipart(p[:1])}, 404, "model_not_found", None),
+    "unknown version": ("?model=conv&version=99", lambda p: {"files": multipart(p[:1])}, 404, "version_not_found", None),
+    "unknown alias": ("?model=conv&version=stable", lambda p: {"files": multipart(p[:1])}, 404, "version_not_found", None),
+    "malformed version": ("?version=../1", lambda p: {"files": multipart(p[:1])}, 422, "invalid_parameter", None),
+    "malformed model name": ("?model=../../etc", lambda p: {"files": multipart(p[:1])}, 404, "model_not_found", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_json_error_naming_the_item(client, pngs, case):
+    query, make, status, code, item = BAD_REQUESTS[case]
+    error = assert_error(client.post(f"/upscale{query}", **make(pngs)), status, code, item)
+    if item is not None and code not in ("too_many_images",):
+        assert str(item) in error["message"]
+
+
+def test_bad_input_never_became_a_500(client):
+    text = client.get("/metrics").text
+    assert not [line for line in text.splitlines() if line.startswith("upgrader_requests_total") and 'status="5' in line]
+
+
+def test_unknown_routes_and_methods_are_json_errors(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.get("/upscale"), 405, "method_not_allowed")
+    assert_error(client.get("/models/conv/versions/1/weights.safetensors"), 422, "invalid_parameter")
+
+
+@pytest.fixture(scope="module")
+def tight(served):
+    """Small limits: 10 images a request, batches of 3, 8 KiB bodies."""
+    with in_process_client(store=served[0].root, poll_interval_s=60, max_batch_images=3, max_images_per_request=10,
+                           max_queue_images=10, max_body_bytes=8192, max_image_bytes=1024) as client:
+        yield client
+
+
+def test_large_requests_are_split_across_batches_in_order(tight, served, inputs, pngs):
+    response = tight.post("/upscale?model=conv", files=multipart(pngs[:10]))
+    assert response.json()["metrics"]["batch_size"] == 3
+    assert_close_to(outputs_of(response), expected_outputs(served[1]["conv"], inputs[:10]))
+
+
+def test_body_and_image_size_limits(tight, pngs):
+    assert_error(tight.post("/upscale", content=b"\x89PNG" + b"0" * 9000, headers={"content-type": "image/png"}), 413, "body_too_large")
+    chunked = (chunk for chunk in [b"\x89PNG", b"0" * 5000, b"0" * 5000])  # no Content-Length: counted while streaming
+    assert_error(tight.post("/upscale", content=chunked, headers={"content-type": "image/png"}), 413, "body_too_large")
+    big = png_bytes(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8), fmt="BMP") + b"\0" * 1024
+    assert_error(tight.post("/upscale", files=multipart([pngs[0], big])), 413, "image_too_large", 1)
+    assert_error(tight.post("/upscale", files=multipart([pngs[0]] * 11)), 413, "too_many_images", 10)
+
+
+# ---- queue, deadline, readiness ---------------------------------------------------------
+@asynccontextmanager
+async def running(**settings):
+    """The app with its lifespan, and an async in-process client (requests really run concurrently)."""
+    app = create_app(Settings(**settings))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=60) as client:
+            yield client
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(served, pngs):
+    async def scenario():
+        # The batcher waits up to 1 s for a full batch that never comes, so the first request's
+        # 4 images fill the queue and the others are refused while it waits.
+        async with running(store=served[0].root, max_queue_images=4, max_images_per_request=4, max_wait_ms=1000) as client:
+            return await asyncio.gather(*[client.post("/upscale", files=multipart(pngs[i : i + 4])) for i in range(0, 24, 4)])
+
+    responses = asyncio.run(scenario())
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and any(r.status_code == 200 for r in responses)
+    assert all(r.status_code in (200, 503) for r in responses)
+    for response in refused:
+        assert_error(response, 503, "queue_full")
+        assert int(response.headers["retry-after"]) >= 1
+
+
+def test_a_request_past_its_deadline_gets_504(served, pngs):
+    async def scenario():
+        async with running(store=served[0].root, request_timeout_s=0.05, max_wait_ms=2000) as client:
+            return await client.post("/upscale", files=multipart(pngs[:2]))
+
+    assert_error(asyncio.run(scenario()), 504, "deadline_exceeded")
+
+
+def test_empty_store_is_alive_but_not_ready(tmp_path, pngs):
+    with in_process_client(store=tmp_path / "empty", poll_interval_s=60) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert_error(client.get("/readyz"), 503, "not_ready")
+        response = client.post("/upscale", files=multipart(pngs[:1]))
+        assert_error(response, 503, "no_model_loaded")
+        assert response.headers["retry-after"] == "1"
+        assert client.get("/models").json() == {"default_model": None, "models": []}
+
+
+# ---- models ---------------------------------------------------------------------------
+def test_models_lists_everything_with_what_is_loaded_and_default(client, served):
+    listing = client.get("/models").json()
+    assert listing["default_model"] == "conv"
+    by_name = {m["name"]: m for m in listing["models"]}
+    assert set(by_name) == {"conv", "fc"}
+    conv = by_name["conv"]
+    manifest = served[0].manifest("conv", 1)
+    assert conv["architecture"] == {"name": "conv", "params": {}} and conv["parameter_count"] == manifest["parameter_count"]
+    assert conv["is_default"] and not by_name["fc"]["is_default"]
+    assert conv["serving_version"] == 1 and conv["loaded_versions"] == [1] and conv["aliases"] == {"latest": 1}
+    (version,) = conv["versions"]
+    assert version["status"] == "serving" and version["aliases"] == ["latest"]
+    assert version["weights_sha256"] == manifest["weights_sha256"] and version["created_at"] == manifest["created_at"]
+    assert version["metrics"]["bicubic"]["psnr"] == 19.0 and version["dataset"]["name"] == "cifar10-jpeg"
+    assert version["recipe"]["optimizer"] == "adam"
+    assert client.get("/models/conv").json() == conv
+    assert_error(client.get("/models/nope"), 404, "model_not_found")
+
+
+def test_version_detail_and_pictures(client, served):
+    detail = client.get("/models/conv/versions/1").json()
+    assert detail["manifest"] == served[0].manifest("conv", 1) and detail["status"] == "serving"
+    assert client.get("/models/conv/versions/latest").json() == detail
+    assert_error(client.get("/models/conv/versions/7"), 404, "version_not_found")
+    picture = client.get("/models/conv/versions/1/loss_curve.png")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png" and picture.content == LOSS_CURVE
+    assert_error(client.get("/models/conv/versions/1/samples.png"), 404, "file_not_found")
+
+
+def test_admin_alias_needs_the_token_and_moves_the_alias(store, inputs, pngs):
+    publish(store, "conv", seed=1)
+    _, second = publish(store, "conv", seed=2)
+    with in_process_client(store=store.root, poll_interval_s=60) as client:
+        assert_error(client.put("/models/conv/aliases/stable", json={"version": 1}), 403, "admin_disabled")
+    with in_process_client(store=store.root, poll_interval_s=60, admin_token="s3cret") as client:
+        assert_error(client.put("/models/conv/aliases/stable", json={"version": 1}), 401, "unauthorized")
+        wrong = {"authorization": "Bearer nope"}
+        assert_error(client.put("/models/conv/aliases/stable", json={"version": 1}, headers=wrong), 401, "unauthorized")
+        admin = {"authorization": "Bearer s3cret"}
+        response = client.put("/models/conv/aliases/stable", json={"version": 1}, headers=admin)
+        assert response.status_code == 200 and response.json() == {"name": "conv", "alias": "stable", "version": 1}
+        assert store.aliases("conv")["stable"] == 1
+        assert client.post("/upscale?version=stable", files=multipart(pngs[:1])).json()["model"]["version"] == 1
+        assert client.post("/upscale", files=multipart(pngs[:1])).json()["model"]["version"] == 2
+        assert client.get("/models/conv").json()["aliases"] == {"latest": 2, "stable": 1}
+        # roll forward again, by alias
+        assert client.put("/models/conv/aliases/stable", json={"version": "latest"}, headers=admin).json()["version"] == 2
+        assert_close_to(outputs_of(client.post("/upscale?version=stable", files=multipart(pngs[:2]))), expected_outputs(second, inputs[:2]))
+        assert_error(client.put("/models/conv/aliases/latest", json={"version": 1}, headers=admin), 422, "invalid_alias")
+        assert_error(client.put("/models/conv/aliases/old", json={"version": 9}, headers=admin), 404, "version_not_found")
+        assert_error(client.put("/models/nope/aliases/old", json={"version": 1}, headers=admin), 404, "model_not_found")
+
+
+def test_api_keys_guard_upscale_only(served, pngs):
+    with in_process_client(store=served[0].root, poll_interval_s=60, api_keys="k1,k2") as client:
+        response = client.post("/upscale", files=multipart(pngs[:1]))
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert_error(client.post("/upscale", files=multipart(pngs[:1]), headers={"authorization": "Bearer k3"}), 401, "unauthorized")
+        assert client.post("/upscale", files=multipart(pngs[:1]), headers={"authorization": "Bearer k2"}).status_code == 200
+        assert client.post("/upscale", files=multipart(pngs[:1]), headers={"x-api-key": "k1"}).status_code == 200
+        assert client.get("/models").status_code == 200 and client.get("/healthz").status_code == 200
+
+
+# ---- operations -----------------------------------------------------------------------
+def test_metrics_expose_requests_latency_batches_queue_and_images(client, pngs):
+    before = metric_value(client.get("/metrics").text, "upgrader_images_served_total", model="conv")
+    client.post("/upscale", files=multipart(pngs[:3]))
+    client.post("/upscale?model=nope", files=multipart(pngs[:1]))
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric_value(text, "upgrader_images_served_total", model="conv") == before + 3
+    assert metric_value(text, "upgrader_requests_total", model="conv", status="200") >= 1
+    assert metric_value(text, "upgrader_requests_total", model="-", status="404") >= 1
+    assert metric_value(text, "upgrader_request_seconds_count", model="conv") >= 2
+    assert metric_value(text, "upgrader_batch_images_count", model="conv") >= 1
+    assert metric_value(text, "upgrader_inference_seconds_count", model="conv") >= 1
+    assert metric_value(text, "upgrader_queue_images", model="conv", version="1") == 0
+    assert metric_value(text, "upgrader_serving_version", model="conv") == 1
+    assert "# TYPE upgrader_model_load_failures_total counter" in text
+
+
+def test_readiness_health_request_id_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["default_model"] == "conv" and ready["loaded"] == {"conv": [1], "fc": [1]}
+    assert client.get("/healthz", headers={"x-request-id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    generated = client.get("/healthz", headers={"x-request-id": "bad id\n"}).headers["x-request-id"]
+    assert len(generated) == 32 and generated != "bad id"
+    spec = client.get("/openapi.json").json()
+    upscale = spec["paths"]["/upscale"]["post"]
+    assert {"multipart/form-data", "application/json", "image/png", "image/jpeg"} <= set(upscale["requestBody"]["content"])
+    assert {"200", "400", "401", "404", "406", "413", "415", "422", "503", "504"} <= set(upscale["responses"])
+    assert {p for p in spec["paths"]} >= {"/models", "/models/{name}", "/models/{name}/versions/{version}",
+                                          "/models/{name}/versions/{version}/{picture}", "/models/{name}/aliases/{alias}",
+                                          "/healthz", "/readyz", "/metrics"}
+    assert client.get("/docs").status_code == 200
