@@ -1,0 +1,107 @@
+"""The pieces of a training recipe that flags switch: losses, learning-rate schedules,
+augmentation, coarse-to-fine targets and weight averaging.
+
+The defaults (`mse`, `constant`, no augmentation, no EMA, no coarse phase) are the
+reference recipe; the rest are the ideas issue 5 measures.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upgrader.architectures import OUTPUT_SIZE
+from upgrader.imaging import downsample
+
+CHARBONNIER_EPS = 1e-3
+
+
+def charbonnier_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A differentiable L1: sqrt(d^2 + eps^2), as in LapSRN / EDSR-family super-resolution."""
+    return torch.sqrt((outputs - targets).pow(2) + CHARBONNIER_EPS**2).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "charbonnier": charbonnier_loss,
+}
+
+
+def _cosine_between(start: float, end: float, t: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _one_cycle(progress: float, warmup: float = 0.3, initial: float = 1 / 25, final: float = 1 / 25 / 1e4) -> float:
+    """torch's OneCycleLR with its defaults: cosine up from lr/25 over 30% of the steps, then cosine down to lr/2.5e5."""
+    if progress < warmup:
+        return _cosine_between(initial, 1.0, progress / warmup)
+    return _cosine_between(1.0, final, (progress - warmup) / (1.0 - warmup))
+
+
+# Multiplier of the base learning rate as a function of training progress in [0, 1].
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: _cosine_between(1.0, 0.0, progress),
+    "onecycle": _one_cycle,
+}
+
+
+def learning_rate(step: int, total_steps: int, *, base_lr: float, schedule: str, coarse_to_fine: float, fine_lr_scale: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) out of `total_steps`.
+
+    The schedule spans the whole run; with coarse-to-fine the fine phase (the steps
+    after the first `coarse_to_fine` fraction) runs at `fine_lr_scale` times that.
+    """
+    progress = min(step / max(total_steps, 1), 1.0)
+    lr = base_lr * LR_SCHEDULES[schedule](progress)
+    return lr if is_coarse_step(step, total_steps, coarse_to_fine) or coarse_to_fine == 0 else lr * fine_lr_scale
+
+
+def is_coarse_step(step: int, total_steps: int, coarse_to_fine: float) -> bool:
+    return step < coarse_to_fine * total_steps
+
+
+def coarse_targets(targets: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """The target blurred to 16x16 and scaled back to 32x32: with it the model learns only the 8->16 detail."""
+    return F.interpolate(downsample(targets, size), size=(OUTPUT_SIZE, OUTPUT_SIZE), mode="bilinear", align_corners=False)
+
+
+def dihedral_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image in one of the 8 flips/rotations of the square, chosen at random per image.
+
+    Random horizontal flip, vertical flip and transpose, each with probability 1/2,
+    reach all 8 elements of the dihedral group with equal probability.
+    """
+    n = len(images)
+    for transform in (lambda x: x.flip(-1), lambda x: x.flip(-2), lambda x: x.transpose(-1, -2)):
+        chosen = torch.rand(n, 1, 1, 1, device=images.device, generator=generator) < 0.5
+        images = torch.where(chosen, transform(images), images)
+    return images
+
+
+class EMA:
+    """An exponential moving average of a model's weights (and buffers, e.g. BatchNorm statistics).
+
+    With `--ema DECAY` this average, not the last weights, is evaluated and published.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model, self.decay = model, decay
+        self.averaged = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # Warm-up: with a constant decay the first thousands of steps would still be
+        # dominated by the random initialisation, which ruins short runs.
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for averaged, live in zip(self.averaged.state_dict().values(), self.model.state_dict().values()):
+            if averaged.dtype.is_floating_point:
+                averaged.lerp_(live, 1.0 - decay)
+            else:
+                averaged.copy_(live)
