@@ -1,0 +1,409 @@
+"""Train upgraders (8x8 -> 32x32) and publish each one to the model store.
+
+    python -m trainer --models fc,conv,resnet18 --data ../shared/datasets/cifar10-jpeg --epochs 20
+    torchrun --standalone --nproc_per_node 2 -m trainer --models conv --data DIR   # DDP: one process per GPU (gloo on CPU)
+
+For every model in --models: build it, train it with the recipe below (one log
+line per epoch, a progress bar while an epoch runs), evaluate it against bicubic
+on the validation split, draw loss_curve.png and samples.png, and publish a new
+version with its manifest. The defaults are the reference recipe (Adam, lr 1e-3,
+batch 128, MSE, 20 epochs); the other flags are the ideas measured in issue 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model_store import ModelStore, default_root
+from trainer import distributed
+from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
+from trainer.data import ImageData, batches, load_image_data, place_on_device
+from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_augment, is_coarse_step, learning_rate
+from trainer.report import loss_curve_png, samples_png
+from upgrader.architectures import ARCHITECTURES, INPUT_SHAPE, OUTPUT_SHAPE, build_model, parameter_count
+from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_per_image, ssim_per_image, to_float
+
+log = logging.getLogger("trainer")
+
+EVAL_BATCH_SIZE = 1000
+SAMPLE_IMAGES = 8
+# Recipe entries a resumed run may change; any other difference means a different experiment.
+RESUMABLE_CHANGES = {"epochs"}
+
+
+def logfmt(fields: dict, prefix: str = "") -> str:
+    """`key=value ...` for one structured log line."""
+    return " ".join(f"{prefix}{k}={v:.6g}" if isinstance(v, float) else f"{prefix}{k}={v}" for k, v in fields.items())
+
+
+def model_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARCHITECTURES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return names
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"width\": 64}}', got {text!r}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = p.add_argument_group("data and store")
+    where.add_argument("--models", type=model_names, default=["fc", "conv", "resnet18"],
+                       help=f"comma-separated architectures to train, one after the other (known: {', '.join(sorted(ARCHITECTURES))})")
+    where.add_argument("--data", type=Path, default=os.environ.get("UPGRADER_DATA"),
+                       help="ImageFolder tree with train/ and test/, or a torchvision CIFAR-10 directory (default: $UPGRADER_DATA)")
+    where.add_argument("--download", action="store_true", help="fetch CIFAR-10 through torchvision into --data if it is not there")
+    where.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache)")
+    where.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on a fixed, seeded random subset of N images")
+    where.add_argument("--limit-val", type=int, default=None, metavar="N", help="validate on a fixed, seeded random subset of N images")
+    where.add_argument("--store", type=Path, default=None, help="model store root (default: $UPGRADER_STORE or ./store)")
+    where.add_argument("--publish-as", default=None, metavar="NAME",
+                       help="store name to publish under (default: the architecture name; only with a single model)")
+
+    recipe = p.add_argument_group("recipe (defaults: the reference recipe)")
+    recipe.add_argument("--epochs", type=int, default=20, help="passes over the training set, reshuffled every epoch")
+    recipe.add_argument("--batch-size", type=int, default=128, help="images per optimizer step per process")
+    recipe.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak, with a schedule)")
+    recipe.add_argument("--loss", choices=sorted(LOSSES), default="mse", help="training loss")
+    recipe.add_argument("--lr-schedule", choices=sorted(LR_SCHEDULES), default="constant",
+                        help="learning rate over the run: constant, cosine decay to 0, or one-cycle (warm-up then anneal)")
+    recipe.add_argument("--augment", choices=["none", "dihedral"], default="none",
+                        help="dihedral: each target randomly flipped/rotated (8 ways) before its input is made")
+    recipe.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                        help="keep an exponential moving average of the weights (e.g. 0.999) and publish it; 0 = off")
+    recipe.add_argument("--coarse-to-fine", type=float, default=0.0, metavar="FRACTION",
+                        help="train the first FRACTION of steps on targets blurred to 16x16 (learn 8->16 only); 0 = off")
+    recipe.add_argument("--fine-lr-scale", type=float, default=0.1,
+                        help="learning rate multiplier after the coarse phase of --coarse-to-fine")
+    recipe.add_argument("--arch-params", type=json_object, default={}, metavar="JSON",
+                        help="keyword arguments for the architecture, e.g. '{\"width\": 64, \"depth\": 8}'")
+    recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
+
+    run = p.add_argument_group("how it runs")
+    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
+    run.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast on CUDA (ignored on CPU)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
+    run.add_argument("--max-minutes", type=float, default=None,
+                     help="training-time budget per model: no epoch is started that would end past it")
+    run.add_argument("--checkpoint-dir", type=Path, default=None, help="write a checkpoint after every epoch here")
+    run.add_argument("--resume", action="store_true",
+                     help="continue each model from its last finished epoch in --checkpoint-dir (fresh if there is none)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error("--data is required (or set UPGRADER_DATA)")
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir")
+    if args.publish_as is not None and len(args.models) != 1:
+        parser.error("--publish-as names one model; train one model per run with it")
+    for flag, value, ok in [
+        ("--epochs", args.epochs, args.epochs >= 1),
+        ("--batch-size", args.batch_size, args.batch_size >= 1),
+        ("--lr", args.lr, args.lr > 0),
+        ("--ema", args.ema, 0 <= args.ema < 1),
+        ("--coarse-to-fine", args.coarse_to_fine, 0 <= args.coarse_to_fine < 1),
+        ("--fine-lr-scale", args.fine_lr_scale, args.fine_lr_scale > 0),
+        ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
+    ]:
+        if not ok:
+            parser.error(f"{flag} {value} is out of range")
+    return args
+
+
+def steps_per_epoch(train_size: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch on every rank (`batches` gives each rank train_size // world_size images)."""
+    return math.ceil(train_size // world_size / batch_size)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    epoch: int,
+    step: int,
+    total_steps: int,
+    args: argparse.Namespace,
+    runtime: distributed.Runtime,
+    ema: EMA | None,
+) -> tuple[float, int]:
+    """One pass over this rank's shard of the (reshuffled) training set; returns the mean loss over all ranks and the step."""
+    model.train()
+    loss_fn = LOSSES[args.loss]
+    amp = args.amp == "bf16" and runtime.device.type == "cuda"
+    # Seeded per epoch and rank (not from the global RNG) so a resumed run augments exactly like an uninterrupted one.
+    augment_rng = torch.Generator(runtime.device).manual_seed(args.seed * 1_000_003 + epoch * 1_009 + runtime.rank)
+    loss_sum = torch.zeros((), device=runtime.device)
+    seen = 0
+    order = batches(images, args.batch_size, runtime.device, shuffle=True, epoch=epoch, seed=args.seed,
+                    rank=runtime.rank, world_size=runtime.world_size)
+    bar = tqdm(order, total=steps_per_epoch(len(images), args.batch_size, runtime.world_size), unit="batch", leave=False,
+               desc=f"epoch {epoch}/{args.epochs}", disable=not runtime.is_main or args.no_progress)
+    for targets in bar:
+        lr = learning_rate(step, total_steps, base_lr=args.lr, schedule=args.lr_schedule,
+                           coarse_to_fine=args.coarse_to_fine, fine_lr_scale=args.fine_lr_scale)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if args.augment == "dihedral":
+            targets = dihedral_augment(targets, augment_rng)
+        inputs = downsample(targets)
+        if is_coarse_step(step, total_steps, args.coarse_to_fine):
+            targets = coarse_targets(targets)
+        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(inputs)
+        loss = loss_fn(outputs.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if ema is not None:
+            ema.update(step)
+        loss_sum += loss.detach() * len(targets)  # stays on the device: no sync per step
+        seen += len(targets)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.5f}", lr=f"{lr:.2e}")
+    totals = runtime.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=runtime.device)]))
+    return (totals[0] / totals[1]).item(), step
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, loss_name: str, baseline: bool = False) -> dict:
+    """Mean loss, MSE, PSNR and SSIM over the images; with `baseline`, the same for bicubic of the same 8x8 inputs.
+
+    Always in float32 (even after bf16 training): these are the numbers the service reproduces.
+    """
+    model.eval()
+    loss_fn = LOSSES[loss_name]
+    who = ["model", "bicubic"] if baseline else ["model"]
+    sums = {name: {"mse": 0.0, "psnr": 0.0, "ssim": 0.0} for name in who}
+    loss_sum = 0.0
+    for targets in batches(images, EVAL_BATCH_SIZE, device, shuffle=False):
+        inputs = downsample(targets)
+        outputs = {"model": model(inputs).float()}
+        if baseline:
+            outputs["bicubic"] = bicubic_upscale(inputs)
+        loss_sum += loss_fn(outputs["model"], targets).item() * len(targets)
+        for name, predicted in outputs.items():
+            sums[name]["mse"] += mse_per_image(predicted, targets).sum().item()
+            sums[name]["psnr"] += psnr_per_image(predicted, targets).sum().item()
+            sums[name]["ssim"] += ssim_per_image(predicted, targets).sum().item()
+    n = len(images)
+    metrics = {name: {metric: total / n for metric, total in by_metric.items()} for name, by_metric in sums.items()}
+    return {**metrics, "loss": loss_sum / n, "images": n}
+
+
+@torch.inference_mode()
+def draw_samples(model: nn.Module, val: torch.Tensor, device: torch.device, title: str) -> bytes:
+    """samples.png from validation images spread over the split (a class-sorted split gives one per class)."""
+    model.eval()
+    index = torch.linspace(0, len(val) - 1, min(SAMPLE_IMAGES, len(val))).long()
+    targets = to_float(val[index]).to(device)
+    inputs = downsample(targets)
+    return samples_png(inputs, targets, model(inputs).float(), bicubic_upscale(inputs), title=title)
+
+
+def recipe_of(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
+    return {
+        "optimizer": "adam",
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "world_size": runtime.world_size,
+        "global_batch_size": args.batch_size * runtime.world_size,
+        "loss": args.loss,
+        "epochs": args.epochs,
+        "lr_schedule": args.lr_schedule,
+        "augment": args.augment,
+        "ema": args.ema,
+        "coarse_to_fine": args.coarse_to_fine,
+        "fine_lr_scale": args.fine_lr_scale,
+        "amp": "bf16" if args.amp == "bf16" and runtime.device.type == "cuda" else "none",
+        "seed": args.seed,
+        "shuffle": "once per epoch",
+    }
+
+
+def dataset_of(data: ImageData) -> dict:
+    return {"name": data.name, "fingerprint": data.fingerprint, "train_size": len(data.train), "val_size": len(data.val)}
+
+
+def resume_point(args: argparse.Namespace, checkpoint_dir: Path | None, run: dict) -> Checkpoint | None:
+    """The checkpoint to continue from, after checking it belongs to the same experiment (`run`)."""
+    if checkpoint_dir is None or not args.resume:
+        return None
+    checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        log.info("event=resume checkpoint_dir=%s found=none starting=fresh", checkpoint_dir)
+        return None
+
+    def setup(run: dict) -> dict:
+        recipe = {k: v for k, v in run["recipe"].items() if k not in RESUMABLE_CHANGES}
+        return {"architecture": run["architecture"], "dataset": run["dataset"], **recipe}
+
+    saved, wanted = setup(checkpoint.run), setup(run)
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume from {checkpoint_dir}: the run there used a different setup ({details})")
+    log.info("event=resume checkpoint_dir=%s epoch=%d step=%d", checkpoint_dir, checkpoint.epoch, checkpoint.step)
+    return checkpoint
+
+
+def next_epoch_fits(history: list[dict], max_minutes: float | None) -> bool:
+    """Whether one more epoch, as long as the last one, ends within the training-time budget.
+
+    The budget counts the training time of earlier (killed and resumed) runs too.
+    """
+    if max_minutes is None or not history:
+        return True
+    spent = sum(h["seconds"] for h in history)
+    return spent + history[-1]["seconds"] <= max_minutes * 60
+
+
+def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torch.Tensor | None,
+                      args: argparse.Namespace, runtime: distributed.Runtime) -> int | None:
+    """Train one architecture; on rank 0 evaluate and publish it. Returns the published version (rank 0)."""
+    name = args.publish_as or arch
+    torch.manual_seed(args.seed)  # same initial weights on every rank, whatever the order of --models
+    try:
+        model = build_model(arch, **args.arch_params).to(runtime.device)
+    except TypeError as exc:
+        raise ValueError(f"--arch-params {json.dumps(args.arch_params)} do not fit architecture {arch!r}: {exc}") from None
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    checkpoint_dir = args.checkpoint_dir / name if args.checkpoint_dir else None
+    # What is being trained: the manifest entries known before training, and what a resume must match.
+    run = {"architecture": {"name": arch, "params": args.arch_params}, "recipe": recipe_of(args, runtime), "dataset": dataset_of(data)}
+
+    history: list[dict] = []
+    step, first_epoch, published = 0, 1, None
+    checkpoint = resume_point(args, checkpoint_dir, run)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        if ema is not None:
+            ema.averaged.load_state_dict(checkpoint.ema)
+        history, step, first_epoch, published = checkpoint.history, checkpoint.step, checkpoint.epoch + 1, checkpoint.published_version
+
+    trained: nn.Module = model
+    if runtime.world_size > 1:
+        trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if args.compile:
+        trained = torch.compile(trained)
+    evaluated = ema.averaged if ema is not None else model  # the weights that are evaluated and published
+    total_steps = args.epochs * steps_per_epoch(len(train), args.batch_size, runtime.world_size)
+    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d first_epoch=%d",
+             name, parameter_count(model), len(data.train), len(data.val), runtime.device, runtime.world_size, first_epoch)
+
+    for epoch in range(first_epoch, args.epochs + 1):
+        if not runtime.rank0_decides(next_epoch_fits(history, args.max_minutes)):
+            log.info("event=budget model=%s max_minutes=%s stopped_after_epoch=%d", name, args.max_minutes, epoch - 1)
+            break
+        started = time.perf_counter()
+        train_loss, step = train_one_epoch(trained, optimizer, train, epoch, step, total_steps, args, runtime, ema)
+        if not runtime.is_main:
+            continue
+        val_metrics = evaluate(evaluated, val, runtime.device, loss_name=args.loss)
+        history.append({
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val_metrics["loss"], "val_psnr": val_metrics["model"]["psnr"],
+            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+        })
+        log.info("event=epoch model=%s %s", name, logfmt(history[-1]))
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, Checkpoint(
+                epoch=epoch, step=step, history=history, run=run, model=model.state_dict(),
+                optimizer=optimizer.state_dict(), ema=ema.averaged.state_dict() if ema is not None else None))
+            published = None  # these weights are new
+
+    if not runtime.is_main:
+        return None
+    if published is not None:
+        log.info("event=skip model=%s reason=already_published version=%d", name, published)
+        return published
+    return publish(name, run, evaluated, history, data, val, args, runtime, checkpoint_dir)
+
+
+def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: ImageData, val: torch.Tensor,
+            args: argparse.Namespace, runtime: distributed.Runtime, checkpoint_dir: Path | None) -> int:
+    """Evaluate against bicubic, draw the pictures and publish a new version of `name`."""
+    metrics = evaluate(model, val, runtime.device, loss_name=args.loss, baseline=True)
+    metrics.pop("loss")
+    gain = metrics["model"]["psnr"] - metrics["bicubic"]["psnr"]
+    log.info("event=evaluated model=%s images=%d %s %s psnr_vs_bicubic=%+.3f verdict=%s", name, metrics["images"],
+             logfmt(metrics["model"]), logfmt(metrics["bicubic"], prefix="bicubic_"), gain,
+             "beats_bicubic" if gain > 0 else "loses_to_bicubic")
+    arch = run["architecture"]["name"]
+    title = (f"{name}{f' ({arch})' if name != arch else ''}: {len(history)} epochs\n"
+             f"PSNR {metrics['model']['psnr']:.2f} dB (bicubic {metrics['bicubic']['psnr']:.2f})")
+    files = {
+        "loss_curve.png": loss_curve_png(history, title=title, loss_name=args.loss, bicubic_psnr=metrics["bicubic"]["psnr"]),
+        "samples.png": draw_samples(model, data.val, runtime.device, title),
+    }
+    manifest = {
+        **run,  # architecture, recipe, dataset
+        "parameter_count": parameter_count(model),
+        "input_shape": list(INPUT_SHAPE),
+        "output_shape": list(OUTPUT_SHAPE),
+        "weights": "ema" if args.ema > 0 else "last",  # which weights were evaluated and published
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "history": history,
+        "metrics": metrics,
+        "device": runtime.device.type,
+        "device_name": distributed.describe(runtime.device),
+        "wall_time_s": sum(h["seconds"] for h in history),  # training time, over resumed runs too
+        "torch_version": torch.__version__,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+    }
+    version = ModelStore(args.store).publish(name, model.state_dict(), manifest, files=files)
+    if checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
+        mark_published(checkpoint_dir, version)
+    log.info("event=published model=%s version=%d store=%s", name, version, args.store or default_root())
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runtime = distributed.setup(args.device)
+    logging.basicConfig(level=logging.INFO if runtime.is_main else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s rank={runtime.rank} %(message)s")
+    if args.amp == "bf16" and runtime.device.type != "cuda":
+        log.warning("event=amp_ignored reason='--amp bf16 is for CUDA; training in float32 on %s'", runtime.device)
+    try:
+        data = load_image_data(args.data, download=args.download, cache_dir=args.cache_dir, limit_train=args.limit_train,
+                               limit_val=args.limit_val, seed=args.seed, progress=runtime.is_main and not args.no_progress)
+        train = place_on_device(data.train, runtime.device)
+        val = place_on_device(data.val, runtime.device) if runtime.is_main else None
+        for arch in args.models:
+            train_and_publish(arch, data, train, val, args, runtime)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("event=failed error=%s", exc)
+        return 1
+    finally:
+        distributed.teardown()
+    return 0
