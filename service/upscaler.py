@@ -16,7 +16,7 @@ import torch
 
 from model_store import ModelStore
 from service import codec
-from upgrader.architectures import INPUT_SIZE
+from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import to_float
 
@@ -52,6 +52,9 @@ class Upscaler:
         if self.device.type == "cuda":
             # Requests are copied into one pinned buffer so the host->device copy is asynchronous.
             self._pinned = torch.empty((self.max_batch_images, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8).pin_memory()
+        # One image through the whole path now, so the first request does not pay for lazy initialisation.
+        blank = codec.encode_png(torch.zeros(INPUT_SHAPE, dtype=torch.uint8))
+        self.run_batch(codec.stack_images([self.decode(blank, 0)]))
 
     @staticmethod
     def decode(data: bytes, item: int, max_bytes: int | None = None) -> np.ndarray:

@@ -10,9 +10,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
-from model_store import ModelStore
-from service import Settings, create_app
 from test_service_support import (
     assert_close_to,
     assert_error,
@@ -21,14 +18,21 @@ from test_service_support import (
     in_process_client,
     metric_value,
     multipart,
+    outputs_of,
     png_bytes,
+    png_list,
     publish,
     small_inputs,
 )
+
+from model_store import ModelStore
+from service import Settings, create_app
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
 
 LOSS_CURVE = png_bytes(np.full((4, 4, 3), 7, np.uint8))
+inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)  # the real test images reduced to 8x8
+pngs = pytest.fixture(scope="module", name="pngs")(png_list)  # ... as PNG bytes
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +48,6 @@ def served(tmp_path_factory):
 def client(served):
     with in_process_client(store=served[0].root, poll_interval_s=60) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def inputs(real_images):
-    return small_inputs(real_images)
-
-
-@pytest.fixture(scope="module")
-def pngs(inputs):
-    return [png_bytes(image) for image in inputs]
-
-
-def outputs_of(response: httpx.Response) -> torch.Tensor:
-    assert response.status_code == 200, response.text
-    images = response.json()["images"]
-    assert [image["index"] for image in images] == list(range(len(images)))
-    assert all((image["width"], image["height"]) == (32, 32) for image in images)
-    return torch.stack([decode_png(base64.b64decode(image["png"])) for image in images])
 
 
 # ---- body forms ---------------------------------------------------------------------
@@ -105,7 +91,7 @@ def test_references_add_psnr_and_ssim_of_what_the_client_receives(client, real_i
     outputs = outputs_of(response)
     psnr = psnr_per_image(to_float(outputs), to_float(real_images[:3]))
     ssim = ssim_per_image(to_float(outputs), to_float(real_images[:3]))
-    for image, p, s in zip(response.json()["images"], psnr.tolist(), ssim.tolist()):
+    for image, p, s in zip(response.json()["images"], psnr.tolist(), ssim.tolist(), strict=True):
         assert image["psnr"] == pytest.approx(p, abs=1e-3) and image["ssim"] == pytest.approx(s, abs=1e-5)
     body = {"images": [base64.b64encode(d).decode() for d in pngs[:1]], "references": [base64.b64encode(references[0]).decode()]}
     assert "psnr" in client.post("/upscale", json=body).json()["images"][0]

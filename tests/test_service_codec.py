@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_service_support import png_bytes, small_inputs
 
 from service import Settings
 from service.codec import decode_image, encode_png
 from service.errors import ApiError
-from test_service_support import png_bytes, small_inputs
 
 
 def decode_error(data: bytes, size: int = 8) -> ApiError:

@@ -199,7 +199,7 @@ async def decode_all(decode, blobs: list[bytes], settings: Settings) -> torch.Te
 def score(outputs: torch.Tensor, references: torch.Tensor) -> list[tuple[float, float]]:
     """PSNR and SSIM of each output (as the client receives it, quantised) against its reference."""
     a, b = to_float(outputs), to_float(references)
-    return list(zip(psnr_per_image(a, b).tolist(), ssim_per_image(a, b).tolist()))
+    return list(zip(psnr_per_image(a, b).tolist(), ssim_per_image(a, b).tolist(), strict=True))
 
 
 def wants_png(request: Request, count: int) -> bool:
