@@ -78,6 +78,15 @@ def test_second_load_reads_the_cache(small_tree, tmp_path):
     assert not list(cache.glob("*.tmp")), "temporary files must be renamed or removed"
 
 
+def test_damaged_cache_file_is_rebuilt(small_tree, tmp_path):
+    cache = tmp_path / "cache"
+    first = load_image_data(small_tree, cache_dir=cache, progress=False)
+    [train_file] = cache.glob("*-train.safetensors")
+    train_file.write_bytes(train_file.read_bytes()[:1000])  # e.g. a disk that filled up under an older writer
+    assert torch.equal(load_image_data(small_tree, cache_dir=cache, progress=False).train, first.train)
+    assert torch.equal(load_file(train_file)["images"], first.train)
+
+
 def test_cache_is_keyed_by_the_file_list(small_tree, tmp_path):
     cache = tmp_path / "cache"
     before = load_image_data(small_tree, cache_dir=cache, progress=False)
