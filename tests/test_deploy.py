@@ -84,3 +84,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == "make test"
     assert "make test" in readme and "make run" in readme
+
+
+def test_every_service_setting_is_documented_in_readme_and_env_example():
+    from service.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    env_example = (ROOT / ".env.example").read_text()
+    for field in Settings.model_fields:
+        var = f"UPGRADER_{field.upper()}"
+        assert f"`{var}`" in readme, f"{var} missing from the README's configuration table"
+        assert f"{var}=" in env_example, f"{var} missing from .env.example"
