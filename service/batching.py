@@ -19,6 +19,7 @@ Everything but the forward pass runs on the event loop, so the queue needs no lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -83,7 +84,8 @@ class Batcher:
         self.retry_after_s, self.metrics, self.metric_labels = retry_after_s, metrics, metric_labels
         self._queue: deque[_Slice] = deque()
         self.queued_images = 0
-        self._arrived = asyncio.Event()
+        self._arrived = asyncio.Event()  # the queue is no longer empty
+        self._batch_full = asyncio.Event()  # max_batch_images are queued (or closing): stop waiting for more
         self._closing = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}", initializer=thread_init)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{label}")
@@ -95,15 +97,24 @@ class Batcher:
             raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
         if self.queued_images + n > self.max_queue_images:
             raise unavailable("queue_full", f"{self.label} queue is full ({self.queued_images} of {self.max_queue_images} images waiting)", self.retry_after_s)
-        job = Job(images, ensemble, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = Job(images, ensemble, loop.create_future())
         self._queue.append(_Slice(job, 0, n))
         self._queued_changed(n)
         self._arrived.set()
+        if self.queued_images >= self.max_batch_images:
+            self._batch_full.set()
+        expiry = loop.call_later(timeout_s, self._expire, job, timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except TimeoutError:
+            return await job.future
+        finally:
+            expiry.cancel()
+
+    def _expire(self, job: Job, timeout_s: float) -> None:
+        if not job.future.done():
             job.abandoned = True  # its queued slices are dropped, not computed
-            raise ApiError(504, "deadline_exceeded", f"{n} image(s) not inferred within {timeout_s:g}s on {self.label}") from None
+            job.future.set_exception(ApiError(504, "deadline_exceeded", f"{len(job.images)} image(s) not inferred within "
+                                              f"{timeout_s:g}s on {self.label}"))
 
     def _queued_changed(self, delta: int) -> None:
         self.queued_images += delta
@@ -138,17 +149,13 @@ class Batcher:
             self._deliver(batch, output, time.perf_counter() - started)
 
     async def _gather_more(self) -> None:
-        """Wait until a full batch is queued or the oldest image has waited max_wait_ms."""
-        deadline = self._queue[0].job.enqueued_at + self.max_wait_s
-        while self.queued_images < self.max_batch_images and not self._closing:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
-                return
+        """Wait until a full batch is queued or the oldest image has waited max_wait_ms (one timer, not one wake-up per arrival)."""
+        left = self._queue[0].job.enqueued_at + self.max_wait_s - time.perf_counter()
+        if self.queued_images >= self.max_batch_images or left <= 0 or self._closing:
+            return
+        self._batch_full.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._batch_full.wait(), left)
 
     def _take_batch(self) -> list[_Slice]:
         """Up to max_batch_images images of one ensemble size, oldest first; splits the last slice if needed."""
@@ -197,6 +204,7 @@ class Batcher:
         """Refuse new work, finish everything queued, stop the worker thread."""
         self._closing = True
         self._arrived.set()
+        self._batch_full.set()
         await self._task
         self._executor.shutdown(wait=True)
         self.metrics.queue_images.remove(*self.metric_labels)

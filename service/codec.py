@@ -72,8 +72,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
-    """H x W x 3 arrays -> uint8 N x 3 x H x W tensor (the model's layout)."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    """H x W x 3 arrays -> uint8 N x 3 x H x W tensor (the model's layout); one torch call, torch ops cost ~10 us each."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

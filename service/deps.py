@@ -1,4 +1,8 @@
-"""Dependencies injected into the routers (everything lives on app.state, created by create_app)."""
+"""Dependencies injected into the routers (everything lives on app.state, created by create_app).
+
+All are `async def`: FastAPI runs plain `def` dependencies in its thread pool, a thread hop
+per dependency per request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,15 @@ from service.registry import ModelManager
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_manager(request: Request) -> ModelManager:
+async def get_manager(request: Request) -> ModelManager:
     return request.app.state.manager
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -39,7 +43,7 @@ def _matches(given: str | None, secret: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
     x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
@@ -52,7 +56,7 @@ def require_api_key(
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(
+async def require_admin(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(description="`Bearer <UPGRADER_ADMIN_TOKEN>`.")] = None,
 ) -> None:

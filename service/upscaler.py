@@ -24,8 +24,11 @@ log = logging.getLogger("service.upscaler")
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+    """auto: CUDA when present, else CPU; cuda without CUDA is a configuration error, said at startup."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("UPGRADER_DEVICE=cuda but torch sees no CUDA device")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

@@ -271,6 +271,7 @@ def test_admin_alias_needs_the_token_and_moves_the_alias(store, inputs, pngs):
     with in_process_client(store=store.root, poll_interval_s=60) as client:
         assert_error(client.put("/models/conv/aliases/stable", json={"version": 1}), 403, "admin_disabled")
     with in_process_client(store=store.root, poll_interval_s=60, admin_token="s3cret") as client:
+        assert client.post("/upscale?version=1", files=multipart(pngs[:1])).json()["model"]["version"] == 1  # loaded on demand
         assert_error(client.put("/models/conv/aliases/stable", json={"version": 1}), 401, "unauthorized")
         wrong = {"authorization": "Bearer nope"}
         assert_error(client.put("/models/conv/aliases/stable", json={"version": 1}, headers=wrong), 401, "unauthorized")

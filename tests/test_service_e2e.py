@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -180,3 +185,37 @@ def test_graceful_shutdown_answers_everything_already_queued(store, inputs, pngs
             assert_close_to(outputs_of(response), expected_outputs(model, inputs[7 * k : 7 * k + 7]))
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{live.url}/healthz")
+
+
+def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs):
+    publish(store, "conv", seed=5)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "UPGRADER_STORE": str(store.root), "UPGRADER_MAX_WAIT_MS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return httpx.get(f"{url}/readyz").status_code == 200
+            except httpx.ConnectError:
+                assert process.poll() is None, process.stdout.read()
+                return False
+
+        wait_for(ready, "python -m service to become ready", 120)
+        response = httpx.post(f"{url}/upscale", files=multipart(pngs[:1]), headers={"x-request-id": "cli-test-1"})
+        assert response.status_code == 200 and response.headers["x-request-id"] == "cli-test-1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit says "terminated by SIGTERM"
+    assert process.returncode in (0, -signal.SIGTERM), output
+    logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert len(logs) == len(output.splitlines()), "every log line is one JSON object"
+    access = [entry for entry in logs if entry.get("request_id") == "cli-test-1"]
+    assert access and access[-1]["path"] == "/upscale" and access[-1]["status"] == 200
+    assert any(entry["message"] == "loaded version" and entry["model"] == "conv" for entry in logs)
+    assert any(entry["message"] == "Application shutdown complete." for entry in logs)
