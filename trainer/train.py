@@ -107,7 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast on CUDA (ignored on CPU)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--max-minutes", type=float, default=None,
-                     help="training-time budget per model: no epoch is started that would end past it")
+                     help="training-time budget per model, over resumed runs too: no epoch is started that would end "
+                          "past it (judged by the last epoch's time; the first epoch always runs)")
     run.add_argument("--checkpoint-dir", type=Path, default=None, help="write a checkpoint after every epoch here")
     run.add_argument("--resume", action="store_true",
                      help="continue each model from its last finished epoch in --checkpoint-dir (fresh if there is none)")
@@ -120,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("--data is required (or set UPGRADER_DATA)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but torch sees no CUDA device")
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir")
     if args.publish_as is not None and len(args.models) != 1:
@@ -153,6 +156,7 @@ def train_one_epoch(
     args: argparse.Namespace,
     runtime: distributed.Runtime,
     ema: EMA | None,
+    name: str,
 ) -> tuple[float, int]:
     """One pass over this rank's shard of the (reshuffled) training set; returns the mean loss over all ranks and the step."""
     model.train()
@@ -165,7 +169,7 @@ def train_one_epoch(
     order = batches(images, args.batch_size, runtime.device, shuffle=True, epoch=epoch, seed=args.seed,
                     rank=runtime.rank, world_size=runtime.world_size)
     bar = tqdm(order, total=steps_per_epoch(len(images), args.batch_size, runtime.world_size), unit="batch", leave=False,
-               desc=f"epoch {epoch}/{args.epochs}", disable=not runtime.is_main or args.no_progress)
+               desc=f"{name} epoch {epoch}/{args.epochs}", disable=not runtime.is_main or args.no_progress)
     for targets in bar:
         lr = learning_rate(step, total_steps, base_lr=args.lr, schedule=args.lr_schedule,
                            coarse_to_fine=args.coarse_to_fine, fine_lr_scale=args.fine_lr_scale)
@@ -326,7 +330,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
             log.info("event=budget model=%s max_minutes=%s stopped_after_epoch=%d", name, args.max_minutes, epoch - 1)
             break
         started = time.perf_counter()
-        train_loss, step = train_one_epoch(trained, optimizer, train, epoch, step, total_steps, args, runtime, ema)
+        train_loss, step = train_one_epoch(trained, optimizer, train, epoch, step, total_steps, args, runtime, ema, name)
         if not runtime.is_main:
             continue
         val_metrics = evaluate(evaluated, val, runtime.device, loss_name=args.loss)
