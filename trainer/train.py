@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     where.add_argument("--data", type=Path, default=os.environ.get("UPGRADER_DATA"),
                        help="ImageFolder tree with train/ and test/, or a torchvision CIFAR-10 directory (default: $UPGRADER_DATA)")
     where.add_argument("--download", action="store_true", help="fetch CIFAR-10 through torchvision into --data if it is not there")
-    where.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache)")
+    where.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache/datasets)")
     where.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on a fixed, seeded random subset of N images")
     where.add_argument("--limit-val", type=int, default=None, metavar="N", help="validate on a fixed, seeded random subset of N images")
     where.add_argument("--store", type=Path, default=None, help="model store root (default: $UPGRADER_STORE or ./store)")
@@ -99,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--fine-lr-scale", type=float, default=0.1,
                         help="learning rate multiplier after the coarse phase of --coarse-to-fine")
     recipe.add_argument("--arch-params", type=json_object, default={}, metavar="JSON",
-                        help="keyword arguments for the architecture, e.g. '{\"width\": 64, \"depth\": 8}'")
+                        help="keyword arguments for the architecture (every model in --models), e.g. '{\"width\": 64, \"depth\": 8}'")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
 
     run = p.add_argument_group("how it runs")
