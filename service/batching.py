@@ -46,7 +46,7 @@ class Job:
     ensemble: int
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
-    outputs: list[torch.Tensor | None] = field(default_factory=list)
+    chunks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first index, outputs) per slice computed
     pngs: list[bytes | None] = field(default_factory=list)
     remaining: int = 0
     started_at: float | None = None
@@ -56,7 +56,11 @@ class Job:
 
     def __post_init__(self) -> None:
         n = len(self.images)
-        self.outputs, self.pngs, self.remaining = [None] * n, [None] * n, n
+        self.pngs, self.remaining = [None] * n, n
+
+    def outputs(self) -> torch.Tensor:
+        chunks = [chunk for _, chunk in sorted(self.chunks, key=lambda c: c[0])]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 @dataclass
@@ -77,17 +81,20 @@ class _Slice:
 
 class Batcher:
     def __init__(self, label: str, run_batch: RunBatch, *, max_batch_images: int, max_wait_ms: float,
-                 max_queue_images: int, retry_after_s: int, metrics: Metrics, metric_labels: tuple[str, str],
-                 thread_init: Callable[[], None] | None = None):
+                 max_queue_images: int, retry_after_s: int, metrics: Metrics, model: str, version: int):
         self.label, self.run_batch = label, run_batch
         self.max_batch_images, self.max_wait_s, self.max_queue_images = max_batch_images, max_wait_ms / 1000, max_queue_images
-        self.retry_after_s, self.metrics, self.metric_labels = retry_after_s, metrics, metric_labels
+        self.retry_after_s, self.metrics, self._version_labels = retry_after_s, metrics, (model, str(version))
+        # Metric children looked up once: labels() takes a lock and a dict lookup on every call.
+        self._queue_gauge = metrics.queue_images.labels(*self._version_labels)
+        self._batch_sizes = metrics.batch_size.labels(model)
+        self._batch_seconds = metrics.inference_seconds.labels(model)
         self._queue: deque[_Slice] = deque()
         self.queued_images = 0
         self._arrived = asyncio.Event()  # the queue is no longer empty
         self._batch_full = asyncio.Event()  # max_batch_images are queued (or closing): stop waiting for more
         self._closing = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}", initializer=thread_init)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}")
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{label}")
 
     # ---- request side -------------------------------------------------------------
@@ -118,7 +125,7 @@ class Batcher:
 
     def _queued_changed(self, delta: int) -> None:
         self.queued_images += delta
-        self.metrics.queue_images.labels(*self.metric_labels).set(self.queued_images)
+        self._queue_gauge.set(self.queued_images)
 
     # ---- batcher side -------------------------------------------------------------
     async def _run(self) -> None:
@@ -143,6 +150,7 @@ class Batcher:
             except Exception as exc:  # a model failure fails the requests in this batch, not the service
                 log.exception("batch of %d images failed on %s", len(images), self.label)
                 for s in batch:
+                    s.job.abandoned = True  # the rest of its images are not computed either
                     if not s.job.future.done():
                         s.job.future.set_exception(unavailable("inference_failed", f"inference failed on {self.label}: {exc}", self.retry_after_s))
                 continue
@@ -184,19 +192,19 @@ class Batcher:
 
     def _deliver(self, batch: list[_Slice], output: BatchOutput, seconds: float) -> None:
         size = len(output.pngs)
-        self.metrics.batch_size.labels(self.metric_labels[0]).observe(size)
-        self.metrics.inference_seconds.labels(self.metric_labels[0]).observe(seconds)
+        self._batch_sizes.observe(size)
+        self._batch_seconds.observe(seconds)
         offset = 0
         for s in batch:
             job, count = s.job, s.stop - s.start
-            job.outputs[s.start : s.stop] = list(output.images[offset : offset + count])
+            job.chunks.append((s.start, output.images[offset : offset + count]))
             job.pngs[s.start : s.stop] = output.pngs[offset : offset + count]
             offset += count
             job.remaining -= count
             job.inference_s += seconds
             job.batch_size = max(job.batch_size, size)
             if job.remaining == 0 and not job.future.done():
-                job.future.set_result(JobResult(torch.stack(job.outputs), job.pngs, job.batch_size,
+                job.future.set_result(JobResult(job.outputs(), job.pngs, job.batch_size,
                                                 job.started_at - job.enqueued_at, job.inference_s))
 
     # ---- shutdown -----------------------------------------------------------------
@@ -207,4 +215,4 @@ class Batcher:
         self._batch_full.set()
         await self._task
         self._executor.shutdown(wait=True)
-        self.metrics.queue_images.remove(*self.metric_labels)
+        self.metrics.queue_images.remove(*self._version_labels)

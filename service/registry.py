@@ -225,7 +225,7 @@ class ModelManager:
             state.loading.pop(version, None)
         batcher = Batcher(f"{state.name}:{version}", upscaler.run_batch, max_batch_images=s.max_batch_images, max_wait_ms=s.max_wait_ms,
                           max_queue_images=s.max_queue_images, retry_after_s=s.retry_after_s, metrics=self.metrics,
-                          metric_labels=(state.name, str(version)))
+                          model=state.name, version=version)
         served = state.loaded[version] = Served(state.name, version, upscaler.manifest, batcher)
         state.manifests[version] = upscaler.manifest
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),

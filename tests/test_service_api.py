@@ -22,6 +22,7 @@ from test_service_support import (
     png_bytes,
     png_list,
     publish,
+    quantise,
     small_inputs,
 )
 
@@ -98,11 +99,14 @@ def test_references_add_psnr_and_ssim_of_what_the_client_receives(client, real_i
     assert "psnr" not in client.post("/upscale", files=multipart(pngs[:1])).json()["images"][0]
 
 
+def expected_ensemble(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return quantise(self_ensemble(model, to_float(inputs)))
+
+
 def test_self_ensemble_averages_the_eight_views(client, served, inputs, pngs):
     response = client.post("/upscale?ensemble=8", files=multipart(pngs[:4]))
-    with torch.inference_mode():
-        expected = (self_ensemble(served[1]["conv"], to_float(inputs[:4])) * 255).round().clamp(0, 255).to(torch.uint8)
-    assert_close_to(outputs_of(response), expected)
+    assert_close_to(outputs_of(response), expected_ensemble(served[1]["conv"], inputs[:4]))
     assert_error(client.post("/upscale?ensemble=3", files=multipart(pngs[:1])), 422, "invalid_parameter")
 
 
@@ -215,6 +219,19 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(served, pngs):
     for response in refused:
         assert_error(response, 503, "queue_full")
         assert int(response.headers["retry-after"]) >= 1
+
+
+def test_concurrent_plain_and_ensemble_requests_never_share_a_forward_pass(served, inputs, pngs):
+    async def scenario():
+        async with running(store=served[0].root, max_wait_ms=50, max_batch_images=5) as client:
+            return await asyncio.gather(*[client.post(f"/upscale?ensemble={1 if k % 2 else 8}", files=multipart(pngs[3 * k : 3 * k + 3]))
+                                          for k in range(8)])
+
+    conv = served[1]["conv"]
+    for k, response in enumerate(asyncio.run(scenario())):
+        x = inputs[3 * k : 3 * k + 3]
+        assert_close_to(outputs_of(response), expected_outputs(conv, x) if k % 2 else expected_ensemble(conv, x))
+        assert response.json()["metrics"]["batch_size"] <= 5
 
 
 def test_a_request_past_its_deadline_gets_504(served, pngs):
