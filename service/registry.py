@@ -127,8 +127,16 @@ class ModelManager:
                 unreadable[version] = str(exc)
         return _Scan(versions, aliases, manifests, unreadable)
 
-    def _scan(self, known: dict[str, set[int]]) -> dict[str, _Scan]:
-        return {name: self._scan_model(name, known.get(name, set())) for name in self.store.models()}
+    def _scan(self, known: dict[str, set[int]]) -> tuple[dict[str, _Scan], set[str]]:
+        """Every model's scan, and the names of models that could not be read this time (kept as they were)."""
+        scans, unreadable = {}, set()
+        for name in self.store.models():
+            try:
+                scans[name] = self._scan_model(name, known.get(name, set()))
+            except Exception as exc:  # e.g. a hand-edited aliases.json: that model waits, the others reload
+                unreadable.add(name)
+                log.warning("cannot read model from the store", extra={"model": name, "reason": f"{type(exc).__name__}: {exc}"})
+        return scans, unreadable
 
     def _merge(self, name: str, scan: _Scan) -> ModelState:
         state = self.models.setdefault(name, ModelState(name))
@@ -143,8 +151,8 @@ class ModelManager:
     async def refresh(self) -> None:
         """Scan the store, load what should be loaded, unload what should not."""
         known = {name: set(state.manifests) | set(state.failed) for name, state in self.models.items()}
-        scans = await asyncio.to_thread(self._scan, known)
-        for name in set(self.models) - set(scans):
+        scans, unreadable = await asyncio.to_thread(self._scan, known)
+        for name in set(self.models) - set(scans) - unreadable:
             for served in list(self.models[name].loaded.values()):
                 self._retire(self.models[name], served)
             del self.models[name]
