@@ -1,6 +1,6 @@
 """Service settings: environment variables with the prefix UPGRADER_ (and CLI flags in __main__).
 
-Every field is documented here; the README's settings table is generated from the same text.
+Every field is documented here; the README's settings table repeats these descriptions.
 """
 
 from __future__ import annotations
