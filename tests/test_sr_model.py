@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from model_store import ModelStore
+from trainer.data import load_image_data
+from trainer.soup import main as soup_main
+from trainer.soup import make_soup
+from trainer.train import evaluate
+from trainer.train import main as train_main
 from upgrader.architectures import OUTPUT_SHAPE, build_model, parameter_count
 from upgrader.ensemble import DIHEDRAL, dihedral, self_ensemble, undo_dihedral
 from upgrader.imaging import bicubic_upscale, downsample, to_float
 
 SR = "subpixel_residual"
+TINY = {"width": 8, "depth": 1}
+LIMIT_TRAIN, LIMIT_VAL = 256, 64
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +124,73 @@ def test_self_ensemble_is_one_8n_batch_averaging_the_views(real_pairs):
     assert ensembled.shape == plain.shape
     torch.testing.assert_close(ensembled, one_by_one, rtol=0, atol=1e-6)
     assert (ensembled - plain).abs().max() > 1e-3
+
+
+# ---- published with self-ensemble metrics, and souped ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def souped(data_dir, tmp_path_factory) -> tuple[ModelStore, Path, torch.Tensor]:
+    """Two tiny real trainings from the same initial weights (mse, l1) published as versions 1 and 2, their soup as 3."""
+    root = tmp_path_factory.mktemp("soup")
+    store, cache = root / "store", root / "cache"
+    where = ["--data", str(data_dir), "--store", str(store), "--cache-dir", str(cache), "--limit-val", str(LIMIT_VAL), "--no-progress"]
+    for loss in ("mse", "l1"):
+        assert train_main(["--models", SR, "--arch-params", json.dumps(TINY), "--epochs", "1", "--lr", "3e-3",
+                           "--limit-train", str(LIMIT_TRAIN), "--loss", loss, *where]) == 0
+    assert soup_main(["--model", SR, "--versions", "1,2", *where]) == 0
+    val = load_image_data(data_dir, cache_dir=cache, limit_train=LIMIT_TRAIN, limit_val=LIMIT_VAL, seed=0, progress=False).val
+    return ModelStore(store), cache, val
+
+
+@pytest.mark.slow
+def test_trained_model_publishes_reproducible_self_ensemble_metrics(souped):
+    store, _, val = souped
+    model, manifest = store.load(SR, 1)
+    assert set(manifest["metrics"]) == {"model", "bicubic", "self_ensemble", "images"}
+    assert set(manifest["metrics"]["self_ensemble"]) == {"mse", "psnr", "ssim"}
+    assert manifest["metrics"]["self_ensemble"] != manifest["metrics"]["model"]
+    metrics = evaluate(model, val, torch.device("cpu"), loss_name="mse", baseline=True, ensemble=True)
+    metrics.pop("loss")
+    assert metrics == manifest["metrics"]
+
+
+@pytest.mark.slow
+def test_soup_is_the_elementwise_mean_of_its_versions_and_says_so(souped):
+    store, _, val = souped
+    assert store.versions(SR) == [1, 2, 3]
+    first, _ = store.load_state_dict(SR, 1)
+    second, _ = store.load_state_dict(SR, 2)
+    soup, manifest = store.load(SR, 3)  # verified checksum, strict architecture fit
+    assert not torch.equal(first["head.weight"], second["head.weight"])  # two different models went in
+    for key, tensor in soup.state_dict().items():
+        torch.testing.assert_close(tensor, torch.stack([first[key], second[key]]).mean(0), rtol=0, atol=1e-7)
+    assert manifest["soup"]["versions"] == [1, 2] and manifest["recipe"] == {"soup": "uniform", "versions": [1, 2]}
+    assert [i["recipe"]["loss"] for i in manifest["soup"]["ingredients"]] == ["mse", "l1"]
+    assert manifest["architecture"] == {"name": SR, "params": TINY}
+    assert "samples.png" in manifest["files"]
+    metrics = evaluate(soup, val, torch.device("cpu"), loss_name="mse", baseline=True, ensemble=True)
+    metrics.pop("loss")
+    assert metrics == manifest["metrics"]
+
+
+@pytest.mark.slow
+def test_soup_refuses_versions_of_different_architectures(souped, data_dir, caplog):
+    store, cache, _ = souped
+    other = build_model(SR, width=8, depth=2)
+    manifest = {**store.manifest(SR, 1), "architecture": {"name": SR, "params": {"width": 8, "depth": 2}}}
+    version = store.publish(SR, other.state_dict(), manifest)
+    with pytest.raises(ValueError, match=f"version {version} is"):
+        make_soup(store, SR, [1, version])
+    argv = ["--model", SR, "--versions", f"1,{version}", "--store", str(store.root), "--data", str(data_dir),
+            "--cache-dir", str(cache), "--no-progress"]
+    assert soup_main(argv) == 1
+    assert "a soup averages versions of one architecture" in caplog.text
+    assert store.versions(SR)[-1] == version  # nothing published
+
+
+@pytest.mark.parametrize("versions", ["3", "3,3", "3,x"])
+def test_soup_cli_rejects_fewer_than_two_distinct_versions(versions, capsys):
+    with pytest.raises(SystemExit):
+        soup_main(["--model", SR, "--versions", versions, "--data", "."])
+    assert "--versions" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def assert_reproduces_metrics(store: ModelStore, name: str, val_images: torch.Te
     """Loaded back from the store, the model scores exactly what its manifest says: same weights, same outputs."""
     model, manifest = store.load(name)
     assert not model.training
-    metrics = evaluate(model, val_images, torch.device("cpu"), loss_name=loss, baseline=True)
+    metrics = evaluate(model, val_images, torch.device("cpu"), loss_name=loss, baseline=True, ensemble=True)
     metrics.pop("loss")
     assert metrics == manifest["metrics"]
     return manifest
@@ -101,7 +101,7 @@ def test_manifest_follows_the_contract(tiny_store):
     assert (manifest["dataset"]["train_size"], manifest["dataset"]["val_size"]) == (LIMIT_TRAIN, LIMIT_VAL)
     [epoch] = manifest["history"]
     assert epoch["epoch"] == 1 and epoch["train_loss"] > 0 and epoch["val_loss"] > 0 and epoch["seconds"] > 0
-    for who in ("model", "bicubic"):
+    for who in ("model", "bicubic", "self_ensemble"):
         assert set(manifest["metrics"][who]) == {"mse", "psnr", "ssim"}
     assert 15 < manifest["metrics"]["bicubic"]["psnr"] < 30  # bicubic on real CIFAR-10 images: ~21 dB
     assert manifest["epochs_completed"] == 1 and manifest["device"] == "cpu" and manifest["wall_time_s"] > 0

@@ -33,6 +33,7 @@ from trainer.data import ImageData, batches, load_image_data, place_on_device
 from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_augment, is_coarse_step, learning_rate
 from trainer.report import loss_curve_png, samples_png
 from upgrader.architectures import ARCHITECTURES, INPUT_SHAPE, OUTPUT_SHAPE, build_model, parameter_count
+from upgrader.ensemble import self_ensemble
 from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_per_image, ssim_per_image, to_float
 
 log = logging.getLogger("trainer")
@@ -198,14 +199,16 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, loss_name: str, baseline: bool = False) -> dict:
-    """Mean loss, MSE, PSNR and SSIM over the images; with `baseline`, the same for bicubic of the same 8x8 inputs.
+def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, loss_name: str, baseline: bool = False,
+             ensemble: bool = False) -> dict:
+    """Mean loss, MSE, PSNR and SSIM over the images; with `baseline`, the same for bicubic of the same 8x8 inputs;
+    with `ensemble`, the same for the model's test-time self-ensemble (8 dihedral views averaged).
 
     Always in float32 (even after bf16 training): these are the numbers the service reproduces.
     """
     model.eval()
     loss_fn = LOSSES[loss_name]
-    who = ["model", "bicubic"] if baseline else ["model"]
+    who = ["model"] + ["bicubic"] * baseline + ["self_ensemble"] * ensemble
     sums = {name: {"mse": 0.0, "psnr": 0.0, "ssim": 0.0} for name in who}
     loss_sum = 0.0
     for targets in batches(images, EVAL_BATCH_SIZE, device, shuffle=False):
@@ -213,6 +216,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, lo
         outputs = {"model": model(inputs).float()}
         if baseline:
             outputs["bicubic"] = bicubic_upscale(inputs)
+        if ensemble:
+            outputs["self_ensemble"] = self_ensemble(model, inputs).float()
         loss_sum += loss_fn(outputs["model"], targets).item() * len(targets)
         for name, predicted in outputs.items():
             sums[name]["mse"] += mse_per_image(predicted, targets).sum().item()
@@ -356,7 +361,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
 def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: ImageData, val: torch.Tensor,
             args: argparse.Namespace, runtime: distributed.Runtime, checkpoint_dir: Path | None) -> int:
     """Evaluate against bicubic, draw the pictures and publish a new version of `name`."""
-    metrics = evaluate(model, val, runtime.device, loss_name=args.loss, baseline=True)
+    metrics = evaluate(model, val, runtime.device, loss_name=args.loss, baseline=True, ensemble=True)
     metrics.pop("loss")
     gain = metrics["model"]["psnr"] - metrics["bicubic"]["psnr"]
     log.info("event=evaluated model=%s images=%d %s %s psnr_vs_bicubic=%+.3f verdict=%s", name, metrics["images"],
