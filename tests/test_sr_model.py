@@ -32,7 +32,7 @@ def real_pairs(real_images) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def expected_parameter_count(width: int, depth: int) -> int:
-    conv = lambda c_in, c_out: 9 * c_in * c_out + c_out  # noqa: E731  3x3 conv with bias
+    conv = lambda c_in, c_out: 9 * c_in * c_out + c_out  # a 3x3 conv with bias
     return conv(3, width) + (2 * depth + 1) * conv(width, width) + conv(width, 3 * 4 * 4)
 
 

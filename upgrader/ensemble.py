@@ -7,7 +7,7 @@ go through the model as one batch of 8N, so the cost is one larger forward pass.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,0 +1,236 @@
+"""The ablation table of issue 5: each training idea switched against the default recipe of subpixel_residual.
+
+    .venv/bin/python bench/ablation.py                         # 8 trainings of 3 minutes: ~35 minutes on 2 cores
+    .venv/bin/python bench/ablation.py --minutes-per-row 0.5 --limit-train 2000 --limit-val 500   # a quick look
+
+Every row trains with the real trainer (`trainer.train.main`, in this process) on the same seeded
+subsets (--limit-train / --limit-val), with the same seed (so the same initial weights and batch
+order) and the same number of epochs: as many as the default recipe fits in --minutes-per-row,
+measured on this machine at the start. Every row publishes into one store name (--store, default
+a temporary directory), so the rows are versions of one model and can be souped.
+
+    bicubic            the baseline: no training
+    default            DEFAULT_RECIPE
+    <flag>=<value>     the default with one idea changed (every alternative of every flag in IDEAS)
+    + self-ensemble    the default row's weights, evaluated with the 8-view test-time ensemble
+    soup of ...        `trainer.soup` of the rows that differ only in their loss (same initial weights),
+                       compared with the best of them
+
+Columns: validation PSNR and SSIM, gain over bicubic, difference to the default row, epochs, training
+minutes (wall; the soup's are its ingredients'), and inference speed at batch 64 in this process
+(images/s, and images per CPU-second of this process, which other jobs on the cores disturb less).
+The speed of resnet18 is measured in the same run as a reference. A row's training is capped at twice
+--minutes-per-row (then it ran fewer epochs than the others, which the epochs column shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from model_store import ModelStore
+from trainer.recipe import LOSSES
+from trainer.soup import main as soup_main
+from trainer.train import main as train_main
+from upgrader.architectures import INPUT_SHAPE, build_model
+from upgrader.ensemble import self_ensemble
+from upgrader.imaging import bicubic_upscale, downsample
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = os.environ.get("UPGRADER_DATA") or str(PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
+ARCHITECTURE = "subpixel_residual"
+STORE_NAME = "ablation"
+# The recipe chosen for subpixel_residual (the trainer's own defaults are the reference recipe of issue 2).
+DEFAULT_RECIPE = {
+    "--loss": "l1",
+    "--lr-schedule": "cosine",
+    "--augment": "dihedral",
+    "--ema": "0.999",
+    "--coarse-to-fine": "0",
+}
+# Every value each idea can take; a row per value the default does not use.
+IDEAS = {
+    "--loss": sorted(LOSSES),
+    "--lr-schedule": ["constant", "cosine", "onecycle"],
+    "--augment": ["none", "dihedral"],
+    "--ema": ["0", "0.999"],
+    "--coarse-to-fine": ["0", "0.3"],
+}
+OFF = {"0": "off", "0.3": "on (30%)", "0.999": "on (0.999)"}
+
+
+@dataclass
+class Row:
+    name: str
+    psnr: float
+    ssim: float
+    gain_db: float  # over bicubic on the same images
+    epochs: int | None
+    train_minutes: float | None
+    images_per_s: float
+    images_per_cpu_s: float
+    version: int | None = None
+
+
+def inference_speed(forward: Callable[[torch.Tensor], torch.Tensor], batch: int, seconds: float) -> tuple[float, float]:
+    """Images/s and images per CPU-second of this process for `forward` on batches of `batch` 8x8 inputs."""
+    inputs = downsample(torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert inputs.shape[1:] == INPUT_SHAPE
+    with torch.inference_mode():
+        forward(inputs)  # warm-up: first-call allocations and kernel choice
+        images, wall, cpu = 0, time.perf_counter(), time.process_time()
+        while images == 0 or time.perf_counter() - wall < seconds:
+            forward(inputs)
+            images += batch
+        return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+def training_images_per_s(arch_params: dict, batch_size: int, seconds: float = 10.0) -> float:
+    """Training throughput of the architecture (forward, backward, Adam step) on this machine, now."""
+    torch.manual_seed(0)
+    model = build_model(ARCHITECTURE, **arch_params)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    targets = torch.rand(batch_size, 3, 32, 32)
+    inputs = downsample(targets)
+    images, start = 0, None
+    for step in range(10**6):
+        if step == 2:  # after warm-up
+            images, start = 0, time.perf_counter()
+        loss = (model(inputs) - targets).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images += batch_size
+        if start is not None and time.perf_counter() - start >= seconds:
+            return images / (time.perf_counter() - start)
+    raise AssertionError("unreachable")
+
+
+def recipe_rows() -> list[tuple[str, dict[str, str]]]:
+    rows = [("default", dict(DEFAULT_RECIPE))]
+    for flag, values in IDEAS.items():
+        for value in values:
+            if value != DEFAULT_RECIPE[flag]:
+                rows.append((f"{flag.removeprefix('--')}={OFF.get(value, value)}", {**DEFAULT_RECIPE, flag: value}))
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset (default: %(default)s)")
+    p.add_argument("--minutes-per-row", type=float, default=3.0, help="training budget of the default row (default: %(default)s)")
+    p.add_argument("--limit-train", type=int, default=10_000, help="seeded training subset (default: %(default)s)")
+    p.add_argument("--limit-val", type=int, default=2_000, help="seeded validation subset (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--arch-params", default="{}", help="JSON keyword arguments of subpixel_residual (default: its defaults)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for training and inference (default: %(default)s)")
+    p.add_argument("--speed-seconds", type=float, default=5.0, help="measuring time per inference-speed figure")
+    p.add_argument("--store", type=Path, default=None, help="store for the rows' models (default: a temporary directory)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="the trainer's dataset cache (default: the trainer's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(width=140, stderr=False)
+    arch_params = json.loads(args.arch_params)
+    store_root = args.store or Path(tempfile.mkdtemp(prefix="ablation-store-"))
+    store = ModelStore(store_root)
+
+    per_s = training_images_per_s(arch_params, args.batch_size)
+    epochs = max(1, math.floor(args.minutes_per_row * 60 * per_s / args.limit_train))
+    console.print(f"{os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+                  f"load average {os.getloadavg()[0]:.1f}; {ARCHITECTURE} {arch_params or '(defaults)'} trains at "
+                  f"{per_s:,.0f} images/s now: {epochs} epochs of {args.limit_train:,} images per row; store {store_root}")
+
+    common = ["--models", ARCHITECTURE, "--publish-as", STORE_NAME, "--arch-params", args.arch_params,
+              "--data", str(args.data), "--store", str(store_root), "--limit-train", str(args.limit_train),
+              "--limit-val", str(args.limit_val), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+              "--lr", str(args.lr), "--seed", str(args.seed), "--max-minutes", str(2 * args.minutes_per_row), "--no-progress"]
+    if args.cache_dir:
+        common += ["--cache-dir", str(args.cache_dir)]
+    trained: dict[str, tuple[int, dict]] = {}
+    for i, (name, recipe) in enumerate(recipe_rows(), start=1):
+        console.print(f"[{i}/{len(recipe_rows())}] training {name}: {' '.join(f'{k} {v}' for k, v in recipe.items())}")
+        if train_main(common + [item for pair in recipe.items() for item in pair]) != 0:
+            raise SystemExit(f"training row {name!r} failed (see the log above)")
+        version = store.versions(STORE_NAME)[-1]
+        trained[name] = (version, store.manifest(STORE_NAME, version))
+
+    loss_rows = [name for name, recipe in recipe_rows() if all(recipe[f] == DEFAULT_RECIPE[f] for f in IDEAS if f != "--loss")]
+    soup_versions = [trained[name][0] for name in loss_rows]
+    soup_args = ["--model", STORE_NAME, "--versions", ",".join(map(str, soup_versions)), "--store", str(store_root),
+                 "--data", str(args.data), "--limit-val", str(args.limit_val), "--seed", str(args.seed), "--no-progress"]
+    if args.cache_dir:
+        soup_args += ["--cache-dir", str(args.cache_dir)]
+    if soup_main(soup_args) != 0:
+        raise SystemExit("the soup failed (see the log above)")
+    soup_version = store.versions(STORE_NAME)[-1]
+    soup_manifest = store.manifest(STORE_NAME, soup_version)
+
+    console.print("measuring inference speed at batch 64")
+    model, _ = store.load(STORE_NAME, trained["default"][0])
+    speed = inference_speed(model, 64, args.speed_seconds)
+    ensemble_speed = inference_speed(lambda x: self_ensemble(model, x), 64, args.speed_seconds)
+    bicubic_speed = inference_speed(bicubic_upscale, 64, args.speed_seconds)
+    resnet18_speed = inference_speed(build_model("resnet18").eval(), 64, args.speed_seconds)
+
+    bicubic = trained["default"][1]["metrics"]["bicubic"]
+
+    def row(name: str, metrics: dict, manifest: dict | None, row_speed: tuple[float, float], version: int | None) -> Row:
+        return Row(name, metrics["psnr"], metrics["ssim"], metrics["psnr"] - bicubic["psnr"],
+                   manifest["epochs_completed"] if manifest else None,
+                   manifest["wall_time_s"] / 60 if manifest else None, *row_speed, version=version)
+
+    rows = [row("bicubic", bicubic, None, bicubic_speed, None)]
+    rows += [row(name, manifest["metrics"]["model"], manifest, speed, version) for name, (version, manifest) in trained.items()]
+    default_version, default_manifest = trained["default"]
+    rows.insert(2, row("default + self-ensemble", default_manifest["metrics"]["self_ensemble"], default_manifest,
+                       ensemble_speed, default_version))
+    best_ingredient = max(loss_rows, key=lambda name: trained[name][1]["metrics"]["model"]["psnr"])
+    rows.append(row(f"soup of the {len(loss_rows)} loss rows (best alone: {best_ingredient})", soup_manifest["metrics"]["model"],
+                    soup_manifest, speed, soup_version))
+    rows.append(row("soup + self-ensemble", soup_manifest["metrics"]["self_ensemble"], soup_manifest, ensemble_speed,
+                    soup_version))
+
+    default_psnr = default_manifest["metrics"]["model"]["psnr"]
+    table = Table(title=f"{ARCHITECTURE} ablation: {args.limit_train:,} training / {args.limit_val:,} validation images, "
+                        f"seed {args.seed}, {epochs} epochs per row, batch {args.batch_size}, peak lr {args.lr:g}; "
+                        f"default = {' '.join(f'{k} {v}' for k, v in DEFAULT_RECIPE.items())}")
+    for column in ("row", "PSNR dB", "SSIM", "vs bicubic", "vs default", "epochs", "train min", "images/s", "images/CPU-s"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for r in rows:
+        table.add_row(r.name, f"{r.psnr:.3f}", f"{r.ssim:.4f}", f"{r.gain_db:+.3f}",
+                      "" if r.name == "bicubic" else f"{r.psnr - default_psnr:+.3f}",
+                      "" if r.epochs is None else str(r.epochs),
+                      "" if r.train_minutes is None else f"{r.train_minutes:.1f}",
+                      f"{r.images_per_s:,.0f}", f"{r.images_per_cpu_s:,.0f}")
+    table.add_row("resnet18 (speed reference, untrained)", "", "", "", "", "", "",
+                  f"{resnet18_speed[0]:,.0f}", f"{resnet18_speed[1]:,.0f}")
+    console.print(table)
+    console.print(f"load average now {os.getloadavg()[0]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "default_recipe": DEFAULT_RECIPE, "epochs_per_row": epochs, "training_images_per_s": per_s,
+            "rows": [asdict(r) for r in rows], "resnet18_speed": resnet18_speed,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
