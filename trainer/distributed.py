@@ -29,6 +29,10 @@ class Runtime:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def rank0_decides(self, decision: bool) -> bool:
         """Rank 0's decision on every rank (ranks that disagree about stopping would deadlock)."""
         if self.world_size == 1:

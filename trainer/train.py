@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         val = place_on_device(data.val, runtime.device) if runtime.is_main else None
         for arch in args.models:
             train_and_publish(arch, data, train, val, args, runtime)
+        # Leave together: a rank that exits while rank 0 still evaluates and publishes closes its
+        # gloo connections under rank 0, which can then fail with "Connection closed by peer".
+        runtime.barrier()
     except (FileNotFoundError, ValueError) as exc:
         log.error("event=failed error=%s", exc)
         return 1
