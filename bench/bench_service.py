@@ -4,7 +4,8 @@
     .venv/bin/python bench/bench_service.py --models resnet18 --concurrency 32 --duration 10 --json out.json
 
 For each model it publishes freshly initialised (seeded) weights into a temporary store (or uses
-`--store DIR`), then starts, one after the other, as real subprocesses on free loopback ports:
+`--store DIR`), then starts, as real subprocesses on free loopback ports (all up at once, each
+paused with SIGSTOP while another is measured, cells alternating between them):
 
   batched   this service, default dynamic batching (UPGRADER_MAX_BATCH_IMAGES=64, MAX_WAIT_MS=2)
   batch1    this service with UPGRADER_MAX_BATCH_IMAGES=1 (no batching: the in-run baseline)
@@ -22,7 +23,10 @@ can be told apart from a contended one.
 
 `batch` is the mean over responses of `metrics.batch_size` (how many images were in the batch each
 request rode in; request-weighted, so it reads higher than a per-batch mean). LitServe reports it
-the same way from inside its batched `predict`.
+the same way from inside its batched `predict`. `inf ms` is the mean `metrics.inference_ms`: for our
+service the batch's wall time on its worker thread (forward + PNG encode, GIL waits included), for
+LitServe the forward alone. `req/cpu-s` (req/s per core the server used) is the column to compare
+when other tenants load the machine; `--autogroup-nice -10` approximates a dedicated machine.
 
 The in-process ceiling is PNG decode + forward at batch 64 + PNG encode with no HTTP.
 """
