@@ -53,7 +53,9 @@ def cli_args(data_dir: Path, store: Path, cache_dir: Path, *extra: str) -> list[
 
 
 def subprocess_env(cache_dir: Path) -> dict:
-    return {**os.environ, "UPGRADER_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    # Same intra-op thread count as this process (other tests may have changed it): float sums
+    # are split per thread, and the bit-exact resume comparison runs one side in each process.
+    return {**os.environ, "UPGRADER_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def assert_reproduces_metrics(store: ModelStore, name: str, val_images: torch.Tensor, loss: str = "mse") -> dict:
