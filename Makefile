@@ -30,7 +30,7 @@ models: install
 	  echo "store $(STORE) already has models:"; \
 	else \
 	  test -d "$(DATA)/train" || { echo "No training data at $(DATA). Set UPGRADER_DATA to an ImageFolder tree with train/ and test/ (or a cifar-10-batches-py directory), or run: $(BIN)/python -m trainer --download --data ./data ..."; exit 2; }; \
-	  $(BIN)/python -m trainer --models fc,conv,resnet18 --data "$(DATA)" --store "$(STORE)" $(QUICK_TRAIN); \
+	  $(BIN)/python -m trainer --models fc,conv,resnet18,subpixel_residual --data "$(DATA)" --store "$(STORE)" $(QUICK_TRAIN); \
 	fi
 	@$(BIN)/python -m model_store --store "$(STORE)" ls
 
