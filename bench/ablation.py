@@ -133,7 +133,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit-train", type=int, default=10_000, help="seeded training subset (default: %(default)s)")
     p.add_argument("--limit-val", type=int, default=2_000, help="seeded validation subset (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--arch-params", default="{}", help="JSON keyword arguments of subpixel_residual (default: its defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for training and inference (default: %(default)s)")

@@ -42,10 +42,10 @@ def test_default_shape_and_parameter_count(real_pairs):
     out = model(inputs)
     assert out.shape == (len(inputs), *OUTPUT_SHAPE)
     assert 0 <= out.min() and out.max() <= 1
-    assert parameter_count(model) == expected_parameter_count(64, 8) == 657_264
+    assert parameter_count(model) == expected_parameter_count(48, 6) == 292_320
 
 
-@pytest.mark.parametrize("width,depth", [(16, 1), (32, 4), (48, 6)])
+@pytest.mark.parametrize("width,depth", [(16, 1), (32, 4), (64, 8)])
 def test_width_and_depth_are_parameters(width, depth):
     model = build_model(SR, width=width, depth=depth)
     assert parameter_count(model) == expected_parameter_count(width, depth)

@@ -121,14 +121,19 @@ class _ResidualBlock(nn.Module):
 class SubpixelResidualUpgrader(nn.Module):
     """Learns what bicubic misses: bicubic(x) + a residual made entirely at 8x8.
 
-    EDSR-style body (residual blocks, no BatchNorm, residual scaling, a long skip)
+    EDSR-style body (residual blocks, no BatchNorm, a long skip; `res_scale` < 1
+    steadies very wide bodies, at this size 1 trained measurably faster than 0.1)
     on the 8x8 input, then one ESPCN sub-pixel convolution straight to 3x32x32:
     a conv to 3*4*4 channels rearranged by PixelShuffle(4). Every 3x3 conv runs
     on 64 positions, which is what keeps it fast on a CPU. The last conv starts at
     zero, so an untrained model is exactly bicubic and training only adds detail.
+
+    Defaults (48 wide, 6 blocks, 292k parameters, ~19 MMAC per image) were chosen
+    on equal CPU-second training budgets against 32x4 and 64x8: as good as 64x8
+    at under half its inference cost, and ahead of 32x4 once training runs longer.
     """
 
-    def __init__(self, width: int = 64, depth: int = 8, res_scale: float = 0.1) -> None:
+    def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0) -> None:
         super().__init__()
         # Imported here because upgrader.imaging imports this module's sizes.
         from upgrader.imaging import bicubic_upscale
