@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ablation.py                         # 8 trainings of 3 minutes: ~35 minutes on 2 cores
     .venv/bin/python bench/ablation.py --minutes-per-row 0.5 --limit-train 2000 --limit-val 500   # a quick look
+    .venv/bin/python bench/ablation.py --speed-only                # inference images/s vs resnet18 (~1 minute)
 
 Every row trains with the real trainer (`trainer.train.main`, in this process) on the same seeded
 subsets (--limit-train / --limit-val), with the same seed (so the same initial weights and batch
@@ -18,8 +19,9 @@ a temporary directory), so the rows are versions of one model and can be souped.
 
 Columns: validation PSNR and SSIM, gain over bicubic, difference to the default row, epochs, training
 minutes (wall; the soup's are its ingredients'), and inference speed at batch 64 in this process
-(images/s, and images per CPU-second of this process, which other jobs on the cores disturb less).
-The speed of resnet18 is measured in the same run as a reference. A row's training is capped at twice
+(images/s, and images per CPU-second of this process, which other jobs on the cores disturb less;
+medians of interleaved rounds). The speed of resnet18 is measured in the same run as a reference;
+`--speed-only` prints just the speeds. A row's training is capped at twice
 --minutes-per-row (then it ran fewer epochs than the others, which the epochs column shows).
 """
 
@@ -29,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -68,6 +71,7 @@ IDEAS = {
     "--coarse-to-fine": ["0", "0.3"],
 }
 OFF = {"0": "off", "0.3": "on (30%)", "0.999": "on (0.999)"}
+SPEED_BATCH = 64
 
 
 @dataclass
@@ -94,6 +98,40 @@ def inference_speed(forward: Callable[[torch.Tensor], torch.Tensor], batch: int,
             forward(inputs)
             images += batch
         return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+def inference_speeds(forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]], batch: int, seconds: float,
+                     rounds: int) -> dict[str, tuple[float, float]]:
+    """`inference_speed` of each forward, interleaved over `rounds` rounds (so other jobs on the cores hit all
+    of them alike), median of each column."""
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in forwards}
+    for _ in range(rounds):
+        for name, forward in forwards.items():
+            measured[name].append(inference_speed(forward, batch, seconds))
+    return {name: (statistics.median(s for s, _ in runs), statistics.median(c for _, c in runs)) for name, runs in measured.items()}
+
+
+def speed_forwards(model: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The forwards whose speed the table reports: the model, its self-ensemble and the two references."""
+    return {
+        "model": model,
+        "self-ensemble": lambda x: self_ensemble(model, x),
+        "bicubic": bicubic_upscale,
+        "resnet18": build_model("resnet18").eval(),
+    }
+
+
+def print_speed_only(args: argparse.Namespace, arch_params: dict, console: Console) -> None:
+    model = build_model(ARCHITECTURE, **arch_params).eval()  # the weights do not change the speed
+    speeds = inference_speeds(speed_forwards(model), SPEED_BATCH, args.speed_seconds, args.speed_rounds)
+    table = Table(title=f"in-process inference at batch {SPEED_BATCH}, torch.inference_mode, {torch.get_num_threads()} threads, "
+                        f"median of {args.speed_rounds} interleaved rounds of {args.speed_seconds:g} s")
+    for column in ("forward", "images/s", "images/CPU-s", "vs resnet18"):
+        table.add_column(column, justify="left" if column == "forward" else "right")
+    for name, (per_s, per_cpu_s) in speeds.items():
+        label = f"{ARCHITECTURE} {arch_params or '(defaults)'}" if name == "model" else name
+        table.add_row(label, f"{per_s:,.0f}", f"{per_cpu_s:,.0f}", f"{per_s / speeds['resnet18'][0]:.2f}x")
+    console.print(table)
 
 
 def training_images_per_s(arch_params: dict, batch_size: int, seconds: float = 10.0) -> float:
@@ -137,7 +175,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arch-params", default="{}", help="JSON keyword arguments of subpixel_residual (default: its defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for training and inference (default: %(default)s)")
-    p.add_argument("--speed-seconds", type=float, default=5.0, help="measuring time per inference-speed figure")
+    p.add_argument("--speed-seconds", type=float, default=3.0, help="measuring time per inference-speed figure and round")
+    p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds of the speed figures (median)")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only measure inference speed (freshly initialised --arch-params model against resnet18 and bicubic)")
     p.add_argument("--store", type=Path, default=None, help="store for the rows' models (default: a temporary directory)")
     p.add_argument("--cache-dir", type=Path, default=None, help="the trainer's dataset cache (default: the trainer's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -149,6 +190,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console(width=140, stderr=False)
     arch_params = json.loads(args.arch_params)
+    if args.speed_only:
+        print_speed_only(args, arch_params, console)
+        return
     store_root = args.store or Path(tempfile.mkdtemp(prefix="ablation-store-"))
     store = ModelStore(store_root)
 
@@ -183,12 +227,10 @@ def main() -> None:
     soup_version = store.versions(STORE_NAME)[-1]
     soup_manifest = store.manifest(STORE_NAME, soup_version)
 
-    console.print("measuring inference speed at batch 64")
+    console.print(f"measuring inference speed at batch {SPEED_BATCH}")
     model, _ = store.load(STORE_NAME, trained["default"][0])
-    speed = inference_speed(model, 64, args.speed_seconds)
-    ensemble_speed = inference_speed(lambda x: self_ensemble(model, x), 64, args.speed_seconds)
-    bicubic_speed = inference_speed(bicubic_upscale, 64, args.speed_seconds)
-    resnet18_speed = inference_speed(build_model("resnet18").eval(), 64, args.speed_seconds)
+    speeds = inference_speeds(speed_forwards(model), SPEED_BATCH, args.speed_seconds, args.speed_rounds)
+    speed, ensemble_speed, bicubic_speed, resnet18_speed = (speeds[k] for k in ("model", "self-ensemble", "bicubic", "resnet18"))
 
     bicubic = trained["default"][1]["metrics"]["bicubic"]
 
