@@ -6,6 +6,8 @@ Every flag overrides the UPGRADER_* environment variable of the same name.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import uvicorn
 
@@ -23,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (UPGRADER_DEVICE, default auto)")
     parser.add_argument("--max-batch-images", type=int, help="images per forward pass (UPGRADER_MAX_BATCH_IMAGES, default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batching window (UPGRADER_MAX_WAIT_MS, default 2)")
-    parser.add_argument("--torch-threads", type=int, help="torch CPU threads (UPGRADER_TORCH_THREADS)")
+    parser.add_argument("--workers", type=int, help="server processes (UPGRADER_WORKERS, default 1)")
+    parser.add_argument("--torch-threads", type=int, help="torch CPU threads per worker (UPGRADER_TORCH_THREADS)")
     parser.add_argument("--log-level", help="log level (UPGRADER_LOG_LEVEL, default INFO)")
     return parser.parse_args(argv)
 
@@ -32,8 +35,16 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {key: value for key, value in vars(parse_args(argv)).items() if value is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=settings.request_timeout_s + 5)
+    common = dict(host=settings.host, port=settings.port, log_config=None, access_log=False,
+                  timeout_graceful_shutdown=settings.request_timeout_s + 5)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Worker processes build their own app from the environment: hand them the flags that way.
+    os.environ.update({f"UPGRADER_{key.upper()}": str(value) for key, value in overrides.items()})
+    with tempfile.TemporaryDirectory(prefix="upgrader-metrics-") as metrics_dir:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)  # before any worker imports prometheus_client
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **common)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
-from service.logs import RequestContextMiddleware
+from service.logs import RequestContextMiddleware, configure_logging
 from service.metrics import Metrics
 from service.registry import ModelManager
 from service.routers import models, ops, upscale
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.manager.close()  # requests already queued are answered first
+            app.state.metrics.process_exited()
 
     app = FastAPI(title="Upgrader", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -43,3 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The factory each uvicorn worker process calls (UPGRADER_WORKERS > 1): settings from the environment."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from service.errors import ApiError, unavailable
 from service.metrics import Metrics
@@ -35,18 +35,18 @@ from service.upscaler import BatchOutput
 
 log = logging.getLogger("service.batching")
 
-RunBatch = Callable[[torch.Tensor, int], BatchOutput]
+RunBatch = Callable[[np.ndarray, int], BatchOutput]
 
 
 @dataclass
 class Job:
     """One request's images and where its outputs go."""
 
-    images: torch.Tensor  # uint8 N x 3 x 8 x 8
+    images: np.ndarray  # uint8 N x 3 x 8 x 8
     ensemble: int
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
-    chunks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first index, outputs) per slice computed
+    chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first index, outputs) per slice computed
     pngs: list[bytes | None] = field(default_factory=list)
     remaining: int = 0
     started_at: float | None = None
@@ -58,14 +58,14 @@ class Job:
         n = len(self.images)
         self.pngs, self.remaining = [None] * n, n
 
-    def outputs(self) -> torch.Tensor:
+    def outputs(self) -> np.ndarray:
         chunks = [chunk for _, chunk in sorted(self.chunks, key=lambda c: c[0])]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 @dataclass
 class JobResult:
-    images: torch.Tensor  # uint8 N x 3 x 32 x 32
+    images: np.ndarray  # uint8 N x 3 x 32 x 32
     pngs: list[bytes]
     batch_size: int  # the largest batch this request's images rode in
     queue_s: float  # enqueue -> its first batch started
@@ -98,7 +98,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{label}")
 
     # ---- request side -------------------------------------------------------------
-    async def submit(self, images: torch.Tensor, ensemble: int, timeout_s: float) -> JobResult:
+    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float) -> JobResult:
         n = len(images)
         if self._closing:
             raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
@@ -141,7 +141,7 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            images = torch.cat([s.job.images[s.start : s.stop] for s in batch]) if len(batch) > 1 else batch[0].job.images[batch[0].start : batch[0].stop]
+            images = np.concatenate([s.job.images[s.start : s.stop] for s in batch]) if len(batch) > 1 else batch[0].job.images[batch[0].start : batch[0].stop]
             started = time.perf_counter()
             for s in batch:
                 s.job.started_at = s.job.started_at or started

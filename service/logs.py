@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Generated ids: a random per-process prefix and a counter (unique, and ~10x cheaper than uuid4).
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
 log = logging.getLogger("service.access")
@@ -26,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # tells the workers apart (UPGRADER_WORKERS > 1)
         }
         if (rid := request_id.get()) is not None:
             entry["request_id"] = rid
@@ -56,7 +61,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
+        rid = given if _VALID_ID.match(given) else f"{_ID_PREFIX}-{next(_id_counter):x}"
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500

@@ -1,8 +1,15 @@
-"""Prometheus metrics on a per-app registry (two apps in one process never share counters)."""
+"""Prometheus metrics on a per-app registry (two apps in one process never share counters).
+
+With several workers (UPGRADER_WORKERS > 1) `python -m service` sets PROMETHEUS_MULTIPROC_DIR
+before the workers start: every process then writes its values to files there, and /metrics,
+whichever worker answers it, adds up all of them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 UNKNOWN_MODEL = "-"  # label for requests that named no servable model (client text never becomes a label)
 
@@ -18,8 +25,28 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.inference_seconds = Histogram("upgrader_inference_seconds", "Wall time of one batch: forward pass and PNG encoding.", ["model"], registry=r,
                                            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.queue_images = Gauge("upgrader_queue_images", "Images waiting for a batch, per loaded version.", ["model", "version"], registry=r)
+        self.queue_images = Gauge("upgrader_queue_images", "Images waiting for a batch, per loaded version.", ["model", "version"], registry=r,
+                                  multiprocess_mode="livesum")
         self.images = Counter("upgrader_images_served", "Images upscaled and returned.", ["model"], registry=r)
         self.load_failures = Counter("upgrader_model_load_failures", "Versions that failed verification or loading.", ["model", "version"], registry=r)
-        self.serving_version = Gauge("upgrader_serving_version", "Version answering version=latest, per model.", ["model"], registry=r)
-        self.loaded_versions = Gauge("upgrader_loaded_versions", "Versions loaded in memory, per model.", ["model"], registry=r)
+        self.serving_version = Gauge("upgrader_serving_version", "Version answering version=latest, per model.", ["model"], registry=r,
+                                     multiprocess_mode="livemax")
+        self.loaded_versions = Gauge("upgrader_loaded_versions", "Versions loaded in memory, per model.", ["model"], registry=r,
+                                     multiprocess_mode="livemax")
+
+    @staticmethod
+    def multiprocess() -> bool:
+        return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+    def exposition(self) -> bytes:
+        """The text format: this app's registry, or with several workers every worker's values combined."""
+        if not self.multiprocess():
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return generate_latest(combined)
+
+    def process_exited(self) -> None:
+        """Drop this worker's live gauges (queue depth, versions) from the combined view."""
+        if self.multiprocess():
+            multiprocess.mark_process_dead(os.getpid())

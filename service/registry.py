@@ -221,7 +221,7 @@ class ModelManager:
 
     async def _load(self, state: ModelState, version: int) -> Served:
         s = self.settings
-        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, s.amp_bf16)
+        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, s.amp_bf16, s.png_compression)
         started = time.perf_counter()
         try:
             await asyncio.to_thread(upscaler.setup)

@@ -16,7 +16,7 @@ import torch
 
 from model_store import ModelStore
 from service import codec
-from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE
+from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE, OUTPUT_SHAPE
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import to_float
 
@@ -34,16 +34,17 @@ def pick_device(requested: str) -> torch.device:
 
 @dataclass
 class BatchOutput:
-    images: torch.Tensor  # uint8 N x 3 x 32 x 32 on the CPU, exactly what the PNGs hold
+    images: np.ndarray  # uint8 N x 3 x 32 x 32, exactly what the PNGs hold
     pngs: list[bytes]
 
 
 class Upscaler:
     """One (model, version) on one device."""
 
-    def __init__(self, store: ModelStore, name: str, version: int, device: torch.device, max_batch_images: int, amp_bf16: bool = False):
+    def __init__(self, store: ModelStore, name: str, version: int, device: torch.device, max_batch_images: int,
+                 amp_bf16: bool = False, png_level: int = 0):
         self.store, self.name, self.version, self.device = store, name, version, device
-        self.max_batch_images = max_batch_images
+        self.max_batch_images, self.png_level = max_batch_images, png_level
         self.amp_bf16 = amp_bf16 and device.type == "cuda"
         self.model: torch.nn.Module | None = None
         self.manifest: dict = {}
@@ -53,10 +54,12 @@ class Upscaler:
         self.store.verify(self.name, self.version)
         self.model, self.manifest = self.store.load(self.name, self.version, self.device)
         if self.device.type == "cuda":
-            # Requests are copied into one pinned buffer so the host->device copy is asynchronous.
-            self._pinned = torch.empty((self.max_batch_images, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8).pin_memory()
+            # Batches go through pinned host buffers, allocated once (cudaHostAlloc is slow), so both
+            # copies are asynchronous DMA.
+            self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
+            self._pinned_out = torch.empty((self.max_batch_images, *OUTPUT_SHAPE), dtype=torch.uint8).pin_memory()
         # One image through the whole path now, so the first request does not pay for lazy initialisation.
-        blank = codec.encode_png(torch.zeros(INPUT_SHAPE, dtype=torch.uint8))
+        blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
         self.run_batch(codec.stack_images([self.decode(blank, 0)]))
 
     @staticmethod
@@ -70,23 +73,23 @@ class Upscaler:
             outputs = self_ensemble(self.model, batch) if ensemble == 8 else self.model(batch)
         return outputs.float()
 
-    @staticmethod
-    def encode(image: torch.Tensor) -> bytes:
-        return codec.encode_png(image)
+    def encode(self, image: np.ndarray) -> bytes:
+        return codec.encode_png(image, self.png_level)
 
-    def run_batch(self, images: torch.Tensor, ensemble: int = 1) -> BatchOutput:
-        """uint8 N x 3 x 8 x 8 (CPU) -> outputs and PNGs. Runs on the worker thread."""
+    def run_batch(self, images: np.ndarray, ensemble: int = 1) -> BatchOutput:
+        """uint8 N x 3 x 8 x 8 -> outputs and PNGs. Runs on the worker thread."""
         with torch.inference_mode():
+            batch = torch.from_numpy(images)
             if self.device.type == "cuda":
-                staged = self._pinned[: len(images)]
-                staged.copy_(images)
+                staged = self._pinned_in[: len(images)]
+                staged.copy_(batch)
                 batch = staged.to(self.device, non_blocking=True)
-            else:
-                batch = images
             outputs = codec.quantize(self.predict(to_float(batch), ensemble))
             if self.device.type == "cuda":
-                host = torch.empty(outputs.shape, dtype=torch.uint8, pin_memory=True)
+                host = self._pinned_out[: len(outputs)]
                 host.copy_(outputs, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
-                outputs = host
-        return BatchOutput(outputs, [self.encode(image) for image in outputs])
+                pixels = host.numpy().copy()  # the buffer is reused by the next batch
+            else:
+                pixels = outputs.numpy()
+        return BatchOutput(pixels, [self.encode(image) for image in pixels])

@@ -82,11 +82,16 @@ def test_huge_declared_dimensions_are_refused_from_the_header():
         assert (error.status, error.code) == (413, "dimensions_too_large"), (width, height, error.message)
 
 
-def test_encode_png_roundtrips_exactly_through_pillow():
+@pytest.mark.parametrize("level", [0, 1, 9])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_encode_png_roundtrips_exactly_through_pillow(level, as_tensor):
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    with Image.open(io.BytesIO(encode_png(image))) as decoded:
+    image[:, 16:] = 7  # a flat half, so deflate has something to shrink
+    png = encode_png(image if as_tensor else image.numpy(), level)
+    with Image.open(io.BytesIO(png)) as decoded:
         assert (decoded.format, decoded.mode, decoded.size) == ("PNG", "RGB", (32, 32))
         assert np.array_equal(np.asarray(decoded), image.permute(1, 2, 0).numpy())
+    assert (len(png) > 3 * 32 * 32) == (level == 0)  # stored at level 0, deflated above
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):

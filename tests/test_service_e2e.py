@@ -219,3 +219,49 @@ def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs
     assert access and access[-1]["path"] == "/upscale" and access[-1]["status"] == 200
     assert any(entry["message"] == "loaded version" and entry["model"] == "conv" for entry in logs)
     assert any(entry["message"] == "Application shutdown complete." for entry in logs)
+
+
+def test_several_workers_share_the_port_and_report_combined_metrics(store, inputs, pngs):
+    """`--workers 2`: two processes, each loading the model; every request answered right; /metrics adds both up."""
+    _, model = publish(store, "conv", seed=6)
+    expected = expected_outputs(model, inputs)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "UPGRADER_STORE": str(store.root), "UPGRADER_MAX_WAIT_MS": "5"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", "2"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    picks = [[(3 * k + j) % len(pngs) for j in range(1 + k % 2)] for k in range(40)]
+    try:
+        def ready():
+            try:
+                return httpx.get(f"{url}/readyz").status_code == 200
+            except httpx.ConnectError:
+                assert process.poll() is None, process.stdout.read()
+                return False
+
+        wait_for(ready, "two workers to become ready", 120)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+                return await asyncio.gather(*[client.post("/upscale", files=multipart([pngs[i] for i in pick])) for pick in picks])
+
+        responses = asyncio.run(scenario())
+        for pick, response in zip(picks, responses, strict=True):
+            assert response.status_code == 200, response.text
+            assert_close_to(outputs_of(response), expected[pick])
+        # Whichever worker answers the scrape, it counts the requests of both (after the second has loaded too).
+        counted = wait_for(lambda: metric_value(httpx.get(f"{url}/metrics").text, "upgrader_requests_total", model="conv", status="200")
+                           == len(picks) or None, "/metrics to count every request", 30)
+        assert counted
+        images = metric_value(httpx.get(f"{url}/metrics").text, "upgrader_images_served_total", model="conv")
+        assert images == sum(len(pick) for pick in picks)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    loaded_by = {entry["pid"] for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"}
+    assert len(loaded_by) == 2, f"expected two worker processes to load conv, got pids {loaded_by}"
+    assert process.returncode in (0, -signal.SIGTERM), output

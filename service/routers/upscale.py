@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -189,16 +190,16 @@ def decode_reference(data: bytes, item: int, max_bytes: int | None = None):
     return codec.decode_image(data, OUTPUT_SIZE, item, "reference", max_bytes)
 
 
-async def decode_all(decode, blobs: list[bytes], settings: Settings) -> torch.Tensor:
-    def run() -> torch.Tensor:
+async def decode_all(decode, blobs: list[bytes], settings: Settings) -> np.ndarray:
+    def run() -> np.ndarray:
         return codec.stack_images([decode(data, item, settings.max_image_bytes) for item, data in enumerate(blobs)])
 
     return run() if len(blobs) <= INLINE_DECODE_LIMIT else await run_in_threadpool(run)
 
 
-def score(outputs: torch.Tensor, references: torch.Tensor) -> list[tuple[float, float]]:
+def score(outputs: np.ndarray, references: np.ndarray) -> list[tuple[float, float]]:
     """PSNR and SSIM of each output (as the client receives it, quantised) against its reference."""
-    a, b = to_float(outputs), to_float(references)
+    a, b = to_float(torch.from_numpy(outputs)), to_float(torch.from_numpy(references))
     return list(zip(psnr_per_image(a, b).tolist(), ssim_per_image(a, b).tolist(), strict=True))
 
 
