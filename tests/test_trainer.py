@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,6 +248,30 @@ def test_cli_rejects_bad_flags(argv, message, tmp_path, capsys):
         main(["--data", str(tmp_path), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_init_from_fine_tunes_a_published_version_and_records_it(tiny_store, data_dir, cache_dir, tmp_path, caplog):
+    tiny_store = ModelStore(shutil.copytree(tiny_store.root, tmp_path / "store"))  # the shared one stays as other tests expect
+    source = tiny_store.manifest("conv")
+    # Adam moves each weight by about lr per step: with a tiny lr the fine-tune stays next to its start.
+    assert main(cli_args(data_dir, tiny_store.root, cache_dir, "--models", "conv", "--epochs", "1", "--lr", "1e-9",
+                         "--publish-as", "conv-tuned", "--init-from", f"conv:{source['version']}")) == 0
+    tuned = tiny_store.manifest("conv-tuned")
+    assert tuned["recipe"]["init_from"] == {"name": "conv", "version": source["version"], "weights_sha256": source["weights_sha256"],
+                                            "wall_time_s": source["wall_time_s"], "psnr": source["metrics"]["model"]["psnr"]}
+    start, _ = tiny_store.load_state_dict("conv")
+    end, _ = tiny_store.load_state_dict("conv-tuned")
+    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)
+    # ... while the same run from a random init is far from it.
+    assert main(cli_args(data_dir, tmp_path / "fresh", cache_dir, "--models", "conv", "--epochs", "1", "--lr", "1e-9")) == 0
+    random_start, _ = ModelStore(tmp_path / "fresh").load_state_dict("conv")
+    assert not all(torch.allclose(start[k], random_start[k], atol=1e-6) for k in start)
+    # A different architecture, or a version that does not exist, is refused by name.
+    assert main(cli_args(data_dir, tiny_store.root, cache_dir, "--models", "fc", "--publish-as", "x", "--init-from", "conv")) == 1
+    assert "--init-from conv is" in caplog.text and '"name": "conv"' in caplog.text
+    assert main(cli_args(data_dir, tiny_store.root, cache_dir, "--models", "conv", "--publish-as", "x", "--init-from", "conv:99")) == 1
+    assert "--init-from conv:99" in caplog.text and "no version 99" in caplog.text
+    assert "x" not in tiny_store.models()
 
 
 def test_cli_names_missing_data_and_misfitting_arch_params(tmp_path, data_dir, cache_dir, caplog):

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model_store import ModelStore, default_root
+from model_store import LATEST, ModelStore, StoreError, default_root
 from trainer import distributed
 from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
@@ -101,6 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="learning rate multiplier after the coarse phase of --coarse-to-fine")
     recipe.add_argument("--arch-params", type=json_object, default={}, metavar="JSON",
                         help="keyword arguments for the architecture (every model in --models), e.g. '{\"width\": 64, \"depth\": 8}'")
+    recipe.add_argument("--init-from", default=None, metavar="NAME[:VERSION]",
+                        help="start from the weights of a published version (fine-tuning) instead of a random init; same architecture "
+                             "and --arch-params. Its training time is recorded in the manifest (recipe.init_from)")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
 
     run = p.add_argument_group("how it runs")
@@ -262,6 +265,23 @@ def dataset_of(data: ImageData) -> dict:
     return {"name": data.name, "fingerprint": data.fingerprint, "train_size": len(data.train), "val_size": len(data.val)}
 
 
+def load_initial_weights(model: nn.Module, init_from: str, store_root: Path | None, architecture: dict) -> dict:
+    """Load a published version's verified weights into `model` (--init-from); what to record in the recipe."""
+    name, _, version = init_from.partition(":")
+    store = ModelStore(store_root)
+    try:
+        state_dict, manifest = store.load_state_dict(name, version or LATEST)
+    except StoreError as exc:  # unknown model or version, or weights that fail their checksum
+        raise ValueError(f"--init-from {init_from}: {exc}") from None
+    source = {"name": manifest["architecture"]["name"], "params": manifest["architecture"].get("params", {})}
+    if source != architecture:
+        raise ValueError(f"--init-from {init_from} is {json.dumps(source)}; this run trains {json.dumps(architecture)}")
+    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in state_dict.items()})
+    log.info("event=init_from model=%s version=%d psnr=%.4f", name, manifest["version"], manifest["metrics"]["model"]["psnr"])
+    return {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
+            "wall_time_s": manifest.get("wall_time_s"), "psnr": manifest["metrics"]["model"]["psnr"]}
+
+
 def resume_point(args: argparse.Namespace, checkpoint_dir: Path | None, run: dict) -> Checkpoint | None:
     """The checkpoint to continue from, after checking it belongs to the same experiment (`run`)."""
     if checkpoint_dir is None or not args.resume:
@@ -304,11 +324,13 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         model = build_model(arch, **args.arch_params).to(runtime.device)
     except TypeError as exc:
         raise ValueError(f"--arch-params {json.dumps(args.arch_params)} do not fit architecture {arch!r}: {exc}") from None
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    checkpoint_dir = args.checkpoint_dir / name if args.checkpoint_dir else None
     # What is being trained: the manifest entries known before training, and what a resume must match.
     run = {"architecture": {"name": arch, "params": args.arch_params}, "recipe": recipe_of(args, runtime), "dataset": dataset_of(data)}
+    if args.init_from:
+        run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, args.store, run["architecture"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = EMA(model, args.ema) if args.ema > 0 else None  # averages from the initial weights, published ones included
+    checkpoint_dir = args.checkpoint_dir / name if args.checkpoint_dir else None
 
     history: list[dict] = []
     step, first_epoch, published = 0, 1, None
