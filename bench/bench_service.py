@@ -8,9 +8,10 @@ For each model it publishes freshly initialised (seeded) weights into a temporar
 paused with SIGSTOP while another is measured, cells alternating between them):
 
   batched   this service, default dynamic batching (UPGRADER_MAX_BATCH_IMAGES=64, MAX_WAIT_MS=2), one process
-  batched2  the same with UPGRADER_WORKERS=2: two uvicorn worker processes, each with its batcher
-            (LitServe also runs two: its HTTP server and its inference worker)
-  batch1    this service with UPGRADER_MAX_BATCH_IMAGES=1 (no batching: the in-run baseline)
+            (UPGRADER_WORKERS=1)
+  batched2  the same with UPGRADER_WORKERS=2 (the service's default on a CPU with 2+ cores): two uvicorn
+            worker processes, each with its batcher (LitServe also runs two: HTTP server, inference worker)
+  batch1    this service with UPGRADER_MAX_BATCH_IMAGES=1, one process (no batching: the in-run baseline)
   litserve  bench/litserve_server.py: LitServe's own batching (max_batch_size=64, batch_timeout=2 ms),
             same weights from the same store, same PNG-in / base64-PNG-out JSON contract, same
             PNG codec (service.codec; `--litserve-codec pil` for Pillow's)
@@ -170,7 +171,7 @@ def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max
         "UPGRADER_TORCH_THREADS": str(threads),
         "UPGRADER_MAX_WAIT_MS": str(max_wait_ms),
         "UPGRADER_MAX_BATCH_IMAGES": "1" if kind == "batch1" else "64",
-        "UPGRADER_WORKERS": "2" if kind == "batched2" else "1",
+        "UPGRADER_WORKERS": "2" if kind == "batched2" else "1",  # explicit: the service's default depends on the machine
     }
     command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     return ServerSpec(kind, command, env, "/readyz", f"/upscale?model={model}")

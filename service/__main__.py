@@ -9,6 +9,7 @@ import argparse
 import os
 import tempfile
 
+import torch
 import uvicorn
 
 from service.app import create_app
@@ -25,10 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (UPGRADER_DEVICE, default auto)")
     parser.add_argument("--max-batch-images", type=int, help="images per forward pass (UPGRADER_MAX_BATCH_IMAGES, default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batching window (UPGRADER_MAX_WAIT_MS, default 2)")
-    parser.add_argument("--workers", type=int, help="server processes (UPGRADER_WORKERS, default 1)")
+    parser.add_argument("--workers", type=int, help="server processes (UPGRADER_WORKERS; default 2 on a multi-core CPU, 1 on CUDA)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads per worker (UPGRADER_TORCH_THREADS)")
     parser.add_argument("--log-level", help="log level (UPGRADER_LOG_LEVEL, default INFO)")
     return parser.parse_args(argv)
+
+
+def default_workers(settings: Settings) -> int:
+    """2 on a CPU with 2+ cores, 1 on CUDA or a single core (measured in bench/RESULTS.md, "Service")."""
+    on_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    return 1 if on_cuda or (os.cpu_count() or 1) < 2 else 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,14 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level)
     common = dict(host=settings.host, port=settings.port, log_config=None, access_log=False,
                   timeout_graceful_shutdown=settings.request_timeout_s + 5)
-    if settings.workers == 1:
+    workers = settings.workers or default_workers(settings)
+    if workers == 1:
         uvicorn.run(create_app(settings), **common)
         return
     # Worker processes build their own app from the environment: hand them the flags that way.
     os.environ.update({f"UPGRADER_{key.upper()}": str(value) for key, value in overrides.items()})
+    os.environ["UPGRADER_WORKERS"] = str(workers)  # each worker sizes its torch threads by it
     with tempfile.TemporaryDirectory(prefix="upgrader-metrics-") as metrics_dir:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)  # before any worker imports prometheus_client
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=workers, **common)
 
 
 if __name__ == "__main__":

@@ -215,4 +215,4 @@ class Batcher:
         self._batch_full.set()
         await self._task
         self._executor.shutdown(wait=True)
-        self.metrics.queue_images.remove(*self._version_labels)
+        self.metrics.forget_version(*self._version_labels)

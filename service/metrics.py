@@ -46,6 +46,13 @@ class Metrics:
         multiprocess.MultiProcessCollector(combined)
         return generate_latest(combined)
 
+    def forget_version(self, model: str, version: str) -> None:
+        """An unloaded version leaves the queue gauge (multi-process files cannot drop a series: it reads 0)."""
+        if self.multiprocess():
+            self.queue_images.labels(model, version).set(0)
+        else:
+            self.queue_images.remove(model, version)
+
     def process_exited(self) -> None:
         """Drop this worker's live gauges (queue depth, versions) from the combined view."""
         if self.multiprocess():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -105,3 +106,16 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert settings.admin_token is None and "k1" not in repr(settings)
     with pytest.raises(ValueError, match="max_queue_images"):
         Settings(max_queue_images=8, max_images_per_request=16)
+
+
+def test_default_workers_two_on_a_multicore_cpu_one_on_cuda_or_one_core(monkeypatch, tmp_path):
+    from service.__main__ import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_workers(Settings(store=tmp_path, device="cpu")) == 2
+    assert default_workers(Settings(store=tmp_path, device="cuda")) == 1  # the setting alone decides; no GPU needed
+    assert Settings(store=tmp_path, workers=2).inference_threads() == 1 and Settings(store=tmp_path).inference_threads() == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert default_workers(Settings(store=tmp_path, device="cpu")) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert Settings(store=tmp_path, workers=3).inference_threads() == 5 and Settings(store=tmp_path).inference_threads() == 15
