@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
@@ -15,6 +16,7 @@ import uvicorn
 from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
+from service.workers import run_workers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["UPGRADER_WORKERS"] = str(workers)  # each worker sizes its torch threads by it
     with tempfile.TemporaryDirectory(prefix="upgrader-metrics-") as metrics_dir:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)  # before any worker imports prometheus_client
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=workers, **common)
+        host, port = common.pop("host"), common.pop("port")
+        sys.exit(run_workers(workers, host, port, settings.log_level, common))
 
 
 if __name__ == "__main__":
