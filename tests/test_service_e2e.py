@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import httpx
 import pytest
@@ -187,30 +189,39 @@ def test_graceful_shutdown_answers_everything_already_queued(store, inputs, pngs
             httpx.get(f"{live.url}/healthz")
 
 
-def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs):
-    publish(store, "conv", seed=5)
+@contextlib.contextmanager
+def python_m_service(store: ModelStore, *flags: str, **env: str):
+    """`python -m service` as a real subprocess on a free port, ready; SIGTERM on exit (then `.output` holds its logs)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "UPGRADER_STORE": str(store.root), "UPGRADER_MAX_WAIT_MS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    environment = {**os.environ, "UPGRADER_STORE": str(store.root), **env}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *flags],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process, output="")
+
+    def ready():
+        try:
+            return httpx.get(f"{run.url}/readyz").status_code == 200
+        except httpx.ConnectError:
+            assert process.poll() is None, process.stdout.read()
+            return False
+
     try:
-        url = f"http://127.0.0.1:{port}"
-
-        def ready():
-            try:
-                return httpx.get(f"{url}/readyz").status_code == 200
-            except httpx.ConnectError:
-                assert process.poll() is None, process.stdout.read()
-                return False
-
-        wait_for(ready, "python -m service to become ready", 120)
-        response = httpx.post(f"{url}/upscale", files=multipart(pngs[:1]), headers={"x-request-id": "cli-test-1"})
-        assert response.status_code == 200 and response.headers["x-request-id"] == "cli-test-1"
+        wait_for(ready, f"python -m service {' '.join(flags)} to become ready", 120)
+        yield run
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
+        run.output, _ = process.communicate(timeout=60)
+
+
+def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs):
+    publish(store, "conv", seed=5)
+    with python_m_service(store, UPGRADER_MAX_WAIT_MS="1") as run:
+        response = httpx.post(f"{run.url}/upscale", files=multipart(pngs[:1]), headers={"x-request-id": "cli-test-1"})
+        assert response.status_code == 200 and response.headers["x-request-id"] == "cli-test-1"
+    process, output = run.process, run.output
     # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit says "terminated by SIGTERM"
     assert process.returncode in (0, -signal.SIGTERM), output
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -225,24 +236,9 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
     """`--workers 2`: two processes, each loading the model; every request answered right; /metrics adds both up."""
     _, model = publish(store, "conv", seed=6)
     expected = expected_outputs(model, inputs)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "UPGRADER_STORE": str(store.root), "UPGRADER_MAX_WAIT_MS": "5"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", "2"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     picks = [[(3 * k + j) % len(pngs) for j in range(1 + k % 2)] for k in range(40)]
-    try:
-        def ready():
-            try:
-                return httpx.get(f"{url}/readyz").status_code == 200
-            except httpx.ConnectError:
-                assert process.poll() is None, process.stdout.read()
-                return False
-
-        wait_for(ready, "two workers to become ready", 120)
+    with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5") as run:
+        url = run.url
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as client:
@@ -258,9 +254,7 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
         assert counted
         images = metric_value(httpx.get(f"{url}/metrics").text, "upgrader_images_served_total", model="conv")
         assert images == sum(len(pick) for pick in picks)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
+    process, output = run.process, run.output
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     loaded_by = {entry["pid"] for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"}
     assert len(loaded_by) == 2, f"expected two worker processes to load conv, got pids {loaded_by}"
