@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """The factory each uvicorn worker process calls (UPGRADER_WORKERS > 1): settings from the environment."""
+    """The factory each worker process calls (service.workers, UPGRADER_WORKERS > 1): settings from the environment."""
     settings = Settings()
     configure_logging(settings.log_level)
     return create_app(settings)

@@ -353,3 +353,13 @@ def test_readiness_health_request_id_and_docs(client):
                                           "/models/{name}/versions/{version}/{picture}", "/models/{name}/aliases/{alias}",
                                           "/healthz", "/readyz", "/metrics"}
     assert client.get("/docs").status_code == 200
+
+
+def test_png_compression_setting_changes_the_encoding_not_the_pixels(client, served, pngs):
+    stored = client.post("/upscale", files=multipart(pngs[:4]))
+    with in_process_client(store=served[0].root, poll_interval_s=60, png_compression=9) as deflating:
+        deflated = deflating.post("/upscale", files=multipart(pngs[:4]))
+    sizes = [[len(base64.b64decode(image["png"])) for image in r.json()["images"]] for r in (stored, deflated)]
+    assert all(size > 3 * 32 * 32 for size in sizes[0])  # level 0: the pixels as they are
+    assert all(small < big for small, big in zip(sizes[1], sizes[0], strict=True))
+    assert torch.equal(outputs_of(stored), outputs_of(deflated))
