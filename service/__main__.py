@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="upgrader-metrics-") as metrics_dir:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)  # before any worker imports prometheus_client
         host, port = common.pop("host"), common.pop("port")
-        sys.exit(run_workers(workers, host, port, settings.log_level, common))
+        sys.exit(run_workers(workers, host, port, settings.log_level, common, grace_s=settings.request_timeout_s + 10))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ connection to one of the listening sockets, so the load spreads evenly. A worker
 its models are loaded, so no connection is routed to a worker that cannot serve it yet.
 
 The supervisor forwards SIGINT/SIGTERM to the workers (each drains its queue, see app.lifespan)
-and exits when all have; if one dies on its own, the others are stopped too and the exit code says
-so (an orchestrator restarts the service as a whole).
+and exits when all have, killing any worker still alive `grace_s` later; if one dies on its own,
+the others are stopped too and the exit code says so (an orchestrator restarts the service as a whole).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 import socket
+import time
 
 import uvicorn
 
@@ -43,17 +44,17 @@ def serve_worker(host: str, port: int, log_level: str, uvicorn_options: dict) ->
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
 
 
-def run_workers(count: int, host: str, port: int, log_level: str, uvicorn_options: dict) -> int:
+def run_workers(count: int, host: str, port: int, log_level: str, uvicorn_options: dict, grace_s: float) -> int:
     """Start `count` workers and wait for them; returns the exit code for the supervisor."""
     listening_socket(host, port).close()  # a port already taken fails here, once, with a clear error
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or event-loop state
     workers = [spawn.Process(target=serve_worker, args=(host, port, log_level, uvicorn_options), name=f"upgrader-worker-{i}")
                for i in range(count)]
-    stopping = False
+    deadline: float | None = None  # set once stopping: after it, workers are killed
 
     def stop(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal deadline
+        deadline = deadline or time.monotonic() + grace_s
         for worker in workers:
             if worker.is_alive():
                 worker.terminate()  # SIGTERM: uvicorn's graceful shutdown in the worker
@@ -66,11 +67,19 @@ def run_workers(count: int, host: str, port: int, log_level: str, uvicorn_option
     failed = 0
     while any(w.is_alive() for w in workers):
         sentinels = [w.sentinel for w in workers if w.is_alive()]
-        multiprocessing.connection.wait(sentinels)
+        # A bounded wait: a signal handler that sets the deadline does not interrupt it (PEP 475 retries).
+        multiprocessing.connection.wait(sentinels, 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))
         for worker in workers:
-            if not worker.is_alive() and worker.exitcode not in (0, -signal.SIGTERM) and not stopping:
+            if not worker.is_alive() and worker.exitcode not in (0, -signal.SIGTERM) and deadline is None:
                 log.error("worker exited", extra={"pid": worker.pid, "exitcode": worker.exitcode})
                 failed = 1
                 stop(signal.SIGTERM, None)
+        if deadline is not None and time.monotonic() >= deadline:
+            for worker in workers:
+                if worker.is_alive():
+                    log.error("worker did not stop in time; killing it", extra={"pid": worker.pid, "grace_s": grace_s})
+                    worker.kill()
+                    worker.join()
+                    failed = 1
     log.info("workers stopped", extra={"exitcodes": [w.exitcode for w in workers]})
     return failed

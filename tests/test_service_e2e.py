@@ -213,7 +213,7 @@ def python_m_service(store: ModelStore, *flags: str, **env: str):
         yield run
     finally:
         process.send_signal(signal.SIGTERM)
-        run.output, _ = process.communicate(timeout=60)
+        run.output, _ = process.communicate(timeout=90)  # the supervisor kills a worker still alive after 30 + 10 s
 
 
 def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs):
