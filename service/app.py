@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
-from service.logs import RequestContextMiddleware, configure_logging
+from service.logs import RequestContextMiddleware
 from service.metrics import Metrics
 from service.registry import ModelManager
 from service.routers import models, ops, upscale
@@ -45,9 +45,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
 
-
-def create_app_from_env() -> FastAPI:
-    """The factory each worker process calls (service.workers, UPGRADER_WORKERS > 1): settings from the environment."""
-    settings = Settings()
-    configure_logging(settings.log_level)
-    return create_app(settings)

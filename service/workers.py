@@ -23,6 +23,10 @@ import time
 
 import uvicorn
 
+from service.app import create_app
+from service.logs import configure_logging
+from service.settings import Settings
+
 log = logging.getLogger("service.workers")
 
 
@@ -37,10 +41,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve_worker(host: str, port: int, log_level: str, uvicorn_options: dict) -> None:
     """One worker process: its own SO_REUSEPORT socket, its own app (settings from the environment)."""
-    from service.logs import configure_logging
-
     configure_logging(log_level)
-    config = uvicorn.Config("service.app:create_app_from_env", factory=True, host=host, port=port, **uvicorn_options)
+    config = uvicorn.Config(create_app(Settings()), host=host, port=port, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
 
 
