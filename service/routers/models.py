@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
 
+from model_store import StoreError, StoreUnavailable
 from service.deps import ManagerDep, require_admin
-from service.errors import ApiError
+from service.errors import ApiError, unavailable
 from service.registry import ModelManager, ModelState
 from service.schemas import AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
 
@@ -65,15 +65,18 @@ async def get_version(name: NameParam, version: VersionParam, manager: ManagerDe
     return version_info(state, await manager.version_number(state, version), detail=True)
 
 
-@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss curve or sample grid", response_class=FileResponse,
+@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss curve or sample grid", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, **_NOT_FOUND})
-async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "samples.png"], manager: ManagerDep) -> FileResponse:
+async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "samples.png"], manager: ManagerDep) -> Response:
     state = await manager.model_state(name)
     number = await manager.version_number(state, version)
-    path = manager.store.model_dir(name) / str(number) / picture
-    if not await run_in_threadpool(path.is_file):
-        raise ApiError(404, "file_not_found", f"model {name!r} version {number} has no {picture}")
-    return FileResponse(path, media_type="image/png")
+    try:
+        data = await run_in_threadpool(manager.store.read_file, name, number, picture)
+    except StoreUnavailable:
+        raise unavailable("store_unavailable", "the model store cannot be read right now", manager.settings.retry_after_s) from None
+    except StoreError:
+        raise ApiError(404, "file_not_found", f"model {name!r} version {number} has no {picture}") from None
+    return Response(data, media_type="image/png")
 
 
 @router.put("/{name}/aliases/{alias}", summary="Point an alias (e.g. stable) at a version: promote or roll back",
