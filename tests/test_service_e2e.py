@@ -6,18 +6,14 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import types
 
 import httpx
 import pytest
 from test_service_support import (
     LiveServer,
+    ServiceProcess,
     assert_close_to,
     assert_error,
     assert_outputs_distinguishable,
@@ -30,6 +26,7 @@ from test_service_support import (
     publish,
     publish_corrupt_copy,
     small_inputs,
+    wait_for,
 )
 
 from model_store import WEIGHTS_FILE, ModelStore
@@ -53,14 +50,6 @@ def live(tmp_path_factory, models):
     with LiveServer(store=store.root, poll_interval_s=0.1, max_wait_ms=20) as server:
         server.store = store
         yield server
-
-
-def wait_for(condition, what: str, seconds: float = 30.0):
-    deadline = time.monotonic() + seconds
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
 
 
 def test_every_body_form_over_http(live, models, inputs, pngs):
@@ -185,28 +174,12 @@ def test_graceful_shutdown_answers_everything_already_queued(store, inputs, pngs
 @contextlib.contextmanager
 def python_m_service(store: ModelStore, *flags: str, **env: str):
     """`python -m service` as a real subprocess on a free port, ready; SIGTERM on exit (then `.output` holds its logs)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {**os.environ, "UPGRADER_STORE": store.url, **env}
-    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *flags],
-                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process, output="")
-
-    def ready():
-        try:
-            return httpx.get(f"{run.url}/readyz").status_code == 200
-        except httpx.ConnectError:
-            assert process.poll() is None, process.stdout.read()
-            return False
-
+    run = ServiceProcess(store.url, *flags, env=env)
     try:
-        wait_for(ready, f"python -m service {' '.join(flags)} to become ready", 120)
+        run.wait_ready()
         yield run
     finally:
-        process.send_signal(signal.SIGTERM)
-        run.output, _ = process.communicate(timeout=90)  # the supervisor kills a worker still alive after 30 + 10 s
+        run.stop()
 
 
 def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs):
