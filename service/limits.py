@@ -1,10 +1,22 @@
-"""Request body size limit, enforced while the body streams in (Content-Length can lie or be absent)."""
+"""Limits on what a request may cost: body size (checked while the body streams in) and admission.
+
+Admission decides *before a body is read* whether a request is served: the costly part of an
+upscale request (reading, parsing and decoding 64 images) happens only for requests that hold one of
+`max_active_requests` slots per worker. Up to `max_waiting_requests` more wait in line, their body
+unread (a connection and a task, no bytes buffered beyond the socket's); past that a request is
+refused with 503 + Retry-After at once, for microseconds of work. So under overload the worker keeps
+serving at its peak rate instead of spending it on requests that are refused after decoding.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
+from service.errors import ApiError, error_response, unavailable
 
 
 def body_too_large(limit: int) -> ApiError:
@@ -34,3 +46,40 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class Admission:
+    """`max_active` requests at work, `max_waiting` in line (FIFO); the rest refused before any work."""
+
+    def __init__(self, max_active: int, max_waiting: int, retry_after_s: int) -> None:
+        self.max_active, self.max_waiting, self.retry_after_s = max_active, max_waiting, retry_after_s
+        self.active = 0
+        self._line: asyncio.Semaphore | None = None  # made on first use: it belongs to the serving loop
+        self.waiting = 0
+
+    def refuse(self, why: str) -> ApiError:
+        return unavailable("overloaded", f"{why}; retry later", self.retry_after_s)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, wait_s: float) -> AsyncIterator[None]:
+        """Hold one active slot for the block; wait in line at most `wait_s` (then 503), or 503 at once if the line is full."""
+        if self._line is None:
+            self._line = asyncio.Semaphore(self.max_active)
+        if self._line.locked():
+            if self.waiting >= self.max_waiting:
+                raise self.refuse(f"{self.active} requests at work and {self.waiting} waiting on this worker")
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._line.acquire(), wait_s)
+            except TimeoutError:
+                raise self.refuse(f"no slot freed within {wait_s:.3g}s") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._line.acquire()  # free: returns at once
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._line.release()
