@@ -10,9 +10,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from service.deps import require_api_key
 from service.errors import install_error_handlers
-from service.limits import Admission, BodySizeLimitMiddleware
+from service.limits import Admission, AdmissionMiddleware, BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware
-from service.metrics import Metrics
+from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager
 from service.routers import models, ops, upscale
 from service.settings import Settings
@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     add_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    refused = app.state.metrics.requests.labels(UNKNOWN_MODEL, "503")
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, path="/upscale", on_refusal=refused.inc)
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
 
@@ -60,6 +62,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def add_docs(app: FastAPI) -> None:
     """/openapi.json, /docs and /redoc, behind the API key when keys are set."""
     guarded = [Depends(require_api_key)]
+
+    generate = app.openapi
+
+    def openapi_with_limits() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["paths"]["/upscale"]["post"]["requestBody"] = upscale.request_body(app.state.settings)
+        return app.openapi_schema
+
+    app.openapi = openapi_with_limits
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
     async def openapi() -> JSONResponse:

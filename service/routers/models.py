@@ -13,13 +13,22 @@ from service.deps import ManagerDep, require_admin, require_api_key
 from service.errors import ApiError
 from service.redact import public, scrub_text
 from service.registry import ModelManager, ModelState
-from service.schemas import AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
+from service.schemas import (
+    AliasResponse,
+    AliasUpdate,
+    ErrorResponse,
+    ModelInfo,
+    ModelList,
+    VersionDetail,
+    VersionInfo,
+)
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={401: {"model": ErrorResponse, "description": "UPGRADER_API_KEYS is set and no valid key was sent."}})
 
 NameParam = Annotated[str, Path(description="Model name as in the store.")]
 VersionParam = Annotated[str, Path(description="Version number or alias (latest, stable, ...).")]
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"  # a store name that cannot be read as a version number
 _NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown model, version or file."}}
 
 
@@ -92,7 +101,8 @@ _ALIAS_BODY = {"required": True, "content": {"application/json": {"schema": Alia
                        409: {"model": ErrorResponse, "description": "The version failed verification."},
                        422: {"model": ErrorResponse, "description": "Reserved or invalid alias, or a body that is not {\"version\": ...}."},
                        **_NOT_FOUND})
-async def put_alias(name: NameParam, alias: Annotated[str, Path(description="Alias name; latest and numbers are reserved.")],
+async def put_alias(name: NameParam, alias: Annotated[str, Path(description="Alias name: a letter, then letters, digits, `_`, `.` or `-`; latest is reserved.",
+                                                       pattern=ALIAS_PATTERN, json_schema_extra={"not": {"const": "latest"}})],
                     request: Request, manager: ManagerDep) -> AliasResponse:
     # The body is read here, not declared as a parameter: FastAPI parses declared bodies before it runs
     # dependencies, and a caller without the admin token must get 401 whatever it sent.

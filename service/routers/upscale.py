@@ -18,10 +18,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_store import LATEST
 from service import codec
-from service.deps import AdmissionDep, ManagerDep, MetricsDep, SettingsDep, require_api_key
+from service.deps import (
+    AdmissionDep,
+    ManagerDep,
+    MetricsDep,
+    SettingsDep,
+    require_api_key,
+)
 from service.errors import ApiError, echo, unavailable
 from service.metrics import UNKNOWN_MODEL
-from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
+from service.schemas import (
+    ErrorResponse,
+    ModelRef,
+    UpscaledImage,
+    UpscaleJSONRequest,
+    UpscaleMetrics,
+    UpscaleResponse,
+)
 from service.settings import Settings
 from service.upscaler import Upscaler
 from upgrader.architectures import OUTPUT_SIZE
@@ -36,21 +49,46 @@ INLINE_JSON_LIMIT = 64 * 1024  # bytes of JSON parsed on the event loop; larger 
 JSON_KEYS = ("images", "references")
 
 _binary = {"type": "string", "format": "binary"}
-_REQUEST_BODY = {
-    "required": True,
-    "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB); "
-                   "optional references are 32x32, aligned with the images.",
-    "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
-            IMAGE_FIELD: {"type": "array", "items": _binary, "description": "One or more parts named `images`."},
-            REFERENCE_FIELD: {"type": "array", "items": _binary, "description": "Optional parts named `references`, one per image."}}}},
-        "application/json": {"schema": UpscaleJSONRequest.model_json_schema()},
-        "image/png": {"schema": _binary},
-        "image/jpeg": {"schema": _binary},
-        "image/webp": {"schema": _binary},
-        "image/bmp": {"schema": _binary},
-    },
-}
+_IMAGE_TYPES = "image/png, image/jpeg, image/webp, image/bmp"
+_BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def request_body(settings: Settings) -> dict:
+    """The OpenAPI request body of POST /upscale with this server's limits: what it accepts, as far as a schema can say.
+
+    Counts, sizes, base64, required and unknown fields are in the schema; what no JSON schema can say
+    (that the bytes decode to an 8x8 image, that references align with images) is in the descriptions
+    and answered 400/413/415/422 (see the responses).
+    """
+    count = {"minItems": 1, "maxItems": settings.max_images_per_request}
+    binary = {**_binary, "minLength": 1, "maxLength": settings.max_image_bytes, "contentMediaType": "image/*"}
+    base64_image = {"type": "string", "format": "byte", "contentEncoding": "base64", "pattern": _BASE64, "minLength": 4,
+                    "maxLength": 4 * -(-settings.max_image_bytes // 3)}
+    example = base64.b64encode(codec.encode_png(np.zeros((3, 8, 8), np.uint8))).decode("ascii")
+    return {
+        "required": True,
+        "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB) "
+                       f"of at most {settings.max_image_bytes} bytes; optional references are 32x32, one per image, in the same order.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
+                    IMAGE_FIELD: {"type": "array", "items": binary, **count, "description": "One or more file parts named `images`."},
+                    REFERENCE_FIELD: {"type": "array", "items": binary, **count,
+                                      "description": "Optional file parts named `references`, one per image."}}},
+                "encoding": {IMAGE_FIELD: {"contentType": _IMAGE_TYPES}, REFERENCE_FIELD: {"contentType": _IMAGE_TYPES}},
+            },
+            "application/json": {
+                "schema": {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
+                    IMAGE_FIELD: {"type": "array", "items": base64_image, **count, "description": "Base64-encoded 8x8 images."},
+                    REFERENCE_FIELD: {"anyOf": [{"type": "array", "items": base64_image, **count}, {"type": "null"}],
+                                      "description": "Optional base64 32x32 references, one per image; adds psnr/ssim per output."}}},
+                "example": {IMAGE_FIELD: [example]},
+            },
+            **{media: {"schema": binary} for media in ("image/png", "image/jpeg", "image/webp", "image/bmp")},
+        },
+    }
+
+
 _ERRORS = {
     400: "Corrupt or truncated image, empty part, invalid base64/JSON/multipart.",
     401: "UPGRADER_API_KEYS is set and no valid key was sent.",
@@ -76,7 +114,8 @@ class UpscaleBody:
 
 
 @router.post("/upscale", summary="Upscale 8x8 images to 32x32", response_model=UpscaleResponse, responses=_RESPONSES,
-             openapi_extra={"requestBody": _REQUEST_BODY}, dependencies=[Depends(require_api_key)])
+             openapi_extra={"requestBody": request_body(Settings.model_construct())},  # the app puts its own limits in
+             dependencies=[Depends(require_api_key)])
 async def upscale(
     request: Request,
     manager: ManagerDep,
