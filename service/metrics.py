@@ -40,6 +40,9 @@ class Metrics:
                                      multiprocess_mode="livemax")
         self.connections_refused = Counter("upgrader_connections_refused", "Connections closed by a limit: too_many_connections, "
                                            "header_timeout, body_timeout.", ["reason"], registry=r)
+        self.store_up = Gauge("upgrader_store_up", "1 if the last scan of the model store succeeded, else 0.", registry=r,
+                              multiprocess_mode="livemin")
+        self.store_errors = Counter("upgrader_store_errors", "Scans of the model store that failed (unreachable, denied, ...).", registry=r)
         self.loaded_versions = Gauge("upgrader_loaded_versions", "Versions loaded in memory, per model.", ["model"], registry=r,
                                      multiprocess_mode="livemax")
 

@@ -20,7 +20,8 @@ DEFAULT_STORE = Path(__file__).resolve().parent.parent / "store"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UPGRADER_", extra="ignore")
 
-    store: Path = Field(DEFAULT_STORE, description="Model store root directory (the trainer publishes there).")
+    store: str = Field(str(DEFAULT_STORE), description="Model store: a directory or s3://bucket/prefix (the trainer publishes there). S3 endpoint and credentials come from the AWS variables (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
+    model_cache: Path = Field(Path.home() / ".cache" / "upgrader" / "models", description="Local copies of the versions read from a remote (s3://) store, re-verified on every load; unused for a directory store.")
     default_model: str | None = Field(None, description="Model served when a request names none; unset: the model whose serving version has the best validation PSNR.")
     host: str = Field("127.0.0.1", description="Address uvicorn binds to (`python -m service --host`).")
     port: int = Field(8000, ge=0, le=65535, description="Port uvicorn listens on (`python -m service --port`).")
@@ -32,6 +33,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes (413 beyond, checked while reading).")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline for a request's images to be queued and inferred; past it 504.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often the store is scanned for new versions and aliases.")
+    poll_max_backoff_s: float = Field(30.0, gt=0, description="While the store cannot be read, scans back off (doubling from poll_interval_s) up to this.")
     extra_loaded_versions: int = Field(2, ge=0, description="Versions besides the serving and aliased ones kept loaded for requests naming them (least recently used unloaded first).")
     workers: int | None = Field(None, ge=1, description="Server processes on the port (one SO_REUSEPORT socket each), each with its own batcher and copy of the models; unset: 2 on a CPU with 2+ cores (one Python process tops out near one core of HTTP work and starves its inference thread of the GIL), 1 on CUDA (one process keeps the GPU's batches whole).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads per worker (torch.set_num_threads); unset: (CPU count - 1) / workers (at least 1), leaving a core to HTTP, decoding and encoding.")
@@ -51,6 +53,11 @@ class Settings(BaseSettings):
 
     def inference_threads(self) -> int:
         return self.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // (self.workers or 1))
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _path_is_a_location(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -7,7 +7,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from test_service_support import (
     outputs_of,
     png_list,
     publish,
+    publish_corrupt_copy,
     small_inputs,
 )
 
@@ -136,14 +136,7 @@ def test_a_corrupted_new_version_is_refused_while_the_old_keeps_serving(live, pn
     store: ModelStore = live.store
     client = httpx.Client(base_url=live.url, timeout=30)
     serving = wait_for(lambda: client.get("/models/conv").json()["serving_version"], "a serving version")
-    bad = store.versions("conv")[-1] + 1
-    # Build the bad version beside the store and rename it in, as the store itself does: the
-    # service must never see it half-written, only corrupt (weights truncated after publishing).
-    staging = store.model_dir("conv") / ".corrupt-staging"
-    shutil.copytree(store.model_dir("conv") / str(serving), staging)
-    weights = staging / WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    os.rename(staging, store.model_dir("conv") / str(bad))
+    bad = publish_corrupt_copy(store, "conv", serving)
 
     def refused():
         versions = {v["version"]: v for v in client.get("/models/conv").json()["versions"]}
@@ -195,7 +188,7 @@ def python_m_service(store: ModelStore, *flags: str, **env: str):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    environment = {**os.environ, "UPGRADER_STORE": str(store.root), **env}
+    environment = {**os.environ, "UPGRADER_STORE": store.url, **env}
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
     process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *flags],
                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -52,6 +52,24 @@ def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psn
     return store.publish(name, model.state_dict(), manifest, files=files), model
 
 
+def publish_corrupt_copy(store: ModelStore, name: str, source: int) -> int:
+    """Commit a new version of `name` whose weights are truncated (a copy of `source`); returns its number.
+
+    Written the way the store itself publishes (claim, artifacts, manifest last), so a reader never
+    sees it half-written, only corrupt: the weights no longer match the manifest's sha256.
+    """
+    bad = max(int(obj.key.split("/")[1]) for obj in store.storage.list(f"{name}/") if obj.key.split("/")[1].isdigit()) + 1
+    assert store.storage.create(f"{name}/{bad}/.claim", b"{}")
+    for obj in store.storage.list(f"{name}/{source}/"):
+        filename = obj.key.rsplit("/", 1)[1]
+        if filename in ("manifest.json", ".claim"):
+            continue
+        data = store.storage.get(obj.key)
+        store.storage.put(f"{name}/{bad}/{filename}", data[: len(data) // 2] if filename == "weights.safetensors" else data)
+    store.storage.put(f"{name}/{bad}/manifest.json", store.storage.get(f"{name}/{source}/manifest.json"))
+    return bad
+
+
 def quantise(images: torch.Tensor) -> torch.Tensor:
     return (images * 255).round().clamp(0, 255).to(torch.uint8)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
+from model_store import StoreError, StoreUnavailable
 from service.deps import ManagerDep, require_admin, require_api_key
-from service.errors import ApiError
+from service.errors import ApiError, unavailable
 from service.redact import public, scrub_text
 from service.registry import ModelManager, ModelState
 from service.schemas import (
@@ -79,15 +79,18 @@ async def get_version(name: NameParam, version: VersionParam, manager: ManagerDe
     return version_info(state, await manager.version_number(state, version), detail=True)
 
 
-@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss curve or sample grid", response_class=FileResponse,
+@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss curve or sample grid", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, **_NOT_FOUND})
-async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "samples.png"], manager: ManagerDep) -> FileResponse:
+async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "samples.png"], manager: ManagerDep) -> Response:
     state = await manager.model_state(name)
     number = await manager.version_number(state, version)
-    path = manager.store.model_dir(name) / str(number) / picture
-    if not await run_in_threadpool(path.is_file):
-        raise ApiError(404, "file_not_found", f"model {name!r} version {number} has no {picture}")
-    return FileResponse(path, media_type="image/png")
+    try:
+        data = await run_in_threadpool(manager.store.read_file, name, number, picture)
+    except StoreUnavailable:
+        raise unavailable("store_unavailable", "the model store cannot be read right now", manager.settings.retry_after_s) from None
+    except StoreError:
+        raise ApiError(404, "file_not_found", f"model {name!r} version {number} has no {picture}") from None
+    return Response(data, media_type="image/png")
 
 
 _ALIAS_BODY = {"required": True, "content": {"application/json": {"schema": AliasUpdate.model_json_schema()}}}
