@@ -52,8 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     add_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    refused = app.state.metrics.requests.labels(UNKNOWN_MODEL, "503")
-    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, path="/upscale", on_refusal=refused.inc)
+    requests = app.state.metrics.requests  # a refusal counts like the route's own 503s (the child made on first use)
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, path="/upscale",
+                       on_refusal=lambda: requests.labels(UNKNOWN_MODEL, "503").inc())
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
 
