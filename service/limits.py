@@ -74,7 +74,9 @@ class Admission:
                 raise self.refuse(f"{self.active} requests at work and {self.waiting} waiting on this worker")
             self.waiting += 1
             try:
-                await asyncio.wait_for(self._line.acquire(), wait_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a semaphore acquired as it times out.
+                async with asyncio.timeout(wait_s):
+                    await self._line.acquire()
             except TimeoutError:
                 raise self.refuse(f"no slot freed within {wait_s:.3g}s") from None
             finally:

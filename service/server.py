@@ -109,6 +109,11 @@ def guarded_protocol(settings: Settings, metrics: Metrics) -> type[asyncio.Proto
             cycle = self.cycle
             if self.transport.is_closing() or cycle is None:
                 return
+            if self.flow.read_paused and not cycle.response_complete:
+                # We stopped reading (the app has not asked for more yet, e.g. while the request waits for
+                # admission): the client is not the slow one. Its clock restarts when it can send again.
+                self._body_timer = self.loop.call_later(settings.body_timeout_s, self._body_timeout)
+                return
             refused["body_timeout"].inc()
             note("body_timeout", client=self.client, timeout_s=settings.body_timeout_s, path=self.scope.get("path", "")[:100])
             if not cycle.response_started:

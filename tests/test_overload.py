@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import struct
 import time
+import zlib
 
 import httpx
 import pytest
@@ -69,6 +71,13 @@ def closed_by_server(sock: socket.socket) -> bool:
 def multipart_head(url: str, body: bytes, boundary: str = "b0undary") -> bytes:
     return (f"POST /upscale HTTP/1.1\r\nHost: {url.removeprefix('http://')}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+
+
+def padded_png(png: bytes, size: int) -> bytes:
+    """The same image with a tEXt chunk of `size` bytes before IEND (still an 8x8 PNG)."""
+    data = b"comment\0" + b"x" * size
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:-12] + chunk + png[-12:]
 
 
 def multipart_body(images: list[bytes], boundary: str = "b0undary") -> bytes:
@@ -147,6 +156,9 @@ def test_slow_headers_and_bodies_time_out_with_408_and_a_metric(store, pngs):
         metrics = httpx.get(f"{live.url}/metrics").text
         assert metric_value(metrics, "upgrader_connections_refused_total", reason="header_timeout") == 2
         assert metric_value(metrics, "upgrader_connections_refused_total", reason="body_timeout") == 1
+        # The abandoned request is counted as the client's doing (499), not as a server error.
+        assert metric_value(metrics, "upgrader_requests_total", model="conv", status="499") == 1
+        assert "status=\"500\"" not in metrics
         # A keep-alive connection's next request gets its own header deadline.
         keep = connect(live.url)
         keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -154,6 +166,25 @@ def test_slow_headers_and_bodies_time_out_with_408_and_a_metric(store, pngs):
         keep.sendall(b"GET /heal")
         assert read_response(keep)[0] == 408
         keep.close()
+
+
+def test_a_large_body_waiting_for_admission_is_not_timed_out_for_our_slowness(store, pngs):
+    """Past 64 KB uvicorn stops reading until the app asks; while the app lets it wait in line, the body clock does not run."""
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_requests=1, max_waiting_requests=4, body_timeout_s=0.5,
+                    max_wait_ms=2000) as live:
+        padded = [padded_png(png, 16_000) for png in pngs[:64]]  # real 8x8 PNGs with a 16 KB text chunk each
+        small, large = multipart_body(pngs[:2]), multipart_body(padded)
+        assert len(large) > 1_000_000  # more than one read of the socket, more than uvicorn buffers before pausing
+        first = connect(live.url)
+        first.sendall(multipart_head(live.url, small) + small)  # holds the slot ~2 s (the batching window)
+        time.sleep(0.3)
+        second = connect(live.url)
+        second.sendall(multipart_head(live.url, large) + large)  # sent whole at once, read only when admitted
+        for sock, count in ((first, 2), (second, 64)):
+            status, _, answer = read_response(sock)
+            assert status == 200, answer
+            assert len(json.loads(answer)["images"]) == count
+            sock.close()
 
 
 def test_many_half_sent_requests_are_closed_and_health_answers_meanwhile(store):

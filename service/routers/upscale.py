@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
 from service import codec
@@ -155,6 +156,9 @@ async def upscale(
         return response
     except ApiError as exc:
         status = exc.status
+        raise
+    except ClientDisconnect:
+        status = 499  # the client left (or its body deadline passed) before sending its body: no answer goes out
         raise
     finally:
         metrics.requests.labels(label, str(status)).inc()
