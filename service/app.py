@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.manager = ModelManager(settings, app.state.metrics)
-    app.state.admission = Admission(settings.max_active_requests, settings.max_waiting_requests, settings.retry_after_s)
+    app.state.admission = Admission(settings.max_active_images, settings.max_waiting_requests, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(upscale.router)
     app.include_router(models.router)

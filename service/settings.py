@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, every endpoint but /healthz and /readyz needs one (Authorization: Bearer or X-API-Key): /upscale, /models..., /docs, /openapi.json and /metrics (unless UPGRADER_METRICS_PUBLIC).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")
-    max_active_requests: int = Field(4, ge=1, description="Upscale requests per worker being read, decoded or inferred at once; more wait in line (body unread) for a slot.")
+    max_active_images: int = Field(512, ge=1, description="Images per worker being read, decoded, queued or inferred at once, counted before a body is read from its Content-Length (one image per 300 bytes, at most the request limit); requests beyond it wait in line (body unread).")
     max_waiting_requests: int = Field(32, ge=0, description="Upscale requests per worker waiting for a slot (body unread); past it requests get 503 + Retry-After before their body is read.")
     max_connections: int = Field(1000, ge=1, description="Open connections per worker; a connection beyond it is answered 503 and closed at once (logged, counted in upgrader_connections_refused_total).")
     header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send a request's headers (from connecting or the first byte of a keep-alive request); past it 408 and the connection is closed.")

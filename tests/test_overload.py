@@ -88,7 +88,7 @@ def multipart_body(images: list[bytes], boundary: str = "b0undary") -> bytes:
 
 # ---- admission --------------------------------------------------------------------------------------
 def test_overload_is_refused_before_the_body_is_read_and_waiting_requests_are_served(store, pngs):
-    with LiveServer(store=store.root, poll_interval_s=60, max_active_requests=1, max_waiting_requests=1) as live:
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=1) as live:
         body = multipart_body(pngs[:4])
         # A: takes the only slot, then stalls halfway through its body.
         a = connect(live.url)
@@ -170,7 +170,7 @@ def test_slow_headers_and_bodies_time_out_with_408_and_a_metric(store, pngs):
 
 def test_a_large_body_waiting_for_admission_is_not_timed_out_for_our_slowness(store, pngs):
     """Past 64 KB uvicorn stops reading until the app asks; while the app lets it wait in line, the body clock does not run."""
-    with LiveServer(store=store.root, poll_interval_s=60, max_active_requests=1, max_waiting_requests=4, body_timeout_s=0.5,
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=4, body_timeout_s=0.5,
                     max_wait_ms=2000) as live:
         padded = [padded_png(png, 16_000) for png in pngs[:64]]  # real 8x8 PNGs with a 16 KB text chunk each
         small, large = multipart_body(pngs[:2]), multipart_body(padded)

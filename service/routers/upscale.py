@@ -139,7 +139,8 @@ async def upscale(
             label = served.name
             if not served.batcher.has_room():
                 raise unavailable("queue_full", f"{served.batcher.label} queue is full", settings.retry_after_s)
-            async with admission.slot(wait_s=settings.request_timeout_s):
+            weight = admission.weight(request.headers.get("content-length"), settings.max_images_per_request)
+            async with admission.slot(weight, wait_s=settings.request_timeout_s):
                 body = await read_body(request, settings)
                 check_acceptable(request, len(body.images))
                 inputs = await decode_all(Upscaler.decode, body.images, settings)
