@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 UNKNOWN_MODEL = "-"  # label for requests that named no servable model (client text never becomes a label)
 

@@ -26,6 +26,7 @@ from test_service_support import (
 )
 
 from model_store import WEIGHTS_FILE, ModelStore
+from service.limits import Admission
 
 inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)
 pngs = pytest.fixture(scope="module", name="pngs")(png_list)
@@ -115,6 +116,17 @@ def test_overload_is_refused_before_the_body_is_read_and_waiting_requests_are_se
         # Health checks were never behind the line, and the refusal is counted.
         assert httpx.get(f"{live.url}/healthz").status_code == 200
         assert metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_requests_total", model="-", status="503") >= 1
+
+
+def test_a_requests_share_of_the_admission_budget_is_estimated_from_its_length(pngs):
+    admission = Admission(512, 32, 1)
+    sixty_four = admission.weight(str(len(multipart_body(pngs[:64]))), 256)
+    assert 64 <= sixty_four <= 2 * 64  # errs high, never low, for real 8x8 PNGs in multipart
+    base64_json = len(json.dumps({"images": [base64.b64encode(p).decode() for p in pngs[:64]]}))
+    assert 64 <= admission.weight(str(base64_json), 256) <= 2 * 64
+    assert admission.weight(str(len(multipart_body(pngs[:1]))), 256) <= 2  # one-image requests: ~256 share the budget
+    assert admission.weight(None, 256) == 256  # no Content-Length (chunked): as many as a request may carry
+    assert Admission(100, 32, 1).weight("10000000", 256) == 100  # never more than the budget: it can always run alone
 
 
 def test_a_full_queue_refuses_before_the_body(store, pngs):

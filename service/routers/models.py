@@ -13,15 +13,7 @@ from service.deps import ManagerDep, require_admin, require_api_key
 from service.errors import ApiError, unavailable
 from service.redact import public, scrub_text
 from service.registry import ModelManager, ModelState
-from service.schemas import (
-    AliasResponse,
-    AliasUpdate,
-    ErrorResponse,
-    ModelInfo,
-    ModelList,
-    VersionDetail,
-    VersionInfo,
-)
+from service.schemas import AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={401: {"model": ErrorResponse, "description": "UPGRADER_API_KEYS is set and no valid key was sent."}})

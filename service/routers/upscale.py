@@ -19,23 +19,10 @@ from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
 from service import codec
-from service.deps import (
-    AdmissionDep,
-    ManagerDep,
-    MetricsDep,
-    SettingsDep,
-    require_api_key,
-)
+from service.deps import AdmissionDep, ManagerDep, MetricsDep, SettingsDep, require_api_key
 from service.errors import ApiError, echo, unavailable
 from service.metrics import UNKNOWN_MODEL
-from service.schemas import (
-    ErrorResponse,
-    ModelRef,
-    UpscaledImage,
-    UpscaleJSONRequest,
-    UpscaleMetrics,
-    UpscaleResponse,
-)
+from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
 from service.settings import Settings
 from service.upscaler import Upscaler
 from upgrader.architectures import OUTPUT_SIZE
