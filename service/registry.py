@@ -28,8 +28,9 @@ import torch
 
 from model_store import LATEST, ModelStore, StoreUnavailable, parse_version
 from service.batching import Batcher
-from service.errors import ApiError, unavailable
+from service.errors import ApiError, echo, unavailable
 from service.metrics import Metrics
+from service.redact import scrub_text
 from service.settings import Settings
 from service.upscaler import Upscaler, pick_device
 
@@ -278,7 +279,7 @@ class ModelManager:
         return served
 
     def _record_failure(self, state: ModelState, version: int, reason: str) -> None:
-        state.failed[version] = reason
+        state.failed[version] = scrub_text(reason)  # it is quoted in HTTP answers: no host paths there (the log keeps them)
         self.metrics.load_failures.labels(state.name, str(version)).inc()
         log.error("version refused", extra={"model": state.name, "version": version, "reason": reason})
 
@@ -319,7 +320,7 @@ class ModelManager:
     async def model_state(self, name: str) -> ModelState:
         state = self.models.get(name) or await self._rescan(name)
         if state is None:
-            raise ApiError(404, "model_not_found", f"model {name!r} not found in the store (models: {sorted(self.models)})")
+            raise ApiError(404, "model_not_found", f"model {echo(name)} not found in the store (models: {sorted(self.models)})")
         return state
 
     async def version_number(self, state: ModelState, version: str) -> int:
@@ -333,7 +334,7 @@ class ModelManager:
                               f"model {state.name!r} has no loadable version" + (f" ({failures})" if failures else " yet"),
                               self.settings.retry_after_s)
         if number is None:
-            raise ApiError(404, "version_not_found", f"model {state.name!r} has no version or alias {version!r} "
+            raise ApiError(404, "version_not_found", f"model {state.name!r} has no version or alias {echo(version)} "
                                                      f"(versions: {state.versions}, aliases: {sorted(state.aliases)})")
         return number
 

@@ -12,13 +12,15 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model_store import default_location
+# model_store's default root, spelled out: importing model_store imports torch, and the worker
+# supervisor reads these settings without needing torch (it held ~540 MB RSS doing nothing).
+DEFAULT_STORE = Path(__file__).resolve().parent.parent / "store"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UPGRADER_", extra="ignore")
 
-    store: str = Field(default_factory=default_location, description="Model store: a directory or s3://bucket/prefix (the trainer publishes there). S3 endpoint and credentials come from the AWS variables (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
+    store: str = Field(str(DEFAULT_STORE), description="Model store: a directory or s3://bucket/prefix (the trainer publishes there). S3 endpoint and credentials come from the AWS variables (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
     model_cache: Path = Field(Path.home() / ".cache" / "upgrader" / "models", description="Local copies of the versions read from a remote (s3://) store, re-verified on every load; unused for a directory store.")
     default_model: str | None = Field(None, description="Model served when a request names none; unset: the model whose serving version has the best validation PSNR.")
     host: str = Field("127.0.0.1", description="Address uvicorn binds to (`python -m service --host`).")
@@ -39,8 +41,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
     amp_bf16: bool = Field(False, description="On CUDA, run the forward pass under bf16 autocast.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
-    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, /upscale needs one (Authorization: Bearer or X-API-Key).")
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, every endpoint but /healthz and /readyz needs one (Authorization: Bearer or X-API-Key): /upscale, /models..., /docs, /openapi.json and /metrics (unless UPGRADER_METRICS_PUBLIC).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")
+    max_active_images: int = Field(512, ge=1, description="Images per worker being read, decoded, queued or inferred at once, counted before a body is read from its Content-Length (one image per 300 bytes, at most the request limit); requests beyond it wait in line (body unread).")
+    max_waiting_requests: int = Field(32, ge=0, description="Upscale requests per worker waiting for a slot (body unread); past it requests get 503 + Retry-After before their body is read.")
+    max_connections: int = Field(1000, ge=1, description="Open connections per worker; a connection beyond it is answered 503 and closed at once (logged, counted in upgrader_connections_refused_total).")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send a request's headers (from connecting or the first byte of a keep-alive request); past it 408 and the connection is closed.")
+    body_timeout_s: float = Field(20.0, gt=0, description="Time a client has to send a request's whole body once its headers arrived; past it 408 and the connection is closed.")
+    metrics_public: bool = Field(False, description="Serve /metrics without an API key even when UPGRADER_API_KEYS is set (for a Prometheus scraper on a trusted network).")
     log_level: str = Field("INFO", description="Log level of the JSON logs (DEBUG, INFO, WARNING, ...).")
 
     def inference_threads(self) -> int:

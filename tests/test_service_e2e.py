@@ -205,6 +205,9 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
     picks = [[(3 * k + j) % len(pngs) for j in range(1 + k % 2)] for k in range(40)]
     with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5") as run:
         url = run.url
+        # The supervisor only supervises: torch (and its ~500 MB) is loaded by the workers alone.
+        supervisor_maps = open(f"/proc/{run.process.pid}/maps").read()
+        assert "libtorch" not in supervisor_maps and "torch/lib" not in supervisor_maps
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as client:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from model_store import ModelStore
 from service import Settings, create_app
+from service.server import uvicorn_config
 from upgrader.architectures import build_model, parameter_count
 from upgrader.imaging import downsample, to_float
 
@@ -167,7 +168,7 @@ class LiveServer:
 
     def __init__(self, **settings) -> None:
         self.app = create_app(Settings(**settings))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+        config = uvicorn_config(self.app, "127.0.0.1", 0, log_config=None, access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 
