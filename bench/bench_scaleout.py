@@ -104,17 +104,14 @@ def throughput(store: ModelStore, s3_env: dict, workdir: Path, pngs: list[bytes]
     rows = []
     for model in ("conv", "resnet18"):
         env = {**s3_env, "UPGRADER_DEFAULT_MODEL": model}
-        configs = {
-            "1 replica, 1 worker": [("1", 0)],
-            "2 replicas, 1 worker each": [("1", 0), ("1", 1)],
-            "1 replica, 2 workers": [("2", 2)],
-        }
+        # Started once per model; an idle replica costs next to no CPU while another configuration is measured.
+        single, second, two_workers = (start(store.url, {**env, "UPGRADER_MODEL_CACHE": str(workdir / f"tp-{i}")}, "--workers", w)[0]
+                                       for i, w in enumerate(("1", "1", "2")))
+        configs = {"1 replica, 1 worker": [single], "2 replicas, 1 worker each": [single, second], "1 replica, 2 workers": [two_workers]}
         results: dict[str, list[dict]] = {name: [] for name in configs}
-        for _ in range(args.rounds):
-            for name, members in configs.items():  # only the replicas of one configuration run at a time
-                replicas = [start(store.url, {**env, "UPGRADER_MODEL_CACHE": str(workdir / f"tp-{i}")}, "--workers", w)[0]
-                            for w, i in members]
-                try:
+        try:
+            for _ in range(args.rounds):
+                for name, replicas in configs.items():  # interleaved rounds
                     ports = [int(r.url.rsplit(":", 1)[1]) for r in replicas]
                     run = LoadRun(ports, "/upscale", pngs, args.concurrency, args.warmup, args.duration, 30)
                     usage = asyncio.run(run.run([r.process.pid for r in replicas]))
@@ -123,9 +120,9 @@ def throughput(store: ModelStore, s3_env: dict, workdir: Path, pngs: list[bytes]
                                           "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
                                           "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
                                           "server_cpu": usage["server_cpu"], "other_cpu": usage["other_cpu"]})
-                finally:
-                    for r in replicas:
-                        r.stop()
+        finally:
+            for replica in (single, second, two_workers):
+                replica.stop()
         for name, runs in results.items():
             rows.append({"model": model, "config": name, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}})
     return rows
