@@ -11,13 +11,16 @@ from service.limits import BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware
 from service.metrics import Metrics
 from service.registry import ModelManager
-from service.routers import models, ops, upscale
+from service.routers import inference, models, ops, upscale
 from service.settings import Settings
 
 DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader model store.
 
 Requests are merged into batches across clients (dynamic batching); new model versions are
 picked up from the store without a restart. Every error is JSON: `{"error": {"code", "message", "item"}}`.
+
+The same models also speak the Open Inference Protocol (KServe V2 REST, with the binary tensor data
+extension) under `/v2`, for tritonclient, perf_analyzer and KServe; there errors are `{"error": "..."}`.
 """
 
 
@@ -41,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(upscale.router)
     app.include_router(models.router)
     app.include_router(ops.router)
+    app.include_router(inference.router)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
