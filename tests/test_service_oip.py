@@ -96,12 +96,12 @@ def test_server_health_and_metadata(client):
 def test_model_metadata_describes_real_tensors_and_versions(client):
     metadata = client.get_model_metadata("conv")
     assert metadata["name"] == "conv" and metadata["versions"] == ["1", "2"]
-    assert {t["name"]: (t["datatype"], t["shape"]) for t in metadata["inputs"]} == {"input": ("UINT8", [-1, 3, 8, 8]), "image": ("BYTES", [-1])}
-    assert {t["name"]: (t["datatype"], t["shape"]) for t in metadata["outputs"]} == {"output": ("UINT8", [-1, 3, 32, 32]), "png": ("BYTES", [-1])}
+    assert metadata["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 3, 8, 8]}]
+    assert metadata["outputs"] == [{"name": "output", "datatype": "UINT8", "shape": [-1, 3, 32, 32]}]
     assert client.get_model_metadata("conv", "stable")["versions"] == ["1"]
     assert client.get_model_metadata("conv", "latest")["versions"] == ["2"]
     config = client.get_model_config("conv")
-    assert config["max_batch_size"] == 16 and [i["dims"] for i in config["input"]] == [[3, 8, 8], [1]]
+    assert config["max_batch_size"] == 16 and [i["dims"] for i in config["input"]] == [[3, 8, 8]]
 
 
 def test_model_readiness(client):
@@ -128,8 +128,10 @@ def test_json_tensors_give_the_same_outputs(client, models, inputs):
     assert_close_to(torch_of(result.as_numpy("output").reshape(3, 3, 32, 32)), expected_outputs(models[2], inputs[5:8]))
 
 
-def test_default_outputs_are_pixels_and_pngs_as_binary(client, models, inputs):
-    result = client.infer("conv", [pixels_input(inputs[:2].numpy())])  # no outputs named: all, binary
+def test_default_output_is_binary_pixels_and_pngs_come_when_named(client, models, inputs):
+    result = client.infer("conv", [pixels_input(inputs[:2].numpy())])  # no outputs named: the metadata's, binary
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["output"] and result.as_numpy("png") is None
+    result = client.infer("conv", [pixels_input(inputs[:2].numpy())], outputs=outputs("output", "png"))
     pixels, files = result.as_numpy("output"), result.as_numpy("png")
     assert files.shape == (2,)
     for i in range(2):

@@ -2,10 +2,13 @@
 
 What tritonclient, perf_analyzer and KServe speak. Every model of the store is a V2 model:
 
-* inputs: `input` UINT8 [-1, 3, 8, 8] (NCHW pixels) or `image` BYTES [-1] (encoded 8x8 images:
-  PNG, JPEG, WebP, BMP); a request sends exactly one of them.
-* outputs: `output` UINT8 [-1, 3, 32, 32] and `png` BYTES [-1] (the same pixels as PNG files);
-  without an `outputs` list a request gets both.
+* the tensors the metadata describes: input `input` UINT8 [-1, 3, 8, 8] (NCHW pixels), output
+  `output` UINT8 [-1, 3, 32, 32]; a request without an `outputs` list gets `output`.
+* for clients that hold image files: input `image` BYTES [-1] (encoded 8x8 images: PNG, JPEG,
+  WebP, BMP) instead of `input`, and output `png` BYTES [-1] (the outputs as PNG files) when named.
+  They are left out of the metadata and the model config on purpose: perf_analyzer (and other
+  generic clients) feed every input the metadata lists and ask for every output, and a request
+  must carry exactly one of the two inputs.
 
 Versions are numbers or aliases (`latest`, `stable`, ...) resolved by the ModelManager as for
 /upscale, and requests ride the same batcher under the same limits, API keys and metrics. Errors
@@ -53,10 +56,8 @@ SERVER_NAME, SERVER_VERSION = "upgrader", "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 PLATFORM = "upgrader_pytorch"
 PIXELS_IN, IMAGES_IN, PIXELS_OUT, PNG_OUT = "input", "image", "output", "png"
-INPUTS = [TensorMetadata(name=PIXELS_IN, datatype="UINT8", shape=[-1, *INPUT_SHAPE]),
-          TensorMetadata(name=IMAGES_IN, datatype="BYTES", shape=[-1])]
-OUTPUTS = [TensorMetadata(name=PIXELS_OUT, datatype="UINT8", shape=[-1, *OUTPUT_SHAPE]),
-           TensorMetadata(name=PNG_OUT, datatype="BYTES", shape=[-1])]
+INPUTS = [TensorMetadata(name=PIXELS_IN, datatype="UINT8", shape=[-1, *INPUT_SHAPE])]
+OUTPUTS = [TensorMetadata(name=PIXELS_OUT, datatype="UINT8", shape=[-1, *OUTPUT_SHAPE])]
 
 NameParam = Annotated[str, Path(description="Model name as in the store.")]
 VersionParam = Annotated[str, Path(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -140,10 +141,8 @@ def _config(state: ModelState, settings: Settings) -> dict:
     """Triton's model configuration (the model_configuration extension), which perf_analyzer reads."""
     return {
         "name": state.name, "platform": PLATFORM, "max_batch_size": settings.max_images_per_request,
-        "input": [{"name": PIXELS_IN, "data_type": "TYPE_UINT8", "dims": list(INPUT_SHAPE), "optional": True},
-                  {"name": IMAGES_IN, "data_type": "TYPE_STRING", "dims": [1], "optional": True}],
-        "output": [{"name": PIXELS_OUT, "data_type": "TYPE_UINT8", "dims": list(OUTPUT_SHAPE)},
-                   {"name": PNG_OUT, "data_type": "TYPE_STRING", "dims": [1]}],
+        "input": [{"name": PIXELS_IN, "data_type": "TYPE_UINT8", "dims": list(INPUT_SHAPE)}],
+        "output": [{"name": PIXELS_OUT, "data_type": "TYPE_UINT8", "dims": list(OUTPUT_SHAPE)}],
         "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
                              "preferred_batch_size": [settings.max_batch_images]},
         "version_policy": {"specific": {"versions": state.versions}},
@@ -216,10 +215,10 @@ def _parse_header(header: bytes) -> InferenceRequest:
 
 
 def _wanted_outputs(payload: InferenceRequest) -> dict[str, bool]:
-    """Output name -> as binary data. No list: every output, binary if the request says binary_data_output."""
+    """Output name -> as binary data. No list: the metadata's output, binary if the request says binary_data_output."""
     default_binary = bool((payload.parameters or {}).get("binary_data_output", False))
     if payload.outputs is None:
-        return {PIXELS_OUT: default_binary, PNG_OUT: default_binary}
+        return {PIXELS_OUT: default_binary}
     wanted = {}
     for output in payload.outputs:
         if output.name not in (PIXELS_OUT, PNG_OUT):
