@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
     amp_bf16: bool = Field(False, description="On CUDA, run the forward pass under bf16 autocast.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
-    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, /upscale needs one (Authorization: Bearer or X-API-Key).")
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, /upscale and /v2 infer need one (Authorization: Bearer or X-API-Key).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")
     log_level: str = Field("INFO", description="Log level of the JSON logs (DEBUG, INFO, WARNING, ...).")
 
