@@ -176,7 +176,9 @@ def start_triton(root: Path, repo: Path, args) -> Server:
                "--http-address=127.0.0.1", f"--http-port={port}", "--grpc-address=127.0.0.1", f"--grpc-port={free_port()}", f"--metrics-port={free_port()}", "--allow-metrics=false",
                "--log-verbose=0", "--exit-on-error=true",
                # importing torch in each stub can take a minute on a loaded machine; the default 30 s kills it
-               "--backend-config=python,stub-timeout-seconds=600", f"--cache-directory={home / 'caches'}"]
+               "--backend-config=python,stub-timeout-seconds=600",
+               # one model at a time: six stubs importing torch at once on 2 loaded cores once left resnet18 hung at load
+               "--model-load-thread-count=1", f"--cache-directory={home / 'caches'}"]
     env = {
         # the stub links libpython3.11.so.1.0: take this interpreter's (its stdlib must match), and its packages
         # and the wheel's own CUDA runtime, which the copied stub no longer finds by its relative RPATH
