@@ -306,3 +306,13 @@ def torch_of(array: np.ndarray):
     import torch
 
     return torch.from_numpy(np.array(array))  # a writable copy
+
+
+def test_a_compressed_body_never_inflates_past_the_body_limit(live):
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (33 * 1024 * 1024))  # ~33 KB on the wire, over the 32 MiB limit inflated
+    response = httpx.post(live.url + "/v2/models/conv/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 413 and "inflates past the body limit" in response.json()["error"]
+    response = httpx.post(live.url + "/v2/models/conv/infer", content=bomb[:-20], headers={"Content-Encoding": "gzip"})
+    assert response.status_code in (400, 413) and set(response.json()) == {"error"}
