@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import load_images, process_tree_cpu_s  # noqa: E402  (same inputs, same CPU accounting)
+from bench_service import load_images, process_tree_cpu_s
 
-from model_store import ModelStore  # noqa: E402
+from model_store import ModelStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(os.environ.get("UPGRADER_DATA", PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
@@ -214,7 +214,7 @@ def run_perf_analyzer(server: Server, model: str, concurrency: int, inputs: Path
     env = {**os.environ, "LD_LIBRARY_PATH": ":".join(filter(None, [args.perf_lib_path, os.environ.get("LD_LIBRARY_PATH")]))}
     cell = Cell(model, server.kind, concurrency, 0, loadavg_1m=os.getloadavg()[0])
     count_before, cpu_before = server.inferences(model), process_tree_cpu_s(server.proc.pid)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.cell_timeout_s)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.cell_timeout_s, check=False)
     cpu = process_tree_cpu_s(server.proc.pid) - cpu_before
     count = server.inferences(model) - count_before
     if done.returncode != 0 or not report.exists():

@@ -14,12 +14,12 @@ from pathlib import Path
 # venv's site-packages (torch, safetensors, ...) next to this file.
 sys.path[:0] = Path(__file__).with_name("sys_path.txt").read_text().split()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
 
-from model_store import ModelStore  # noqa: E402
-from upgrader.imaging import to_float  # noqa: E402
+from model_store import ModelStore
+from upgrader.imaging import to_float
 
 
 class TritonPythonModel:

@@ -29,7 +29,13 @@ from pydantic import ValidationError
 from model_store import LATEST
 from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
 from service.errors import ApiError
-from service.inference_schemas import InferenceRequest, ModelMetadata, ProtocolError, ServerMetadata, TensorMetadata
+from service.inference_schemas import (
+    InferenceRequest,
+    ModelMetadata,
+    ProtocolError,
+    ServerMetadata,
+    TensorMetadata,
+)
 from service.metrics import UNKNOWN_MODEL
 from service.registry import ModelManager, ModelState
 from service.routers.upscale import decode_all
