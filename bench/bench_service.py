@@ -12,6 +12,8 @@ paused with SIGSTOP while another is measured, cells alternating between them):
   batched2  the same with UPGRADER_WORKERS=2 (the service's default on a CPU with 2+ cores): two uvicorn
             worker processes, each with its batcher (LitServe also runs two: HTTP server, inference worker)
   batch1    this service with UPGRADER_MAX_BATCH_IMAGES=1, one process (no batching: the in-run baseline)
+  base, base2  batched and batched2 run from another checkout (`--baseline-root DIR`, e.g. a
+            `git worktree add --detach` of main): the code before a change, measured in the same run
   litserve  bench/litserve_server.py: LitServe's own batching (max_batch_size=64, batch_timeout=2 ms),
             same weights from the same store, same PNG-in / base64-PNG-out JSON contract, same
             PNG codec (service.codec; `--litserve-codec pil` for Pillow's)
@@ -67,7 +69,7 @@ from upgrader.imaging import bicubic_upscale, psnr_per_image, ssim_per_image, to
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(os.environ.get("UPGRADER_DATA", PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
-SERVERS = ("batched", "batched2", "batch1", "litserve")
+SERVERS = ("batched", "batched2", "batch1", "litserve", "base", "base2")
 OUR_BATCHED = ("batched", "batched2")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -156,9 +158,11 @@ class ServerSpec:
     env: dict[str, str]
     ready_path: str
     upscale_path: str
+    cwd: Path = PROJECT_ROOT
 
 
-def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max_wait_ms: float, litserve_codec: str) -> ServerSpec:
+def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max_wait_ms: float, litserve_codec: str,
+                baseline_root: Path | None = None) -> ServerSpec:
     python = sys.executable
     if kind == "litserve":
         command = [python, str(PROJECT_ROOT / "bench" / "litserve_server.py"), "--store", str(store), "--model", model,
@@ -171,9 +175,14 @@ def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max
         "UPGRADER_TORCH_THREADS": str(threads),
         "UPGRADER_MAX_WAIT_MS": str(max_wait_ms),
         "UPGRADER_MAX_BATCH_IMAGES": "1" if kind == "batch1" else "64",
-        "UPGRADER_WORKERS": "2" if kind == "batched2" else "1",  # explicit: the service's default depends on the machine
+        "UPGRADER_WORKERS": "2" if kind in ("batched2", "base2") else "1",  # explicit: the service's default depends on the machine
     }
     command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    if kind in ("base", "base2"):
+        if baseline_root is None:
+            raise SystemExit(f"server {kind} needs --baseline-root")
+        env["PYTHONPATH"] = str(baseline_root)
+        return ServerSpec(kind, command, env, "/readyz", f"/upscale?model={model}", baseline_root)
     return ServerSpec(kind, command, env, "/readyz", f"/upscale?model={model}")
 
 
@@ -186,7 +195,7 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         self.log = open(self.log_path, "wb")
         env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.spec.command, cwd=PROJECT_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.spec.command, cwd=self.spec.cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float) -> float:
@@ -513,7 +522,7 @@ def start_servers(stack: contextlib.ExitStack, name: str, model: torch.nn.Module
     started = []
     for kind in args.servers:
         port = free_port()
-        spec = server_spec(kind, name, store.root, port, args.threads, args.max_wait_ms, args.litserve_codec)
+        spec = server_spec(kind, name, store.root, port, args.threads, args.max_wait_ms, args.litserve_codec, args.baseline_root)
         started.append(stack.enter_context(ServerProcess(spec, port, log_dir / f"{name}-{kind}.log")))
     ready = []
     for server in started:
@@ -588,6 +597,7 @@ def parse_args() -> argparse.Namespace:
                              "fraction of a core each and the run measures the scheduler. A negative value (e.g. -10, needs root) "
                              "raises the bench's and the servers' sessions, approximating a dedicated machine; it takes CPU from "
                              "the other tenants for the run. 0 (default): leave scheduling alone")
+    parser.add_argument("--baseline-root", type=Path, default=None, help="checkout the base/base2 servers run from (the code before a change)")
     parser.add_argument("--json", type=Path, default=None, help="write every result to this JSON file")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="upgrader-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="bind address (UPGRADER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (UPGRADER_PORT, default 8000)")
-    parser.add_argument("--store", help="model store root (UPGRADER_STORE)")
+    parser.add_argument("--store", help="model store: a directory or s3://bucket/prefix (UPGRADER_STORE)")
     parser.add_argument("--default-model", help="model served when a request names none (UPGRADER_DEFAULT_MODEL)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (UPGRADER_DEVICE, default auto)")
     parser.add_argument("--max-batch-images", type=int, help="images per forward pass (UPGRADER_MAX_BATCH_IMAGES, default 64)")

@@ -14,7 +14,7 @@ from service.limits import Admission, AdmissionMiddleware, BodySizeLimitMiddlewa
 from service.logs import RequestContextMiddleware
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager
-from service.routers import models, ops, upscale
+from service.routers import inference, models, ops, upscale
 from service.settings import Settings
 
 DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader model store.
@@ -24,6 +24,9 @@ picked up from the store without a restart. Every error is JSON: `{"error": {"co
 
 When the service has API keys (UPGRADER_API_KEYS), every endpoint but `/healthz` and `/readyz` needs one,
 this document included (`Authorization: Bearer <key>` or `X-API-Key: <key>`).
+
+The same models also speak the Open Inference Protocol (KServe V2 REST, with the binary tensor data
+extension) under `/v2`, for tritonclient, perf_analyzer and KServe; there errors are `{"error": "..."}`.
 """
 
 
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(ops.router)
     add_docs(app)
+    app.include_router(inference.router)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     requests = app.state.metrics.requests  # a refusal counts like the route's own 503s (the child made on first use)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission, path="/upscale",

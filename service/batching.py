@@ -4,10 +4,17 @@ Per loaded (model, version) one `Batcher`:
 
 * `submit` puts a request's images on a queue bounded in *images*; a request that does
   not fit is refused at once (503), so overload shows up as refusals, not latency.
-* the batcher task takes images from the head of the queue until it has
-  `max_batch_images` or the oldest image has waited `max_wait_ms`, splitting a large
-  request across batches; requests asking for a different ensemble size wait for the
-  next batch (they cannot share a forward pass).
+* the batcher task takes images from the head of the queue, splitting a large request
+  across batches; requests asking for a different ensemble size wait for the next batch
+  (they cannot share a forward pass). When it runs a batch depends on what was waiting
+  when the worker thread last became free (the way Triton forms a batch when an
+  instance frees up):
+  - nothing: the service is quiet, and the first request to arrive runs at once (with
+    whatever arrived in the same event-loop turn) instead of waiting out a window
+    with nobody to batch with;
+  - work was queued: the service is loaded, and the batch grows until it has
+    `max_batch_images` or its oldest image has waited `max_wait_ms`.
+  With `idle_dispatch=False` every batch grows that way (a fixed window, as before).
 * each batch runs on the batcher's own worker thread (torch releases the GIL) while
   the event loop keeps parsing requests and forming the next batch;
 * outputs are routed back by (request, offset), so each request gets exactly its own
@@ -81,10 +88,11 @@ class _Slice:
 
 class Batcher:
     def __init__(self, label: str, run_batch: RunBatch, *, max_batch_images: int, max_wait_ms: float,
-                 max_queue_images: int, retry_after_s: int, metrics: Metrics, model: str, version: int):
+                 max_queue_images: int, retry_after_s: int, metrics: Metrics, model: str, version: int, idle_dispatch: bool = True):
         self.label, self.run_batch = label, run_batch
         self.max_batch_images, self.max_wait_s, self.max_queue_images = max_batch_images, max_wait_ms / 1000, max_queue_images
         self.retry_after_s, self.metrics, self._version_labels = retry_after_s, metrics, (model, str(version))
+        self.idle_dispatch = idle_dispatch
         # Metric children looked up once: labels() takes a lock and a dict lookup on every call.
         self._queue_gauge = metrics.queue_images.labels(*self._version_labels)
         self._batch_sizes = metrics.batch_size.labels(model)
@@ -134,14 +142,18 @@ class Batcher:
     # ---- batcher side -------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        arrived_idle = False  # the queue was empty when the worker became free: dispatch what arrives at once
         while True:
             if not self._queue:
                 if self._closing:
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
+                arrived_idle = self.idle_dispatch
                 continue
-            await self._gather_more()
+            if not arrived_idle:
+                await self._gather_more()
+            arrived_idle = False
             batch = self._take_batch()
             if not batch:
                 continue

@@ -1,5 +1,8 @@
 """One error shape for every failure: {"error": {"code", "message", "item"}}.
 
+Except under /v2 (the Open Inference Protocol), where the protocol fixes the shape to
+`{"error": "<message>"}` (what tritonclient reads): the same errors, said in the protocol's form.
+
 `ApiError` is raised anywhere in the service; the handlers below also turn FastAPI's
 validation errors, Starlette's HTTP errors (unknown route, wrong method) and, as a last
 resort, unexpected exceptions into the same shape, so a client never sees HTML or a
@@ -24,11 +27,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.item, self.headers = status, code, message, item, headers
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.item, self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.item, self.headers, path)
 
 
-def error_response(status: int, code: str, message: str, item: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, item: int | None = None, headers: dict[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    if is_protocol_path(path):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message, "item": item}}, status_code=status, headers=headers)
 
 
@@ -38,6 +44,13 @@ ECHO_LIMIT = 100  # characters of client input repeated in an error message (a 6
 def echo(text: str, limit: int = ECHO_LIMIT) -> str:
     """Client input as quoted in an error message: repr'd, and cut to `limit` characters."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+PROTOCOL_PREFIX = "/v2"
+
+
+def is_protocol_path(path: str) -> bool:
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
 
 
 def unavailable(code: str, message: str, retry_after_s: int) -> ApiError:
@@ -50,19 +63,21 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ()))
-        return error_response(422, "invalid_parameter", f"{where}: {first.get('msg', 'invalid request')}")
+        # The protocol answers a malformed name or version with 400.
+        status = 400 if is_protocol_path(request.url.path) else 422
+        return error_response(status, "invalid_parameter", f"{where}: {first.get('msg', 'invalid request')}", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = f"no route {request.method} {echo(request.url.path)}" if exc.status_code == 404 else str(exc.detail)[:500]
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None), path=request.url.path)
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
@@ -73,4 +88,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log")
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log", path=request.url.path)

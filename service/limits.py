@@ -34,7 +34,7 @@ class BodySizeLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             exc = body_too_large(self.limit)
-            return await error_response(exc.status, exc.code, exc.message)(scope, receive, send)
+            return await error_response(exc.status, exc.code, exc.message, path=scope.get("path", ""))(scope, receive, send)
         received = 0
 
         async def counting_receive() -> Message:

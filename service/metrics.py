@@ -18,8 +18,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("upgrader_requests", "POST /upscale requests by model and HTTP status.", ["model", "status"], registry=r)
-        self.latency = Histogram("upgrader_request_seconds", "POST /upscale latency, from request to response.", ["model"], registry=r,
+        self.requests = Counter("upgrader_requests", "Inference requests (POST /upscale and /v2 .../infer) by model and HTTP status.", ["model", "status"], registry=r)
+        self.latency = Histogram("upgrader_request_seconds", "Inference request latency (/upscale and /v2 infer), from request to response.", ["model"], registry=r,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.batch_size = Histogram("upgrader_batch_images", "Images per forward pass.", ["model"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -264,7 +264,7 @@ class ModelManager:
                               s.retry_after_s) from None
         finally:
             state.loading.pop(version, None)
-        batcher = Batcher(f"{state.name}:{version}", upscaler.run_batch, max_batch_images=s.max_batch_images, max_wait_ms=s.max_wait_ms,
+        batcher = Batcher(f"{state.name}:{version}", upscaler.run_batch, max_batch_images=s.max_batch_images, max_wait_ms=s.max_wait_ms, idle_dispatch=s.idle_dispatch,
                           max_queue_images=s.max_queue_images, retry_after_s=s.retry_after_s, metrics=self.metrics,
                           model=state.name, version=version)
         served = state.loaded[version] = Served(state.name, version, upscaler.manifest, batcher)

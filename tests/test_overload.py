@@ -131,7 +131,7 @@ def test_a_requests_share_of_the_admission_budget_is_estimated_from_its_length(p
 
 def test_a_full_queue_refuses_before_the_body(store, pngs):
     """The version's queue is full (a request waits on a 10 s batching window): the next one is refused from its headers alone."""
-    with (LiveServer(store=store.root, poll_interval_s=60, max_queue_images=4, max_images_per_request=4, max_wait_ms=10_000,
+    with (LiveServer(store=store.root, poll_interval_s=60, max_queue_images=4, max_images_per_request=4, max_wait_ms=10_000, idle_dispatch=False,
                      max_batch_images=64) as live, httpx.Client(base_url=live.url, timeout=30) as client):
         filler = connect(live.url)
         body = multipart_body(pngs[:4])
@@ -183,7 +183,7 @@ def test_slow_headers_and_bodies_time_out_with_408_and_a_metric(store, pngs):
 def test_a_large_body_waiting_for_admission_is_not_timed_out_for_our_slowness(store, pngs):
     """Past 64 KB uvicorn stops reading until the app asks; while the app lets it wait in line, the body clock does not run."""
     with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=4, body_timeout_s=0.5,
-                    max_wait_ms=2000) as live:
+                    max_wait_ms=2000, idle_dispatch=False) as live:
         padded = [padded_png(png, 16_000) for png in pngs[:64]]  # real 8x8 PNGs with a 16 KB text chunk each
         small, large = multipart_body(pngs[:2]), multipart_body(padded)
         assert len(large) > 1_000_000  # more than one read of the socket, more than uvicorn buffers before pausing

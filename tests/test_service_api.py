@@ -210,7 +210,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(served, pngs):
     async def scenario():
         # The batcher waits up to 1 s for a full batch that never comes, so the first request's
         # 4 images fill the queue and the others are refused while it waits.
-        async with running(store=served[0].root, max_queue_images=4, max_images_per_request=4, max_wait_ms=1000) as client:
+        async with running(store=served[0].root, max_queue_images=4, max_images_per_request=4, max_wait_ms=1000, idle_dispatch=False) as client:
             return await asyncio.gather(*[client.post("/upscale", files=multipart(pngs[i : i + 4])) for i in range(0, 24, 4)])
 
     responses = asyncio.run(scenario())
@@ -224,7 +224,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(served, pngs):
 
 def test_concurrent_plain_and_ensemble_requests_never_share_a_forward_pass(served, inputs, pngs):
     async def scenario():
-        async with running(store=served[0].root, max_wait_ms=50, max_batch_images=5) as client:
+        async with running(store=served[0].root, max_wait_ms=50, max_batch_images=5, idle_dispatch=False) as client:
             return await asyncio.gather(*[client.post(f"/upscale?ensemble={1 if k % 2 else 8}", files=multipart(pngs[3 * k : 3 * k + 3]))
                                           for k in range(8)])
 
@@ -237,7 +237,7 @@ def test_concurrent_plain_and_ensemble_requests_never_share_a_forward_pass(serve
 
 def test_a_request_past_its_deadline_gets_504(served, pngs):
     async def scenario():
-        async with running(store=served[0].root, request_timeout_s=0.05, max_wait_ms=2000) as client:
+        async with running(store=served[0].root, request_timeout_s=0.05, max_wait_ms=2000, idle_dispatch=False) as client:
             return await client.post("/upscale", files=multipart(pngs[:2]))
 
     assert_error(asyncio.run(scenario()), 504, "deadline_exceeded")
@@ -370,3 +370,15 @@ def test_png_compression_setting_changes_the_encoding_not_the_pixels(client, ser
     assert all(size > 3 * 32 * 32 for size in sizes[0])  # level 0: the pixels as they are
     assert all(small < big for small, big in zip(sizes[1], sizes[0], strict=True))
     assert torch.equal(outputs_of(stored), outputs_of(deflated))
+
+
+def test_an_idle_worker_runs_a_request_at_once_instead_of_waiting_out_the_window(served, pngs):
+    """idle_dispatch (the default): a lone request does not wait for company; without it, it waits the whole window."""
+    async def one(**settings):
+        async with running(store=served[0].root, max_wait_ms=1000, **settings) as client:
+            response = await client.post("/upscale", files=multipart(pngs[:1]))
+            assert response.status_code == 200, response.text
+            return response.json()["metrics"]["queue_ms"]
+
+    assert asyncio.run(one()) < 500  # typically well under 1 ms
+    assert asyncio.run(one(idle_dispatch=False)) >= 990

@@ -148,9 +148,9 @@ def test_a_corrupted_new_version_is_refused_while_the_old_keeps_serving(live, pn
 
 def test_graceful_shutdown_answers_everything_already_queued(store, inputs, pngs):
     _, model = publish(store, "conv", seed=4)
-    # A 1 s batching window for a batch of 64 that never fills: the 56 images wait in the queue
-    # while the server is told to stop.
-    with LiveServer(store=store.root, max_wait_ms=1000, max_batch_images=64) as live:
+    # A 1 s batching window (applied even to an idle worker) for a batch of 64 that never fills:
+    # the 56 images wait in the queue while the server is told to stop.
+    with LiveServer(store=store.root, max_wait_ms=1000, max_batch_images=64, idle_dispatch=False) as live:
         registry = live.app.state.metrics.registry
 
         async def scenario():

@@ -1,0 +1,313 @@
+"""The Open Inference Protocol (KServe V2 REST) with the binary tensor data extension: /v2/...
+
+What tritonclient, perf_analyzer and KServe speak. Every model of the store is a V2 model:
+
+* the tensors the metadata describes: input `input` UINT8 [-1, 3, 8, 8] (NCHW pixels), output
+  `output` UINT8 [-1, 3, 32, 32]; a request without an `outputs` list gets `output`.
+* for clients that hold image files: input `image` BYTES [-1] (encoded 8x8 images: PNG, JPEG,
+  WebP, BMP) instead of `input`, and output `png` BYTES [-1] (the outputs as PNG files) when named.
+  They are left out of the metadata and the model config on purpose: perf_analyzer (and other
+  generic clients) feed every input the metadata lists and ask for every output, and a request
+  must carry exactly one of the two inputs.
+
+Versions are numbers or aliases (`latest`, `stable`, ...) resolved by the ModelManager as for
+/upscale, and requests ride the same batcher under the same limits, API keys and metrics. Errors
+are the protocol's `{"error": "..."}` (service.errors picks that shape for every /v2 path).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import ValidationError
+
+from model_store import LATEST
+from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
+from service.errors import ApiError
+from service.inference_schemas import (
+    InferenceRequest,
+    ModelMetadata,
+    ProtocolError,
+    ServerMetadata,
+    TensorMetadata,
+)
+from service.metrics import UNKNOWN_MODEL
+from service.registry import ModelManager, ModelState
+from service.routers.upscale import decode_all
+from service.settings import Settings
+from service.tensors import (
+    DATATYPES,
+    HEADER_LENGTH,
+    BinaryReader,
+    TensorError,
+    bytes_from_binary,
+    bytes_from_json,
+    bytes_to_binary,
+    decompress,
+    numeric_from_binary,
+    numeric_from_json,
+    split_body,
+)
+from service.upscaler import Upscaler
+from upgrader.architectures import INPUT_SHAPE, OUTPUT_SHAPE
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe V2)"])
+
+SERVER_NAME, SERVER_VERSION = "upgrader", "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+PLATFORM = "upgrader_pytorch"
+PIXELS_IN, IMAGES_IN, PIXELS_OUT, PNG_OUT = "input", "image", "output", "png"
+INPUTS = [TensorMetadata(name=PIXELS_IN, datatype="UINT8", shape=[-1, *INPUT_SHAPE])]
+OUTPUTS = [TensorMetadata(name=PIXELS_OUT, datatype="UINT8", shape=[-1, *OUTPUT_SHAPE])]
+
+NameParam = Annotated[str, Path(description="Model name as in the store.")]
+VersionParam = Annotated[str, Path(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+_binary = {"type": "string", "format": "binary"}
+_ERRORS = {
+    400: "Bad JSON, unknown input/output name, wrong datatype or shape, binary sizes that do not add up, corrupt image.",
+    401: "UPGRADER_API_KEYS is set and no valid key was sent.",
+    404: "Unknown model or version/alias.",
+    413: "Body, image or image count over the limits.",
+    503: "Queue full, version not loadable or shutting down (with Retry-After).",
+    504: "Not inferred within UPGRADER_REQUEST_TIMEOUT_S.",
+}
+_RESPONSES = {status: {"model": ProtocolError, "description": text} for status, text in _ERRORS.items()}
+_INFER_BODY = {
+    "required": True,
+    "description": "The JSON inference request; with the binary tensor data extension the JSON is followed by the tensors' "
+                   "bytes and its length is in the `Inference-Header-Content-Length` header.",
+    "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}, "application/octet-stream": {"schema": _binary}},
+}
+_INFER_RESPONSES = {200: {"description": "The inference response (JSON, or JSON followed by binary outputs when asked for; "
+                                         "`Inference-Header-Content-Length` then gives the JSON's length).",
+                          "content": {"application/json": {}, "application/octet-stream": {"schema": _binary}}},
+                    **_RESPONSES}
+
+
+# ---- health and metadata ----------------------------------------------------------
+@router.get("", summary="Server metadata: name, version, extensions", response_model=ServerMetadata, dependencies=[Depends(require_api_key)])
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", summary="200 while the process serves", response_class=Response, responses={200: {"content": {}}})
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/health/ready", summary="200 once the default model is loaded", response_class=Response,
+            responses={200: {"content": {}}, 400: _RESPONSES[503]})
+async def ready(manager: ManagerDep) -> Response:
+    if not manager.is_ready():
+        raise ApiError(400, "not_ready", "not ready: the default model is not loaded yet")
+    return Response(status_code=200)
+
+
+async def _metadata(manager: ModelManager, name: str, version: str | None) -> ModelMetadata:
+    state = await manager.model_state(name)
+    versions = [await manager.version_number(state, version)] if version is not None else state.versions
+    return ModelMetadata(name=name, versions=[str(v) for v in versions], platform=PLATFORM, inputs=INPUTS, outputs=OUTPUTS)
+
+
+@router.get("/models/{name}", summary="Model metadata: versions, input and output tensors", response_model=ModelMetadata, responses=_RESPONSES, dependencies=[Depends(require_api_key)])
+async def model_metadata(name: NameParam, manager: ManagerDep) -> ModelMetadata:
+    return await _metadata(manager, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", response_model=ModelMetadata, responses=_RESPONSES, dependencies=[Depends(require_api_key)])
+async def version_metadata(name: NameParam, version: VersionParam, manager: ManagerDep) -> ModelMetadata:
+    return await _metadata(manager, name, version)
+
+
+async def _ready(manager: ModelManager, name: str, version: str) -> Response:
+    state = await manager.model_state(name)
+    number = await manager.version_number(state, version)
+    if number in state.failed:
+        raise ApiError(400, "not_ready", f"model {name!r} version {number} cannot be served: {state.failed[number]}")
+    if number not in state.loaded:
+        raise ApiError(400, "not_ready", f"model {name!r} version {number} is not loaded (the first inference request naming it loads it)")
+    return Response(status_code=200)
+
+
+@router.get("/models/{name}/ready", summary="200 when the serving version is loaded", response_class=Response,
+            responses={200: {"content": {}}, **_RESPONSES}, dependencies=[Depends(require_api_key)])
+async def model_ready(name: NameParam, manager: ManagerDep) -> Response:
+    return await _ready(manager, name, LATEST)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="200 when this version is loaded", response_class=Response,
+            responses={200: {"content": {}}, **_RESPONSES}, dependencies=[Depends(require_api_key)])
+async def version_ready(name: NameParam, version: VersionParam, manager: ManagerDep) -> Response:
+    return await _ready(manager, name, version)
+
+
+def _config(state: ModelState, settings: Settings) -> dict:
+    """Triton's model configuration (the model_configuration extension), which perf_analyzer reads."""
+    return {
+        "name": state.name, "platform": PLATFORM, "max_batch_size": settings.max_images_per_request,
+        "input": [{"name": PIXELS_IN, "data_type": "TYPE_UINT8", "dims": list(INPUT_SHAPE)}],
+        "output": [{"name": PIXELS_OUT, "data_type": "TYPE_UINT8", "dims": list(OUTPUT_SHAPE)}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+                             "preferred_batch_size": [settings.max_batch_images]},
+        "version_policy": {"specific": {"versions": state.versions}},
+    }
+
+
+@router.get("/models/{name}/config", summary="Triton model configuration (for perf_analyzer)", responses=_RESPONSES, dependencies=[Depends(require_api_key)])
+async def model_config(name: NameParam, manager: ManagerDep, settings: SettingsDep) -> dict:
+    return _config(await manager.model_state(name), settings)
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Triton model configuration of one version", responses=_RESPONSES, dependencies=[Depends(require_api_key)])
+async def version_config(name: NameParam, version: VersionParam, manager: ManagerDep, settings: SettingsDep) -> dict:
+    state = await manager.model_state(name)
+    await manager.version_number(state, version)
+    return _config(state, settings)
+
+
+# ---- inference ----------------------------------------------------------------------
+@router.post("/models/{name}/infer", summary="Upscale a batch (the serving version)", responses=_INFER_RESPONSES,
+             openapi_extra={"requestBody": _INFER_BODY}, dependencies=[Depends(require_api_key)])
+async def infer(name: NameParam, request: Request, manager: ManagerDep, metrics: MetricsDep, settings: SettingsDep) -> Response:
+    return await _infer(request, manager, metrics, settings, name, LATEST)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Upscale a batch with one version or alias", responses=_INFER_RESPONSES,
+             openapi_extra={"requestBody": _INFER_BODY}, dependencies=[Depends(require_api_key)])
+async def infer_version(name: NameParam, version: VersionParam, request: Request, manager: ManagerDep, metrics: MetricsDep,
+                        settings: SettingsDep) -> Response:
+    return await _infer(request, manager, metrics, settings, name, version)
+
+
+async def _infer(request: Request, manager: ModelManager, metrics, settings: Settings, name: str, version: str) -> Response:
+    started = time.perf_counter()
+    label, status = UNKNOWN_MODEL, 500
+    try:
+        body = decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+        header, tail = split_body(body, request.headers.get(HEADER_LENGTH))
+        payload = _parse_header(header)
+        wanted = _wanted_outputs(payload)
+        async with manager.lease(name, version) as served:
+            label = served.name
+            images = await _read_input(payload, tail, settings)
+            timeout = settings.request_timeout_s - (time.perf_counter() - started)
+            result = await served.batcher.submit(images, 1, timeout)
+        response = _answer(served.name, served.version, payload.id, wanted, result.images, result.pngs)
+        metrics.images.labels(label).inc(len(result.pngs))
+        status = 200
+        return response
+    except TensorError as exc:
+        status = exc.status
+        raise ApiError(exc.status, "invalid_tensor", str(exc)) from None
+    except ApiError as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+
+def _parse_header(header: bytes) -> InferenceRequest:
+    try:
+        return InferenceRequest.model_validate_json(header)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            raise TensorError(f"the inference request is not valid JSON: {error['msg']}") from None
+        where = ".".join(str(part) for part in error["loc"]) or "request"
+        raise TensorError(f"inference request field {where!r}: {error['msg']}") from None
+
+
+def _wanted_outputs(payload: InferenceRequest) -> dict[str, bool]:
+    """Output name -> as binary data. No list: the metadata's output, binary if the request says binary_data_output."""
+    default_binary = bool((payload.parameters or {}).get("binary_data_output", False))
+    if payload.outputs is None:
+        return {PIXELS_OUT: default_binary}
+    wanted = {}
+    for output in payload.outputs:
+        if output.name not in (PIXELS_OUT, PNG_OUT):
+            raise TensorError(f"unknown output {output.name!r}; this model's outputs are {PIXELS_OUT!r} and {PNG_OUT!r}")
+        binary = (output.parameters or {}).get("binary_data", default_binary)
+        if not isinstance(binary, bool):
+            raise TensorError(f"output {output.name!r}: binary_data must be true or false")
+        wanted[output.name] = binary
+    return wanted
+
+
+async def _read_input(payload: InferenceRequest, tail, settings: Settings) -> np.ndarray:
+    """The request's one input -> uint8 N x 3 x 8 x 8 (pixels as they are, encoded images decoded)."""
+    reader = BinaryReader(tail)
+    if len(payload.inputs) != 1:
+        raise TensorError(f"{len(payload.inputs)} inputs; send exactly one: {PIXELS_IN!r} (UINT8 [N, 3, 8, 8]) or {IMAGES_IN!r} (BYTES [N])")
+    tensor = payload.inputs[0]
+    parameters = tensor.parameters or {}
+    binary_size = parameters.get("binary_data_size")
+    if binary_size is not None and (not isinstance(binary_size, int) or isinstance(binary_size, bool)):
+        raise TensorError(f"input {tensor.name!r}: binary_data_size must be an integer")
+    if binary_size is None and tensor.data is None:
+        raise TensorError(f"input {tensor.name!r} has neither data nor a binary_data_size parameter")
+    if tensor.datatype not in DATATYPES:
+        raise TensorError(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+    limit = settings.max_images_per_request
+    if tensor.name == PIXELS_IN:
+        if tensor.datatype != "UINT8":
+            raise TensorError(f"input {PIXELS_IN!r} is UINT8, not {tensor.datatype}")
+        if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != INPUT_SHAPE:
+            raise TensorError(f"input {PIXELS_IN!r}: shape {tensor.shape} is not [N, {', '.join(map(str, INPUT_SHAPE))}]")
+        _check_count(tensor.shape[0], limit)
+        chunk = reader.take(binary_size, tensor.name) if binary_size is not None else None
+        reader.finish()
+        return (numeric_from_binary(chunk, "UINT8", tensor.shape, tensor.name) if chunk is not None
+                else numeric_from_json(tensor.data, "UINT8", tensor.shape, tensor.name))
+    if tensor.name == IMAGES_IN:
+        if tensor.datatype != "BYTES":
+            raise TensorError(f"input {IMAGES_IN!r} is BYTES (encoded images), not {tensor.datatype}")
+        if not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)):
+            raise TensorError(f"input {IMAGES_IN!r}: shape {tensor.shape} is not [N] (or [N, 1])")
+        _check_count(tensor.shape[0], limit)
+        chunk = reader.take(binary_size, tensor.name) if binary_size is not None else None
+        reader.finish()
+        blobs = (bytes_from_binary(chunk, tensor.shape, tensor.name) if chunk is not None
+                 else bytes_from_json(tensor.data, tensor.shape, tensor.name))
+        try:
+            return await decode_all(Upscaler.decode, blobs, settings)
+        except ApiError as exc:  # the codec names the element; say which input it was in
+            raise ApiError(exc.status, exc.code, f"input {IMAGES_IN!r}: {exc.message}", exc.item) from None
+    raise TensorError(f"unknown input {tensor.name!r}; this model's inputs are {PIXELS_IN!r} (UINT8 [N, 3, 8, 8]) and "
+                      f"{IMAGES_IN!r} (BYTES [N], encoded images)")
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count < 1:
+        raise TensorError(f"the batch dimension is {count}; send at least one image")
+    if count > limit:
+        raise TensorError(f"{count} images in one request; the limit is {limit}", 413)
+
+
+def _answer(name: str, version: int, request_id: str | None, wanted: dict[str, bool], pixels: np.ndarray, pngs: list[bytes]) -> Response:
+    """The inference response: JSON, then the binary outputs in the order the JSON lists them."""
+    outputs, binary = [], []
+    for output, as_binary in wanted.items():
+        if output == PIXELS_OUT:
+            entry = {"name": output, "datatype": "UINT8", "shape": list(pixels.shape)}
+            data = pixels.tobytes() if as_binary else pixels.reshape(-1).tolist()
+        else:
+            entry = {"name": output, "datatype": "BYTES", "shape": [len(pngs)]}
+            data = bytes_to_binary(pngs) if as_binary else [base64.b64encode(png).decode("ascii") for png in pngs]
+        if as_binary:
+            entry["parameters"] = {"binary_data_size": len(data)}
+            binary.append(data)
+        else:
+            entry["data"] = data
+        outputs.append(entry)
+    document = {"model_name": name, "model_version": str(version), **({"id": request_id} if request_id is not None else {}), "outputs": outputs}
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not binary:
+        return Response(header, media_type="application/json")
+    return Response(b"".join([header, *binary]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})

@@ -1,0 +1,318 @@
+"""The Open Inference Protocol (KServe V2) over a real uvicorn, spoken by the real tritonclient.http."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from test_service_support import (
+    LiveServer,
+    assert_close_to,
+    decode_png,
+    expected_outputs,
+    metric_value,
+    png_list,
+    publish,
+    small_inputs,
+)
+from tritonclient.utils import InferenceServerException
+
+from model_store import ModelStore
+
+inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)  # the real test images reduced to 8x8, uint8 N x 3 x 8 x 8
+pngs = pytest.fixture(scope="module", name="pngs")(png_list)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, models):
+    """conv versions 1 and 2 (alias stable -> 1) and fc version 1."""
+    store = ModelStore(tmp_path_factory.mktemp("oip") / "store")
+    _, models[1] = publish(store, "conv", seed=1, psnr=23.0)
+    _, models[2] = publish(store, "conv", seed=2, psnr=23.0)
+    _, models["fc"] = publish(store, "fc", "fc", seed=3, psnr=19.0)
+    store.set_alias("conv", "stable", 1)
+    with LiveServer(store=store.root, poll_interval_s=60, max_images_per_request=16, max_queue_images=64) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    client = triton.InferenceServerClient(live.url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+def pixels_input(images: np.ndarray, binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("input", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    return tensor
+
+
+def images_input(blobs: list[bytes], binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(blobs)], "BYTES")
+    data = blobs if binary else [base64.b64encode(blob) for blob in blobs]  # JSON carries BYTES as strings: base64
+    tensor.set_data_from_numpy(np.array(data, dtype=np.object_), binary_data=binary)
+    return tensor
+
+
+def outputs(*names: str, binary: bool = True) -> list[triton.InferRequestedOutput]:
+    return [triton.InferRequestedOutput(name, binary_data=binary) for name in names]
+
+
+def raises(status: int, *fragments: str):
+    """The call fails with this HTTP status and a protocol error message containing `fragments`."""
+
+    class Check:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, exc, tb):
+            assert kind is InferenceServerException, f"expected HTTP {status}, got {kind}"
+            assert exc.status() == str(status), (exc.status(), exc.message())
+            for fragment in fragments:
+                assert fragment in exc.message(), exc.message()
+            return True
+
+    return Check()
+
+
+# ---- health and metadata ---------------------------------------------------------------
+def test_server_health_and_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert metadata["name"] == "upgrader" and "binary_tensor_data" in metadata["extensions"]
+
+
+def test_model_metadata_describes_real_tensors_and_versions(client):
+    metadata = client.get_model_metadata("conv")
+    assert metadata["name"] == "conv" and metadata["versions"] == ["1", "2"]
+    assert metadata["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 3, 8, 8]}]
+    assert metadata["outputs"] == [{"name": "output", "datatype": "UINT8", "shape": [-1, 3, 32, 32]}]
+    assert client.get_model_metadata("conv", "stable")["versions"] == ["1"]
+    assert client.get_model_metadata("conv", "latest")["versions"] == ["2"]
+    config = client.get_model_config("conv")
+    assert config["max_batch_size"] == 16 and [i["dims"] for i in config["input"]] == [[3, 8, 8]]
+
+
+def test_model_readiness(client):
+    assert client.is_model_ready("conv") and client.is_model_ready("conv", "1") and client.is_model_ready("conv", "stable")
+    assert not client.is_model_ready("nope")
+    assert not client.is_model_ready("conv", "9")
+
+
+# ---- inference -----------------------------------------------------------------------
+def test_binary_tensors_give_the_models_outputs(client, models, inputs):
+    images = inputs[:5].numpy()
+    result = client.infer("conv", [pixels_input(images)], outputs=outputs("output"))
+    assert result.get_response()["model_name"] == "conv" and result.get_response()["model_version"] == "2"
+    got = result.as_numpy("output")
+    assert got.dtype == np.uint8 and got.shape == (5, 3, 32, 32)
+    assert_close_to(torch_of(got), expected_outputs(models[2], inputs[:5]))
+
+
+def test_json_tensors_give_the_same_outputs(client, models, inputs):
+    images = inputs[5:8].numpy()
+    result = client.infer("conv", [pixels_input(images, binary=False)], outputs=outputs("output", binary=False), request_id="r-7")
+    response = result.get_response()
+    assert response["id"] == "r-7" and "binary_data_size" not in json.dumps(response)
+    assert_close_to(torch_of(result.as_numpy("output").reshape(3, 3, 32, 32)), expected_outputs(models[2], inputs[5:8]))
+
+
+def test_default_output_is_binary_pixels_and_pngs_come_when_named(client, models, inputs):
+    result = client.infer("conv", [pixels_input(inputs[:2].numpy())])  # no outputs named: the metadata's, binary
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["output"] and result.as_numpy("png") is None
+    result = client.infer("conv", [pixels_input(inputs[:2].numpy())], outputs=outputs("output", "png"))
+    pixels, files = result.as_numpy("output"), result.as_numpy("png")
+    assert files.shape == (2,)
+    for i in range(2):
+        assert np.array_equal(decode_png(files[i]).numpy(), pixels[i])
+
+
+def test_encoded_images_in_and_pngs_out(client, models, inputs, pngs):
+    for binary in (True, False):
+        result = client.infer("conv", [images_input(pngs[8:12], binary)], outputs=outputs("png", binary=binary))
+        files = result.as_numpy("png")
+        blobs = [bytes(f) for f in files] if binary else [base64.b64decode(f) for f in files]
+        got = np.stack([decode_png(blob).numpy() for blob in blobs])
+        assert_close_to(torch_of(got), expected_outputs(models[2], inputs[8:12]))
+
+
+def test_versions_and_aliases(client, models, inputs):
+    images = inputs[:4].numpy()
+    for version, model in (("1", models[1]), ("2", models[2]), ("stable", models[1]), ("latest", models[2])):
+        result = client.infer("conv", [pixels_input(images)], model_version=version, outputs=outputs("output"))
+        assert result.get_response()["model_version"] == ("1" if model is models[1] else "2")
+        assert_close_to(torch_of(result.as_numpy("output")), expected_outputs(model, inputs[:4]))
+    result = client.infer("fc", [pixels_input(images)], outputs=outputs("output"))
+    assert_close_to(torch_of(result.as_numpy("output")), expected_outputs(models["fc"], inputs[:4]))
+
+
+def test_concurrent_clients_each_get_their_own_outputs(live, models, inputs):
+    errors, done = [], []
+
+    def one(start: int) -> None:
+        try:
+            with_client = triton.InferenceServerClient(live.url.removeprefix("http://"))
+            for _ in range(3):
+                result = with_client.infer("conv", [pixels_input(inputs[start : start + 2].numpy())], outputs=outputs("output"))
+                assert_close_to(torch_of(result.as_numpy("output")), expected_outputs(models[2], inputs[start : start + 2]))
+            with_client.close()
+            done.append(start)
+        except Exception as exc:  # surfaced below with the start index
+            errors.append((start, exc))
+
+    threads = [threading.Thread(target=one, args=(2 * i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(done) == 8, errors
+
+
+def test_requests_are_counted_in_the_service_metrics(live, client, inputs):
+    before = metric_value(httpx.get(live.url + "/metrics").text, "upgrader_images_served_total", model="conv")
+    client.infer("conv", [pixels_input(inputs[:3].numpy())])
+    after = metric_value(httpx.get(live.url + "/metrics").text, "upgrader_images_served_total", model="conv")
+    assert after == before + 3
+
+
+# ---- errors ----------------------------------------------------------------------------
+def test_unknown_model_and_version_are_404(client, inputs):
+    with raises(404, "model 'nope' not found"):
+        client.infer("nope", [pixels_input(inputs[:1].numpy())])
+    with raises(404, "no version or alias '7'"):
+        client.infer("conv", [pixels_input(inputs[:1].numpy())], model_version="7")
+    with raises(404, "model 'nope'"):
+        client.get_model_metadata("nope")
+
+
+def test_bad_names_datatypes_and_shapes_are_400(client, inputs, pngs):
+    images = inputs[:2].numpy()
+    wrong_name = triton.InferInput("pixels", [2, 3, 8, 8], "UINT8")
+    wrong_name.set_data_from_numpy(images)
+    with raises(400, "unknown input 'pixels'"):
+        client.infer("conv", [wrong_name])
+    as_float = triton.InferInput("input", [2, 3, 8, 8], "FP32")
+    as_float.set_data_from_numpy(images.astype(np.float32))
+    with raises(400, "input 'input' is UINT8, not FP32"):
+        client.infer("conv", [as_float])
+    with raises(400, "shape [2, 3, 4, 16] is not [N, 3, 8, 8]"):
+        client.infer("conv", [pixels_input(images.reshape(2, 3, 4, 16))])
+    with raises(400, "unknown output 'upscaled'"):
+        client.infer("conv", [pixels_input(images)], outputs=outputs("upscaled"))
+    with raises(400, "send exactly one"):
+        client.infer("conv", [pixels_input(images), images_input(pngs[:2])])
+    with raises(400, "input 'image'", "image 1 has a truncated or corrupt header"):
+        client.infer("conv", [images_input([pngs[0], pngs[1][:30]])])
+    with raises(422, "image 0 is 32x32; it must be 8x8"):
+        client.infer("conv", [images_input([_png_32()])])
+    with raises(413, "17 images in one request; the limit is 16"):
+        client.infer("conv", [pixels_input(np.zeros((17, 3, 8, 8), np.uint8))])
+
+
+def test_malformed_bodies_are_400_in_the_protocol_shape(live):
+    url = live.url + "/v2/models/conv/infer"
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "parameters": {"binary_data_size": 192}}]}).encode()
+    cases = {
+        "short binary": (header + bytes(100), {"Inference-Header-Content-Length": str(len(header))}, "runs past the end"),
+        "extra bytes": (header + bytes(200), {"Inference-Header-Content-Length": str(len(header))}, "after the last binary tensor"),
+        "header past body": (header, {"Inference-Header-Content-Length": str(len(header) + 5)}, "body has only"),
+        "not json": (b"{oops", {}, "not valid JSON"),
+        "unknown field": (b'{"inputs": [], "colour": 1}', {}, "colour"),
+        "no data": (b'{"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8"}]}', {}, "neither data nor"),
+        "too few values": (b'{"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [1, 2]}]}', {}, "2 values"),
+        "out of range": (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [256] * 192}]}).encode(),
+                         {}, "outside the UINT8 range"),
+        "empty batch": (b'{"inputs": [{"name": "input", "shape": [0, 3, 8, 8], "datatype": "UINT8", "data": []}]}', {}, "at least one"),
+        "bad encoding": (b"{}", {"Content-Encoding": "br"}, "not supported"),
+    }
+    for what, (body, headers, fragment) in cases.items():
+        response = httpx.post(url, content=body, headers=headers)
+        assert response.status_code in (400, 415), (what, response.status_code, response.text)
+        assert set(response.json()) == {"error"} and fragment in response.json()["error"], (what, response.text)
+    assert httpx.get(live.url + "/v2/models/conv/versions/..%2Fx").status_code in (400, 404)
+    assert httpx.get(live.url + "/v2/nothing-here").json() == {"error": "no route GET '/v2/nothing-here'"}
+
+
+def test_gzip_bodies_are_accepted(client, models, inputs):
+    result = client.infer("conv", [pixels_input(inputs[:2].numpy())], outputs=outputs("output"), request_compression_algorithm="gzip")
+    assert_close_to(torch_of(result.as_numpy("output")), expected_outputs(models[2], inputs[:2]))
+
+
+def test_api_keys_and_queue_full(tmp_path, inputs):
+    """A tight server: API keys required, room for one waiting request: a burst gets 503 + Retry-After, never a wrong answer."""
+    store = ModelStore(tmp_path / "store")
+    _, model = publish(store, "conv", seed=1)
+    with LiveServer(store=store.root, api_keys="k1", max_images_per_request=4, max_queue_images=4) as server:
+        address = server.url.removeprefix("http://")
+        images = inputs[:4].numpy()
+        with triton.InferenceServerClient(address) as client:
+            with raises(401, "API key"):
+                client.infer("conv", [pixels_input(images)])
+            assert client.is_server_live()  # health and metadata need no key
+        expected = expected_outputs(model, inputs[:4])
+        refused, failures = [], []
+
+        def one() -> None:
+            with triton.InferenceServerClient(address) as client:
+                try:
+                    result = client.infer("conv", [pixels_input(images)], headers={"Authorization": "Bearer k1"})
+                    assert_close_to(torch_of(result.as_numpy("output")), expected)
+                except InferenceServerException as exc:
+                    (refused if exc.status() == "503" and "queue is full" in exc.message() else failures).append(exc)
+                except AssertionError as exc:
+                    failures.append(exc)
+
+        for _ in range(20):  # a burst: one batch runs, one request waits, the others find the queue full
+            threads = [threading.Thread(target=one) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if refused or failures:
+                break
+        assert not failures and refused, (failures, "no burst ever filled the queue")
+        response = httpx.post(server.url + "/v2/models/conv/infer", headers={"X-API-Key": "k1"},
+                              json={"inputs": [{"name": "input", "shape": [5, 3, 8, 8], "datatype": "UINT8", "data": [0] * 960}]})
+        assert response.status_code == 413 and set(response.json()) == {"error"}
+
+
+def test_deadline_is_504(tmp_path, inputs):
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", seed=1)
+    with LiveServer(store=store.root, request_timeout_s=0.001) as server:  # spent before the batch can come back
+        with triton.InferenceServerClient(server.url.removeprefix("http://")) as client:
+            with raises(504, "not inferred within"):
+                client.infer("conv", [pixels_input(inputs[:4].numpy())])
+
+
+def _png_32() -> bytes:
+    from test_service_support import png_bytes
+
+    return png_bytes(np.zeros((32, 32, 3), np.uint8))
+
+
+def torch_of(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.array(array))  # a writable copy
+
+
+def test_a_compressed_body_never_inflates_past_the_body_limit(live):
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (33 * 1024 * 1024))  # ~33 KB on the wire, over the 32 MiB limit inflated
+    response = httpx.post(live.url + "/v2/models/conv/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 413 and "inflates past the body limit" in response.json()["error"]
+    response = httpx.post(live.url + "/v2/models/conv/infer", content=bomb[:-20], headers={"Content-Encoding": "gzip"})
+    assert response.status_code in (400, 413) and set(response.json()) == {"error"}
