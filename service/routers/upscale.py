@@ -1,4 +1,4 @@
-"""POST /upscale: images in (multipart, JSON base64 or one raw image), 32x32 PNGs out."""
+"""POST /upscale: images in (multipart, JSON base64 or one raw image), 32x32 PNGs out; with tile=true, any size, 4x out."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_store import LATEST
-from service import codec
+from service import codec, tiling
 from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.metrics import UNKNOWN_MODEL
 from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
 from service.settings import Settings
 from service.upscaler import Upscaler
-from upgrader.architectures import OUTPUT_SIZE
+from upgrader.architectures import OUTPUT_SIZE, fully_convolutional
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
 
 router = APIRouter(tags=["upscale"])
@@ -37,7 +37,8 @@ _binary = {"type": "string", "format": "binary"}
 _REQUEST_BODY = {
     "required": True,
     "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB); "
-                   "optional references are 32x32, aligned with the images.",
+                   "optional references are 32x32, aligned with the images. With tile=true images may have any size "
+                   "(up to UPGRADER_MAX_IMAGE_PIXELS each) and references are 4x each image's width and height.",
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
             IMAGE_FIELD: {"type": "array", "items": _binary, "description": "One or more parts named `images`."},
@@ -54,7 +55,7 @@ _ERRORS = {
     401: "UPGRADER_API_KEYS is set and no valid key was sent.",
     404: "Unknown model or version/alias.",
     406: "Accept: image/png with more than one image.",
-    413: "Body, image, image count or declared image dimensions over the limits.",
+    413: "Body, image, image count or declared image dimensions (tile=true: pixels per image or per request) over the limits.",
     415: "Not a PNG/JPEG/WebP/BMP image, or an unsupported Content-Type.",
     422: "Wrong image size, unknown form/JSON field, no images, references not aligned, bad query parameter.",
     503: "Queue full, no model loaded, version refused or shutting down (with Retry-After).",
@@ -67,13 +68,18 @@ _RESPONSES = {
 }
 
 
+TileParam = Annotated[bool, Query(description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, "
+                                  "UPGRADER_MAX_REQUEST_PIXELS together) are cut into 8x8 tiles, every tile goes through the batcher, "
+                                  "and the 4x result is stitched (overlapping, blended tiles for fully convolutional models).")]
+
+
 @dataclass
 class UpscaleBody:
     images: list[bytes]
     references: list[bytes] | None
 
 
-@router.post("/upscale", summary="Upscale 8x8 images to 32x32", response_model=UpscaleResponse, responses=_RESPONSES,
+@router.post("/upscale", summary="Upscale 8x8 images to 32x32 (any size with tile=true)", response_model=UpscaleResponse, responses=_RESPONSES,
              openapi_extra={"requestBody": _REQUEST_BODY}, dependencies=[Depends(require_api_key)])
 async def upscale(
     request: Request,
@@ -84,26 +90,40 @@ async def upscale(
     version: Annotated[str, Query(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = LATEST,
     ensemble: Annotated[int, Query(description="8: average the model over the 8 flips/rotations of each input.",
                                    json_schema_extra={"enum": list(ENSEMBLE_SIZES)})] = 1,
+    tile: TileParam = False,
 ) -> Response:
     started = time.perf_counter()
     label, status = UNKNOWN_MODEL, 500
     try:
         if ensemble not in ENSEMBLE_SIZES:
             raise ApiError(422, "invalid_parameter", f"ensemble must be one of {ENSEMBLE_SIZES}, not {ensemble}")
-        body = await read_body(request, settings)
+        body = await read_body(request, settings, tile)
         check_acceptable(request, len(body.images))
+        if tile:
+            check_pixels(body.images, settings)
         async with manager.lease(model, version) as served:
             label = served.name
-            inputs = await decode_all(Upscaler.decode, body.images, settings)
-            references = await decode_all(decode_reference, body.references, settings) if body.references else None
-            timeout = settings.request_timeout_s - (time.perf_counter() - started)
-            result = await served.batcher.submit(inputs, ensemble, timeout)
-        scores = await run_in_threadpool(score, result.images, references) if references is not None else None
+            if tile:
+                images, references = await decode_tiled(body, settings)
+                timeout = settings.request_timeout_s - (time.perf_counter() - started)
+                architecture = served.manifest.get("architecture", {}).get("name", "")
+                tiled = await tiling.upscale_tiles(served.batcher, images, fully_convolutional(architecture), ensemble,
+                                                   timeout, settings.max_batch_images)
+                outputs, pngs = tiled.images, await run_in_threadpool(lambda: [codec.encode_png(o, settings.png_compression) for o in tiled.images])
+                batch_size, queue_s, inference_s, tiles = tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles
+            else:
+                inputs = await decode_all(Upscaler.decode, body.images, settings)
+                references = await decode_all(decode_reference, body.references, settings) if body.references else None
+                timeout = settings.request_timeout_s - (time.perf_counter() - started)
+                result = await served.batcher.submit(inputs, ensemble, timeout)
+                outputs, pngs = result.images, result.pngs
+                batch_size, queue_s, inference_s, tiles = result.batch_size, result.queue_s, result.inference_s, None
+        scores = await run_in_threadpool(score_each, outputs, references) if references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
-        run = UpscaleMetrics(images=len(result.pngs), batch_size=result.batch_size, queue_ms=round(result.queue_s * 1000, 3),
-                             inference_ms=round(result.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
-        response = make_response(request, served.name, served.version, result.pngs, scores, run)
-        metrics.images.labels(label).inc(len(result.pngs))
+        run = UpscaleMetrics(images=len(pngs), batch_size=batch_size, queue_ms=round(queue_s * 1000, 3), tiles=tiles,
+                             inference_ms=round(inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
+        response = make_response(request, served.name, served.version, pngs, scores, run, [o.shape[-2:] for o in outputs])
+        metrics.images.labels(label).inc(len(pngs))
         status = response.status_code
         return response
     except ApiError as exc:
@@ -115,11 +135,13 @@ async def upscale(
 
 
 # ---- body forms -------------------------------------------------------------------
-async def read_body(request: Request, settings: Settings) -> UpscaleBody:
-    """Whatever the form, -> encoded images and references; refuses unknown fields and bad counts."""
+async def read_body(request: Request, settings: Settings, tile: bool = False) -> UpscaleBody:
+    """Whatever the form, -> encoded images and references; refuses unknown fields and bad counts.
+
+    Tiled images are bounded by their pixels and the body limit, not by the 8x8 images' byte limit."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        body = await read_multipart(request, settings)
+        body = await read_multipart(request, settings, settings.max_body_bytes if tile else settings.max_image_bytes)
     elif media_type == "application/json" or media_type.endswith("+json"):
         body = read_json(await request.body())
     elif media_type.startswith("image/"):
@@ -137,10 +159,10 @@ async def read_body(request: Request, settings: Settings) -> UpscaleBody:
     return body
 
 
-async def read_multipart(request: Request, settings: Settings) -> UpscaleBody:
+async def read_multipart(request: Request, settings: Settings, max_part_bytes: int) -> UpscaleBody:
     parts = 2 * settings.max_images_per_request
     try:
-        form = await request.form(max_files=parts + 1, max_fields=parts + 1, max_part_size=settings.max_image_bytes)
+        form = await request.form(max_files=parts + 1, max_fields=parts + 1, max_part_size=max_part_bytes)
     except StarletteHTTPException as exc:  # python-multipart's complaints, surfaced by Starlette as 400
         if str(exc.detail).startswith("Too many"):
             raise ApiError(413, "too_many_images", f"more than {parts} parts; the limit is {settings.max_images_per_request} images "
@@ -203,6 +225,44 @@ def score(outputs: np.ndarray, references: np.ndarray) -> list[tuple[float, floa
     return list(zip(psnr_per_image(a, b).tolist(), ssim_per_image(a, b).tolist(), strict=True))
 
 
+def score_each(outputs: np.ndarray | list[np.ndarray], references: np.ndarray | list[np.ndarray]) -> list[tuple[float, float]]:
+    """`score` for a batch of equal sizes, or image by image for tiled images of different sizes."""
+    if isinstance(outputs, np.ndarray):
+        return score(outputs, references)
+    return [score(o[None], r[None])[0] for o, r in zip(outputs, references, strict=True)]
+
+
+# ---- images of any size (tile=true) -----------------------------------------------
+def check_pixels(blobs: list[bytes], settings: Settings) -> list[tuple[int, int]]:
+    """Declared (width, height) of every image from its header, refused over the pixel limits before any is decoded."""
+    sizes = []
+    for item, data in enumerate(blobs):
+        width, height = codec.declared_size(data, item)
+        if width * height > settings.max_image_pixels:
+            raise ApiError(413, "dimensions_too_large", f"image {item} declares {width}x{height} = {width * height} pixels; "
+                           f"the limit is {settings.max_image_pixels} per image", item)
+        sizes.append((width, height))
+    total = sum(w * h for w, h in sizes)
+    if total > settings.max_request_pixels:
+        raise ApiError(413, "too_many_pixels", f"the images of this request have {total} pixels together; the limit is "
+                       f"{settings.max_request_pixels} per request")
+    return sizes
+
+
+async def decode_tiled(body: UpscaleBody, settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Images of any size -> uint8 3 x H x W each; references must be 4x their image's width and height."""
+    def run():
+        images = [codec.decode_any(data, item, "image", settings.max_image_pixels) for item, data in enumerate(body.images)]
+        references = None
+        if body.references is not None:
+            references = [codec.decode_any(data, item, "reference", size=(image.shape[1] * tiling.SCALE, image.shape[0] * tiling.SCALE))
+                          for item, (data, image) in enumerate(zip(body.references, images, strict=True))]
+            references = [np.ascontiguousarray(r.transpose(2, 0, 1)) for r in references]
+        return [np.ascontiguousarray(i.transpose(2, 0, 1)) for i in images], references
+
+    return await run_in_threadpool(run)
+
+
 def wants_png(request: Request, count: int) -> bool:
     return count == 1 and "image/png" in request.headers.get("accept", "")
 
@@ -215,13 +275,14 @@ def check_acceptable(request: Request, count: int) -> None:
 
 
 def make_response(request: Request, name: str, version: int, pngs: list[bytes], scores: list[tuple[float, float]] | None,
-                  run: UpscaleMetrics) -> Response:
+                  run: UpscaleMetrics, sizes: list[tuple[int, int]] | None = None) -> Response:
     if wants_png(request, len(pngs)):
         timing = (f"queue;dur={run.queue_ms}, inference;dur={run.inference_ms}, total;dur={run.total_ms}, "
                   f"batch;desc=\"{run.batch_size} images on {run.device}\"")
         return Response(pngs[0], media_type="image/png", headers={"Server-Timing": timing, "X-Upgrader-Model": f"{name}:{version}"})
     images = [
-        UpscaledImage(index=i, png=base64.b64encode(png).decode("ascii"), width=OUTPUT_SIZE, height=OUTPUT_SIZE,
+        UpscaledImage(index=i, png=base64.b64encode(png).decode("ascii"),
+                      width=sizes[i][1] if sizes else OUTPUT_SIZE, height=sizes[i][0] if sizes else OUTPUT_SIZE,
                       psnr=None if scores is None else round(scores[i][0], 4), ssim=None if scores is None else round(scores[i][1], 6))
         for i, png in enumerate(pngs)
     ]
