@@ -11,7 +11,7 @@ from service.limits import BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware
 from service.metrics import Metrics
 from service.registry import ModelManager
-from service.routers import models, ops, upscale
+from service.routers import baseline, models, ops, page, upscale
 from service.settings import Settings
 
 DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader model store.
@@ -39,8 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.manager = ModelManager(settings, app.state.metrics)
     install_error_handlers(app)
     app.include_router(upscale.router)
+    app.include_router(baseline.router)
     app.include_router(models.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
+    app.mount("/static", page.static_files(), name="static")
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
