@@ -21,6 +21,7 @@ from service import codec, tiling
 from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
 from service.errors import ApiError
 from service.metrics import UNKNOWN_MODEL
+from service.registry import Served
 from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
 from service.settings import Settings
 from service.upscaler import Upscaler
@@ -103,27 +104,13 @@ async def upscale(
             check_pixels(body.images, settings)
         async with manager.lease(model, version) as served:
             label = served.name
-            if tile:
-                images, references = await decode_tiled(body, settings)
-                timeout = settings.request_timeout_s - (time.perf_counter() - started)
-                architecture = served.manifest.get("architecture", {}).get("name", "")
-                tiled = await tiling.upscale_tiles(served.batcher, images, fully_convolutional(architecture), ensemble,
-                                                   timeout, settings.max_batch_images)
-                outputs, pngs = tiled.images, await run_in_threadpool(lambda: [codec.encode_png(o, settings.png_compression) for o in tiled.images])
-                batch_size, queue_s, inference_s, tiles = tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles
-            else:
-                inputs = await decode_all(Upscaler.decode, body.images, settings)
-                references = await decode_all(decode_reference, body.references, settings) if body.references else None
-                timeout = settings.request_timeout_s - (time.perf_counter() - started)
-                result = await served.batcher.submit(inputs, ensemble, timeout)
-                outputs, pngs = result.images, result.pngs
-                batch_size, queue_s, inference_s, tiles = result.batch_size, result.queue_s, result.inference_s, None
-        scores = await run_in_threadpool(score_each, outputs, references) if references is not None else None
+            done = await (upscale_tiled if tile else upscale_small)(served, body, ensemble, started + settings.request_timeout_s, settings)
+        scores = await run_in_threadpool(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
-        run = UpscaleMetrics(images=len(pngs), batch_size=batch_size, queue_ms=round(queue_s * 1000, 3), tiles=tiles,
-                             inference_ms=round(inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
-        response = make_response(request, served.name, served.version, pngs, scores, run, [o.shape[-2:] for o in outputs])
-        metrics.images.labels(label).inc(len(pngs))
+        run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
+                             inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
+        response = make_response(request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs])
+        metrics.images.labels(label).inc(len(done.pngs))
         status = response.status_code
         return response
     except ApiError as exc:
@@ -132,6 +119,34 @@ async def upscale(
     finally:
         metrics.requests.labels(label, str(status)).inc()
         metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+
+@dataclass
+class Upscaled:
+    outputs: np.ndarray | list[np.ndarray]  # uint8 N x 3 x 32 x 32, or 3 x 4H x 4W per tiled image
+    pngs: list[bytes]
+    references: np.ndarray | list[np.ndarray] | None
+    batch_size: int
+    queue_s: float
+    inference_s: float
+    tiles: int | None = None
+
+
+async def upscale_small(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings) -> Upscaled:
+    """8x8 images: one job on the batcher."""
+    inputs = await decode_all(Upscaler.decode, body.images, settings)
+    references = await decode_all(decode_reference, body.references, settings) if body.references else None
+    result = await served.batcher.submit(inputs, ensemble, deadline - time.perf_counter())
+    return Upscaled(result.images, result.pngs, references, result.batch_size, result.queue_s, result.inference_s)
+
+
+async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings) -> Upscaled:
+    """Images of any size: tiles through the batcher, stitched (service.tiling)."""
+    images, references = await decode_tiled(body, settings)
+    overlapping = fully_convolutional(served.manifest.get("architecture", {}).get("name", ""))
+    tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images)
+    pngs = await run_in_threadpool(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
+    return Upscaled(tiled.images, pngs, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
 
 
 # ---- body forms -------------------------------------------------------------------
