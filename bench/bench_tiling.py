@@ -275,6 +275,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=PROJECT_ROOT / "store")
     parser.add_argument("--models", help="comma-separated (default: every model in the store)")
     parser.add_argument("--photos", type=int, default=None, help="first N photos of sr-natural (default: all)")
+    parser.add_argument("--datasets", default="skimage.data,sr-natural", help="comma-separated photo sets for the quality table")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0, help="length of one fairness round")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: quality,throughput,fairness")
@@ -304,7 +305,8 @@ def main() -> None:
         capped.wait_ready(300)
         uncapped.wait_ready(300)
         if "quality" not in skip:
-            datasets = {"skimage.data": skimage_photos(), "sr-natural": sr_natural_photos(args.photos)}
+            loaders = {"skimage.data": skimage_photos, "sr-natural": lambda: sr_natural_photos(args.photos)}
+            datasets = {name: loaders[name]() for name in args.datasets.split(",")}
             quality(capped_url, models, datasets, store, fc_models[0] if fc_models else None)
         if "throughput" not in skip:
             throughput(capped_url, store, best, args.rounds)

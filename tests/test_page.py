@@ -6,15 +6,12 @@ saves screenshots to screenshots/ (git-ignored) so a person can look at what the
 
 from __future__ import annotations
 
-import base64
-import io
 import shutil
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from test_service_support import LiveServer, png_bytes, publish
 
 from model_store import ModelStore

@@ -202,3 +202,19 @@ def test_a_large_image_takes_at_most_its_share_of_a_batch_while_others_wait(serv
     assert done == ["small", "large"] and batches == [64] * 10 + [1]
     done, batches = asyncio.run(_race(upscaler, 1.0))  # no cap: first come first served, the small request waits for all 640 tiles
     assert done == ["large", "small"] and batches == [64] * 10 + [1]
+
+
+def test_every_body_form_works_tiled_and_bicubic_answers_8x8_like_before(live, served, pngs):
+    image = photo(9, 17, seed=5)
+    data = png_bytes(image.transpose(1, 2, 0))
+    expected = in_process(served[1]["conv"], image, overlapping=False)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        raw = client.post("/upscale?model=conv&tile=true", content=data, headers={"content-type": "image/png", "accept": "image/png"})
+        assert raw.headers["x-upgrader-model"] == "conv:1" and "inference;dur=" in raw.headers["server-timing"]
+        with Image.open(io.BytesIO(raw.content)) as out:
+            assert np.abs(np.asarray(out).transpose(2, 0, 1).astype(int) - expected.astype(int)).max() <= 1
+        as_json = client.post("/upscale?model=conv&tile=true", json={"images": [base64.b64encode(data).decode()]}).json()
+        assert np.abs(decoded(as_json["images"][0]).astype(int) - expected.astype(int)).max() <= 1
+        small = client.post("/bicubic", files=multipart(pngs[:2])).json()
+        assert [(i["width"], i["height"]) for i in small["images"]] == [(32, 32), (32, 32)]
+        assert_error(client.post("/bicubic", files=multipart([data])), 422, "wrong_size", 0)
