@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -32,12 +33,15 @@ def nearest_4x(images: np.ndarray) -> np.ndarray:
     return images.repeat(4, axis=-2).repeat(4, axis=-1)
 
 
-def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A real photo crop (skimage's astronaut) as uint8 3 x H x W, so tiles differ from each other."""
-    from skimage import data
+PHOTO = Path(__file__).resolve().parent.parent / "service" / "static" / "examples" / "astronaut-256x256.png"
 
-    y, x = 100 + seed * 7, 150 + seed * 11
-    return np.ascontiguousarray(data.astronaut()[y : y + height, x : x + width].transpose(2, 0, 1))
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A real photo crop (the page's astronaut example) as uint8 3 x H x W, so tiles differ from each other."""
+    with Image.open(PHOTO) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    y, x = 20 + seed * 7, 30 + seed * 11
+    return np.ascontiguousarray(pixels[y : y + height, x : x + width].transpose(2, 0, 1))
 
 
 def decoded(image_json: dict) -> np.ndarray:
