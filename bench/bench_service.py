@@ -292,10 +292,12 @@ class CellResult:
 class LoadRun:
     """Closed loop: `concurrency` connections, each sends the next PNG as soon as its last answer arrived."""
 
-    def __init__(self, port: int, path: str, pngs: list[bytes], concurrency: int, warmup_s: float, duration_s: float, timeout_s: float) -> None:
-        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\nContent-Length: "
+    def __init__(self, port: int | list[int], path: str, pngs: list[bytes], concurrency: int, warmup_s: float, duration_s: float,
+                 timeout_s: float) -> None:
+        self.ports = [port] if isinstance(port, int) else list(port)  # several: connection i goes to ports[i % n] (replicas)
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: "
         self.requests = [head.encode() + f"{len(p)}\r\n\r\n".encode() + p for p in pngs]
-        self.port, self.concurrency = port, concurrency
+        self.concurrency = concurrency
         self.warmup_s, self.duration_s, self.timeout_s = warmup_s, duration_s, timeout_s
         self.latencies: list[float] = []
         self.batch_sizes: list[int] = []
@@ -307,7 +309,7 @@ class LoadRun:
         self.errors[message] = self.errors.get(message, 0) + 1
         self.error_count += 1
 
-    async def run(self, server_pid: int) -> dict:
+    async def run(self, server_pid: int | list[int]) -> dict:
         # perf_counter throughout: uvloop's loop.time() only ticks in milliseconds.
         self.t_measure = time.perf_counter() + self.warmup_s
         self.t_end = self.t_measure + self.duration_s
@@ -323,17 +325,23 @@ class LoadRun:
                 self.error(f"client error: {task.exception()!r}")
         return await usage
 
-    async def sample_usage(self, server_pid: int) -> dict:
+    async def sample_usage(self, server_pid: int | list[int]) -> dict:
+        pids = [server_pid] if isinstance(server_pid, int) else server_pid
+
+        def servers_cpu_s() -> float:
+            return sum(process_tree_cpu_s(pid) for pid in pids)
+
         await asyncio.sleep(self.t_measure - time.perf_counter())
-        before = (process_tree_cpu_s(server_pid), time.process_time(), machine_busy_s(), time.perf_counter())
+        before = (servers_cpu_s(), time.process_time(), machine_busy_s(), time.perf_counter())
         await asyncio.sleep(max(0.0, self.t_end - time.perf_counter()))
-        after = (process_tree_cpu_s(server_pid), time.process_time(), machine_busy_s(), time.perf_counter())
+        after = (servers_cpu_s(), time.process_time(), machine_busy_s(), time.perf_counter())
         wall = after[3] - before[3]
         server, client, busy = ((a - b) / wall for a, b in zip(after[:3], before[:3]))
         return {"server_cpu": server, "client_cpu": client, "other_cpu": max(0.0, busy - server - client), "loadavg_1m": os.getloadavg()[0]}
 
     async def worker(self, index: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        port = self.ports[index % len(self.ports)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         sent = index  # connections start at different images
         try:
             while time.perf_counter() < self.t_end:
@@ -354,7 +362,7 @@ class LoadRun:
                     self.error(f"HTTP {status}: {body[:200].decode(errors='replace')}")
                 if close:
                     writer.close()
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
         finally:
             writer.close()
 

@@ -8,8 +8,10 @@ from model_store.store import (
     ModelNotFound,
     ModelStore,
     StoreError,
+    StoreUnavailable,
     VersionNotFound,
-    default_root,
+    default_location,
+    parse_version,
 )
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "ModelNotFound",
     "ModelStore",
     "StoreError",
+    "StoreUnavailable",
     "VersionNotFound",
-    "default_root",
+    "default_location",
+    "parse_version",
 ]

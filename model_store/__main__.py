@@ -1,4 +1,9 @@
-"""`python -m model_store ls`: the models, versions, aliases and key metrics as a table."""
+"""`python -m model_store [--store DIR|s3://bucket/prefix] ls|alias|verify|gc|init`: the store from a terminal.
+
+ls: models, versions, aliases and key metrics as a table; alias: promote or roll back;
+verify: check every artifact's checksum; gc: remove never-committed versions and stale
+temporary files older than the grace period; init: create the directory or bucket.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from model_store.store import ModelStore, StoreError
+from model_store.store import GC_GRACE_S, ModelStore, StoreError
 
 
 def _metric(manifest: dict, *keys: str) -> str:
@@ -21,7 +26,7 @@ def _metric(manifest: dict, *keys: str) -> str:
 
 
 def ls(store: ModelStore, console: Console) -> int:
-    table = Table(title=f"Model store {store.root}")
+    table = Table(title=f"Model store {store.url}")
     for column in ("model", "version", "aliases", "architecture", "params", "val MSE", "PSNR dB", "SSIM", "bicubic PSNR", "created"):
         table.add_column(column)
     for name in store.models():
@@ -45,7 +50,7 @@ def ls(store: ModelStore, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
-    parser.add_argument("--store", default=None, help="store root (default: $UPGRADER_STORE or ./store)")
+    parser.add_argument("--store", default=None, help="store: a directory or s3://bucket/prefix (default: $UPGRADER_STORE or ./store)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list models, versions, aliases and metrics")
     alias = sub.add_parser("alias", help="point an alias at a version")
@@ -55,11 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check every artifact's checksum")
     verify.add_argument("model")
     verify.add_argument("version", nargs="?", default="latest")
+    gc = sub.add_parser("gc", help="remove claimed-but-never-committed versions and stale temporary files")
+    gc.add_argument("--grace-s", type=float, default=GC_GRACE_S,
+                    help=f"only what is older than this many seconds (default {GC_GRACE_S:g}: a publisher may still be uploading)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    sub.add_parser("init", help="create the store (directory or bucket) if it does not exist")
     args = parser.parse_args(argv)
     store, console = ModelStore(args.store), Console(width=160)
     try:
         if args.command == "ls":
             return ls(store, console)
+        if args.command == "init":
+            store.init()
+            console.print(f"store {store.url} is ready")
+            return 0
+        if args.command == "gc":
+            removed = store.gc(args.grace_s, dry_run=args.dry_run)
+            for key in removed:
+                console.print(f"{'would remove' if args.dry_run else 'removed'} {key}")
+            console.print(f"{len(removed)} object(s) {'to remove' if args.dry_run else 'removed'} from {store.url}")
+            return 0
         if args.command == "alias":
             console.print(f"{args.model}:{args.alias} -> {store.set_alias(args.model, args.alias, args.version)}")
             return 0
@@ -67,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{args.model}:{manifest['version']} OK ({len(manifest['files'])} files verified)")
         return 0
     except StoreError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] store {store.url}: {exc}")
         return 1
 
 

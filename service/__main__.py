@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-import torch
-import uvicorn
-
-from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
 from service.workers import run_workers
+
+# This process stays free of torch (and the app): with several workers it is only their supervisor,
+# and torch alone is ~500 MB of RSS. Only the worker processes (or the single in-process server) load it.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +35,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), asked in a short-lived process so this one never imports torch.
+
+    Without the NVIDIA driver's /proc entry there is no CUDA device, and no process is started.
+    """
+    if not Path("/proc/driver/nvidia/version").exists():
+        return False
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    return probe.stdout.strip() == "True"
+
+
 def default_workers(settings: Settings) -> int:
     """2 on a CPU with 2+ cores, 1 on CUDA or a single core (measured in bench/RESULTS.md, "Service")."""
-    on_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-    return 1 if on_cuda or (os.cpu_count() or 1) < 2 else 2
+    if settings.device == "cpu" or (os.cpu_count() or 1) < 2:
+        return 1 if (os.cpu_count() or 1) < 2 else 2
+    return 1 if settings.device == "cuda" or cuda_available() else 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +62,14 @@ def main(argv: list[str] | None = None) -> None:
                   timeout_graceful_shutdown=settings.request_timeout_s + 5)
     workers = settings.workers or default_workers(settings)
     if workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        import uvicorn
+
+        from service.app import create_app
+        from service.server import uvicorn_config
+
+        app = create_app(settings)
+        host, port = common.pop("host"), common.pop("port")
+        uvicorn.Server(uvicorn_config(app, host, port, **common)).run()
         return
     # Worker processes build their own app from the environment: hand them the flags that way.
     os.environ.update({f"UPGRADER_{key.upper()}": str(value) for key, value in overrides.items()})

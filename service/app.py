@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
+from service.deps import require_api_key
 from service.errors import install_error_handlers
-from service.limits import BodySizeLimitMiddleware
+from service.limits import Admission, AdmissionMiddleware, BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware
-from service.metrics import Metrics
+from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager
 from service.routers import baseline, models, ops, page, upscale
 from service.settings import Settings
@@ -18,6 +21,9 @@ DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader mo
 
 Requests are merged into batches across clients (dynamic batching); new model versions are
 picked up from the store without a restart. Every error is JSON: `{"error": {"code", "message", "item"}}`.
+
+When the service has API keys (UPGRADER_API_KEYS), every endpoint but `/healthz`, `/readyz` and the page
+(`/`, `/static`: it holds no data and asks for a key) needs one, this document included (`Authorization: Bearer <key>` or `X-API-Key: <key>`).
 """
 
 
@@ -33,10 +39,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.manager.close()  # requests already queued are answered first
             app.state.metrics.process_exited()
 
-    app = FastAPI(title="Upgrader", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # The docs are routes of our own (below), so that API keys guard them like every other endpoint.
+    app = FastAPI(title="Upgrader", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.manager = ModelManager(settings, app.state.metrics)
+    app.state.admission = Admission(settings.max_active_images, settings.max_waiting_requests, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(upscale.router)
     app.include_router(baseline.router)
@@ -44,7 +53,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(page.router)
     app.mount("/static", page.static_files(), name="static")
+    add_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    requests = app.state.metrics.requests  # a refusal counts like the route's own 503s (the child made on first use)
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, path="/upscale",
+                       on_refusal=lambda: requests.labels(UNKNOWN_MODEL, "503").inc())
     app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
 
+
+
+def add_docs(app: FastAPI) -> None:
+    """/openapi.json, /docs and /redoc, behind the API key when keys are set."""
+    guarded = [Depends(require_api_key)]
+
+    generate = app.openapi
+
+    def openapi_with_limits() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path in ("/upscale", "/bicubic"):  # the same bodies
+                schema["paths"][path]["post"]["requestBody"] = upscale.request_body(app.state.settings)
+        return app.openapi_schema
+
+    app.openapi = openapi_with_limits
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guarded)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Upgrader - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guarded)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="Upgrader - ReDoc")

@@ -105,6 +105,10 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{label}")
 
     # ---- request side -------------------------------------------------------------
+    def has_room(self, images: int = 1) -> bool:
+        """Whether `images` more would be queued now: the router asks before it reads a body (submit still decides)."""
+        return not self._closing and self.queued_images + images <= self.max_queue_images
+
     async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False) -> JobResult:
         n = len(images)
         if self._closing:

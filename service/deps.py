@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.errors import ApiError
+from service.limits import Admission
 from service.metrics import Metrics
 from service.registry import ModelManager
 from service.settings import Settings
@@ -56,6 +57,13 @@ async def require_api_key(
                        headers={"WWW-Authenticate": "Bearer"})
 
 
+async def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+
+
 async def require_admin(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(description="`Bearer <UPGRADER_ADMIN_TOKEN>`.")] = None,
@@ -65,3 +73,13 @@ async def require_admin(
     if not _matches(_bearer(authorization), settings.admin_token.get_secret_value()):
         raise ApiError(401, "unauthorized", "a valid admin token is required (Authorization: Bearer <token>)",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_metrics_access(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
+    x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
+) -> None:
+    """The API key, unless UPGRADER_METRICS_PUBLIC opens /metrics to a scraper."""
+    if not settings.metrics_public:
+        await require_api_key(settings, authorization, x_api_key)

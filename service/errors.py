@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("service.errors")
 
@@ -29,6 +30,14 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, item: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "item": item}}, status_code=status, headers=headers)
+
+
+ECHO_LIMIT = 100  # characters of client input repeated in an error message (a 65 KB URL gets a short answer)
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Client input as quoted in an error message: repr'd, and cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def unavailable(code: str, message: str, retry_after_s: int) -> ApiError:
@@ -52,8 +61,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        message = f"no route {request.method} {echo(request.url.path)}" if exc.status_code == 404 else str(exc.detail)[:500]
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left (or a body deadline closed its connection): nobody reads this answer.
+        log.info("client disconnected before its request was read", extra={"path": request.url.path[:100]})
+        return error_response(400, "client_disconnected", "the client disconnected before sending its whole body")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,10 +1,23 @@
-"""Request body size limit, enforced while the body streams in (Content-Length can lie or be absent)."""
+"""Limits on what a request may cost: body size (checked while the body streams in) and admission.
+
+Admission decides *before a body is read* whether a request is served: the costly part of an
+upscale request (reading, parsing and decoding its images) happens only while it holds its share of
+`max_active_images` per worker. Up to `max_waiting_requests` more wait in line, their body unread (a
+connection and a task, no bytes buffered beyond the socket's); past that a request is refused with
+503 + Retry-After at once, for microseconds of work. So under overload the worker keeps
+serving at its peak rate instead of spending it on requests that are refused after decoding.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
+from service.errors import ApiError, error_response, unavailable
 
 
 def body_too_large(limit: int) -> ApiError:
@@ -34,3 +47,97 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class Admission:
+    """A budget of images at work per worker (FIFO line of `max_waiting` beyond it); the rest refused before any work.
+
+    A request's cost is its image count, estimated before its body is read from Content-Length (one
+    image per `BYTES_PER_IMAGE`; an 8x8 PNG in a multipart part or as base64 JSON takes more, so the
+    estimate errs high). So many small requests share the budget (and the batches) as freely as
+    before, while a few 64-image requests fill it.
+    """
+
+    BYTES_PER_IMAGE = 300
+
+    def __init__(self, max_images: int, max_waiting: int, retry_after_s: int) -> None:
+        self.budget, self.max_waiting, self.retry_after_s = max_images, max_waiting, retry_after_s
+        self.in_use = 0
+        self._line: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    def weight(self, content_length: str | None, max_images: int) -> int:
+        """Images a body of `content_length` bytes may hold (no length: as many as a request may carry), at most the budget."""
+        estimate = -(-int(content_length) // self.BYTES_PER_IMAGE) if content_length and content_length.isdigit() else max_images
+        return max(1, min(estimate, max_images, self.budget))
+
+    def full(self) -> bool:
+        """A new request would have to wait, and the line is full: it would be refused."""
+        return len(self._line) >= self.max_waiting and (bool(self._line) or self.in_use >= self.budget)
+
+    def refuse(self, why: str) -> ApiError:
+        return unavailable("overloaded", f"{why}; retry later", self.retry_after_s)
+
+    def _busy(self) -> str:
+        return f"{self.in_use} of {self.budget} images at work and {len(self._line)} requests waiting on this worker"
+
+    def _wake(self) -> None:
+        while self._line and self.in_use + self._line[0][0] <= self.budget:
+            weight, granted = self._line.popleft()
+            if not granted.done():
+                self.in_use += weight
+                granted.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, weight: int, wait_s: float) -> AsyncIterator[None]:
+        """Hold `weight` images of the budget for the block; wait in line at most `wait_s` (then 503), or 503 at once if the line is full."""
+        if not self._line and self.in_use + weight <= self.budget:
+            self.in_use += weight
+        else:
+            if len(self._line) >= self.max_waiting:
+                raise self.refuse(self._busy())
+            granted = asyncio.get_running_loop().create_future()
+            entry = (weight, granted)
+            self._line.append(entry)
+            try:
+                async with asyncio.timeout(wait_s):
+                    await granted
+            except BaseException as exc:  # timed out or cancelled: leave the line, or give back what was granted meanwhile
+                if granted.done() and not granted.cancelled():
+                    self.in_use -= weight
+                    self._wake()
+                else:
+                    granted.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._line.remove(entry)
+                    self._wake()
+                if isinstance(exc, TimeoutError):
+                    raise self.refuse(f"no room within {wait_s:.3g}s ({self._busy()})") from None
+                raise
+        try:
+            yield
+        finally:
+            self.in_use -= weight
+            self._wake()
+
+
+class AdmissionMiddleware:
+    """The cheapest refusal: while the worker is full, POST `path` gets 503 before routing, dependencies or the body.
+
+    The route takes the slot itself (Admission.slot); this only spares a request that would be
+    refused there the ~0.5 ms of routing and validation, which under a flood of clients is most of
+    the worker's CPU.
+    """
+
+    def __init__(self, app: ASGIApp, admission: Admission, path: str, on_refusal) -> None:
+        self.app, self.admission, self.path, self.on_refusal = app, admission, path, on_refusal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST" and self.admission.full():
+            exc = self.admission.refuse(self.admission._busy())
+            self.on_refusal()
+            return await exc.response()(scope, receive, send)
+        await self.app(scope, receive, send)

@@ -31,6 +31,11 @@ class Metrics:
         self.load_failures = Counter("upgrader_model_load_failures", "Versions that failed verification or loading.", ["model", "version"], registry=r)
         self.serving_version = Gauge("upgrader_serving_version", "Version answering version=latest, per model.", ["model"], registry=r,
                                      multiprocess_mode="livemax")
+        self.connections_refused = Counter("upgrader_connections_refused", "Connections closed by a limit: too_many_connections, "
+                                           "header_timeout, body_timeout.", ["reason"], registry=r)
+        self.store_up = Gauge("upgrader_store_up", "1 if the last scan of the model store succeeded, else 0.", registry=r,
+                              multiprocess_mode="livemin")
+        self.store_errors = Counter("upgrader_store_errors", "Scans of the model store that failed (unreachable, denied, ...).", registry=r)
         self.loaded_versions = Gauge("upgrader_loaded_versions", "Versions loaded in memory, per model.", ["model"], registry=r,
                                      multiprocess_mode="livemax")
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_store import LATEST, ModelStore
+from model_store import LATEST, ModelStore, StoreUnavailable, parse_version
 from service.batching import Batcher
-from service.errors import ApiError, unavailable
+from service.errors import ApiError, echo, unavailable
 from service.metrics import Metrics
+from service.redact import scrub_text
 from service.settings import Settings
 from service.upscaler import Upscaler, pick_device
 
@@ -78,20 +79,24 @@ class _Scan:
 class ModelManager:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.store = ModelStore(settings.store)
+        self.store = ModelStore(settings.store, cache_dir=settings.model_cache)
         self.device = pick_device(settings.device)
         self.models: dict[str, ModelState] = {}
         self.default_model: str | None = settings.default_model
         self._watcher: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
         self._closing = False
+        self._store_down = False
 
     # ---- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
         torch.set_num_threads(self.settings.inference_threads())
-        await self.refresh()
+        try:
+            await self.refresh()
+        except StoreUnavailable:  # logged by refresh; the watcher keeps trying, /readyz says not ready
+            pass
         self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
-        log.info("model manager started", extra={"store": str(self.store.root), "device": str(self.device),
+        log.info("model manager started", extra={"store": self.store.url, "device": str(self.device),
                                                   "models": {n: s.serving for n, s in self.models.items()}, "default_model": self.default_model})
 
     async def close(self) -> None:
@@ -107,32 +112,40 @@ class ModelManager:
         await asyncio.gather(*self._retiring)
 
     async def _watch(self) -> None:
+        """Scan every poll interval; while the store cannot be read, back off (doubling) and keep serving."""
+        delay = self.settings.poll_interval_s
         while True:
-            await asyncio.sleep(self.settings.poll_interval_s)
+            await asyncio.sleep(delay)
             try:
                 await self.refresh()
+                delay = self.settings.poll_interval_s
+            except StoreUnavailable:
+                delay = min(delay * 2, max(self.settings.poll_max_backoff_s, self.settings.poll_interval_s))
             except Exception:  # a store hiccup must not end hot reload
-                log.exception("store scan failed", extra={"store": str(self.store.root)})
+                log.exception("store scan failed", extra={"store": self.store.url})
 
     # ---- store scanning -----------------------------------------------------------
-    def _scan_model(self, name: str, known: set[int]) -> _Scan:
-        """Read one model's versions, aliases and new manifests (runs in a thread)."""
-        versions = self.store.versions(name)
-        aliases = {k: v for k, v in self.store.aliases(name).items() if k != LATEST} if versions else {}
+    def _scan_model(self, name: str, known: set[int], versions: list[int], aliases: dict[str, int]) -> _Scan:
+        """New manifests of one model's versions (runs in a thread)."""
         manifests, unreadable = {}, {}
         for version in set(versions) - known:
             try:
                 manifests[version] = self.store.manifest(name, version)
+            except StoreUnavailable:
+                raise
             except Exception as exc:
                 unreadable[version] = str(exc)
-        return _Scan(versions, aliases, manifests, unreadable)
+        return _Scan(versions, {k: v for k, v in aliases.items() if k != LATEST}, manifests, unreadable)
 
     def _scan(self, known: dict[str, set[int]]) -> tuple[dict[str, _Scan], set[str]]:
-        """Every model's scan, and the names of models that could not be read this time (kept as they were)."""
-        scans, unreadable = {}, set()
-        for name in self.store.models():
+        """Every model's scan (one listing of the store), and the models that could not be read this time (kept as they were)."""
+        listing, scans, unreadable = self.store.scan(), {}, set()
+        for name, versions in listing.versions.items():
             try:
-                scans[name] = self._scan_model(name, known.get(name, set()))
+                aliases = self.store.stored_aliases(name, listing.aliases_tags.get(name))
+                scans[name] = self._scan_model(name, known.get(name, set()), versions, aliases)
+            except StoreUnavailable:
+                raise
             except Exception as exc:  # e.g. a hand-edited aliases.json: that model waits, the others reload
                 unreadable.add(name)
                 log.warning("cannot read model from the store", extra={"model": name, "reason": f"{type(exc).__name__}: {exc}"})
@@ -151,7 +164,18 @@ class ModelManager:
     async def refresh(self) -> None:
         """Scan the store, load what should be loaded, unload what should not."""
         known = {name: set(state.manifests) | set(state.failed) for name, state in self.models.items()}
-        scans, unreadable = await asyncio.to_thread(self._scan, known)
+        try:
+            scans, unreadable = await asyncio.to_thread(self._scan, known)
+        except StoreUnavailable as exc:
+            self._store_down = True
+            self.metrics.store_up.set(0)
+            self.metrics.store_errors.inc()
+            log.error("model store unreachable; serving the versions already loaded", extra={"store": self.store.url, "reason": str(exc)})
+            raise
+        if self._store_down:
+            log.info("model store reachable again", extra={"store": self.store.url})
+        self._store_down = False
+        self.metrics.store_up.set(1)
         for name in set(self.models) - set(scans) - unreadable:
             for served in list(self.models[name].loaded.values()):
                 self._retire(self.models[name], served)
@@ -169,12 +193,21 @@ class ModelManager:
 
     async def _rescan(self, name: str) -> ModelState | None:
         """Read one model again (a request named something the last scan has not seen)."""
+        known = set(self.models[name].manifests) if name in self.models else set()
+
+        def scan_one() -> _Scan | None:
+            try:
+                versions, aliases = self.store.index(name)
+            except (ValueError, LookupError):  # not a valid model name, or not in the store
+                return None
+            return self._scan_model(name, known, versions, aliases)
+
         try:
-            known = set(self.models[name].manifests) if name in self.models else set()
-            scan = await asyncio.to_thread(self._scan_model, name, known)
-        except ValueError:  # not a valid model name
-            return None
-        if not scan.versions:
+            scan = await asyncio.to_thread(scan_one)
+        except StoreUnavailable as exc:  # answer from what was last seen
+            log.warning("model store unreachable on a request's rescan", extra={"model": name, "reason": str(exc)})
+            return self.models.get(name)
+        if scan is None or not scan.versions:
             return self.models.get(name)
         state = self._merge(name, scan)
         if state.serving is None:
@@ -246,7 +279,7 @@ class ModelManager:
         return served
 
     def _record_failure(self, state: ModelState, version: int, reason: str) -> None:
-        state.failed[version] = reason
+        state.failed[version] = scrub_text(reason)  # it is quoted in HTTP answers: no host paths there (the log keeps them)
         self.metrics.load_failures.labels(state.name, str(version)).inc()
         log.error("version refused", extra={"model": state.name, "version": version, "reason": reason})
 
@@ -280,14 +313,14 @@ class ModelManager:
         """(model, version-or-alias) from a request -> state and version number, or 404/503."""
         name = name or self.default_model
         if name is None:
-            raise unavailable("no_model_loaded", f"no model is loaded from store {self.store.root}", self.settings.retry_after_s)
+            raise unavailable("no_model_loaded", "no model is loaded from the store yet", self.settings.retry_after_s)
         state = await self.model_state(name)
         return state, await self.version_number(state, version)
 
     async def model_state(self, name: str) -> ModelState:
         state = self.models.get(name) or await self._rescan(name)
         if state is None:
-            raise ApiError(404, "model_not_found", f"model {name!r} not found in the store (models: {sorted(self.models)})")
+            raise ApiError(404, "model_not_found", f"model {echo(name)} not found in the store (models: {sorted(self.models)})")
         return state
 
     async def version_number(self, state: ModelState, version: str) -> int:
@@ -301,7 +334,7 @@ class ModelManager:
                               f"model {state.name!r} has no loadable version" + (f" ({failures})" if failures else " yet"),
                               self.settings.retry_after_s)
         if number is None:
-            raise ApiError(404, "version_not_found", f"model {state.name!r} has no version or alias {version!r} "
+            raise ApiError(404, "version_not_found", f"model {state.name!r} has no version or alias {echo(version)} "
                                                      f"(versions: {state.versions}, aliases: {sorted(state.aliases)})")
         return number
 
@@ -309,8 +342,9 @@ class ModelManager:
     def _lookup(state: ModelState, version: str) -> int | None:
         if version == LATEST:
             return state.serving
-        if version.isdigit():
-            return int(version) if int(version) in state.versions else None
+        number = parse_version(version)
+        if number is not None:
+            return number if number in state.versions else None
         return state.aliases.get(version)
 
     @contextlib.asynccontextmanager
@@ -336,11 +370,17 @@ class ModelManager:
             await asyncio.to_thread(self.store.set_alias, name, alias, number)
         except ValueError as exc:
             raise ApiError(422, "invalid_alias", str(exc)) from None
+        except StoreUnavailable:
+            raise unavailable("store_unavailable", "the model store cannot be written right now", self.settings.retry_after_s) from None
         await self._rescan(name)
         log.info("alias set", extra={"model": name, "alias": alias, "version": number})
         with contextlib.suppress(ApiError):
             await self._ensure_loaded(state, number)
         return number
+
+    @property
+    def store_reachable(self) -> bool:
+        return not self._store_down
 
     def is_ready(self) -> bool:
         state = self.models.get(self.default_model or "")

@@ -12,13 +12,16 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model_store import default_root
+# model_store's default root, spelled out: importing model_store imports torch, and the worker
+# supervisor reads these settings without needing torch (it held ~540 MB RSS doing nothing).
+DEFAULT_STORE = Path(__file__).resolve().parent.parent / "store"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UPGRADER_", extra="ignore")
 
-    store: Path = Field(default_factory=default_root, description="Model store root directory (the trainer publishes there).")
+    store: str = Field(str(DEFAULT_STORE), description="Model store: a directory or s3://bucket/prefix (the trainer publishes there). S3 endpoint and credentials come from the AWS variables (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
+    model_cache: Path = Field(Path.home() / ".cache" / "upgrader" / "models", description="Local copies of the versions read from a remote (s3://) store, re-verified on every load; unused for a directory store.")
     default_model: str | None = Field(None, description="Model served when a request names none; unset: the model whose serving version has the best validation PSNR.")
     host: str = Field("127.0.0.1", description="Address uvicorn binds to (`python -m service --host`).")
     port: int = Field(8000, ge=0, le=65535, description="Port uvicorn listens on (`python -m service --port`).")
@@ -32,6 +35,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes (413 beyond, checked while reading).")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline for a request's images to be queued and inferred; past it 504.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often the store is scanned for new versions and aliases.")
+    poll_max_backoff_s: float = Field(30.0, gt=0, description="While the store cannot be read, scans back off (doubling from poll_interval_s) up to this.")
     extra_loaded_versions: int = Field(2, ge=0, description="Versions besides the serving and aliased ones kept loaded for requests naming them (least recently used unloaded first).")
     workers: int | None = Field(None, ge=1, description="Server processes on the port (one SO_REUSEPORT socket each), each with its own batcher and copy of the models; unset: 2 on a CPU with 2+ cores (one Python process tops out near one core of HTTP work and starves its inference thread of the GIL), 1 on CUDA (one process keeps the GPU's batches whole).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads per worker (torch.set_num_threads); unset: (CPU count - 1) / workers (at least 1), leaving a core to HTTP, decoding and encoding.")
@@ -39,12 +43,23 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
     amp_bf16: bool = Field(False, description="On CUDA, run the forward pass under bf16 autocast.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
-    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, /upscale needs one (Authorization: Bearer or X-API-Key).")
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, every endpoint but /healthz and /readyz needs one (Authorization: Bearer or X-API-Key): /upscale, /models..., /docs, /openapi.json and /metrics (unless UPGRADER_METRICS_PUBLIC).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")
+    max_active_images: int = Field(512, ge=1, description="Images per worker being read, decoded, queued or inferred at once, counted before a body is read from its Content-Length (one image per 300 bytes, at most the request limit); requests beyond it wait in line (body unread).")
+    max_waiting_requests: int = Field(32, ge=0, description="Upscale requests per worker waiting for a slot (body unread); past it requests get 503 + Retry-After before their body is read.")
+    max_connections: int = Field(1000, ge=1, description="Open connections per worker; a connection beyond it is answered 503 and closed at once (logged, counted in upgrader_connections_refused_total).")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send a request's headers (from connecting or the first byte of a keep-alive request); past it 408 and the connection is closed.")
+    body_timeout_s: float = Field(20.0, gt=0, description="Time a client has to send a request's whole body once its headers arrived; past it 408 and the connection is closed.")
+    metrics_public: bool = Field(False, description="Serve /metrics without an API key even when UPGRADER_API_KEYS is set (for a Prometheus scraper on a trusted network).")
     log_level: str = Field("INFO", description="Log level of the JSON logs (DEBUG, INFO, WARNING, ...).")
 
     def inference_threads(self) -> int:
         return self.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // (self.workers or 1))
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _path_is_a_location(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -21,9 +21,6 @@ import signal
 import socket
 import time
 
-import uvicorn
-
-from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -41,8 +38,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve_worker(host: str, port: int, log_level: str, uvicorn_options: dict) -> None:
     """One worker process: its own SO_REUSEPORT socket, its own app (settings from the environment)."""
+    import uvicorn  # here, not at the top: the supervisor importing this module stays without torch
+
+    from service.app import create_app
+    from service.server import uvicorn_config
+
     configure_logging(log_level)
-    config = uvicorn.Config(create_app(Settings()), host=host, port=port, **uvicorn_options)
+    config = uvicorn_config(create_app(Settings()), host, port, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
 
 

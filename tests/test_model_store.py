@@ -1,4 +1,8 @@
-"""The model store: versions, aliases, atomic publishing, concurrency and corruption."""
+"""The model store: versions, aliases, atomic publishing, concurrency, corruption and gc.
+
+Most tests run twice, on a local directory and on a real S3 server (SeaweedFS): the store's
+contract does not depend on where the bytes live.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ def publish_fresh(store: ModelStore, arch: str = "conv", seed: int = 0, files: d
     return store.publish(arch, model.state_dict(), manifest_for(arch), files=files), model
 
 
-def test_publish_load_roundtrip_reproduces_outputs(store):
+def test_publish_load_roundtrip_reproduces_outputs(any_store):
+    store = any_store
     version, model = publish_fresh(store, "conv", files={"loss_curve.png": b"\x89PNG fake"})
     assert version == 1
     loaded, manifest = store.load("conv", version)
@@ -45,12 +50,14 @@ def test_publish_load_roundtrip_reproduces_outputs(store):
     assert not loaded.training
     assert manifest["name"] == "conv" and manifest["version"] == 1
     assert set(manifest["files"]) == {"weights.safetensors", "loss_curve.png"}
-    vdir = store.root / "conv" / "1"
-    assert sorted(p.name for p in vdir.iterdir()) == ["loss_curve.png", "manifest.json", "weights.safetensors"]
+    keys = sorted(obj.key for obj in store.storage.list("conv/1/"))
+    assert keys == ["conv/1/.claim", "conv/1/loss_curve.png", "conv/1/manifest.json", "conv/1/weights.safetensors"]
     assert store.verify("conv", 1)["weights_sha256"] == manifest["weights_sha256"]
+    assert store.read_file("conv", 1, "loss_curve.png") == b"\x89PNG fake"
 
 
-def test_versions_monotonic_latest_and_aliases(store):
+def test_versions_monotonic_latest_and_aliases(any_store):
+    store = any_store
     for seed in range(3):
         publish_fresh(store, "fc", seed=seed)
     publish_fresh(store, "conv")
@@ -71,51 +78,133 @@ def test_versions_monotonic_latest_and_aliases(store):
         store.resolve("fc", "canary")
     with pytest.raises(ModelNotFound, match="'nope'"):
         store.resolve("nope")
+    # Versions are ASCII digits or alias names: "²".isdigit() and "١".isdigit() are True in Python.
+    for odd in ("²", "\u0661", "01", "-1", "1.0"):
+        with pytest.raises(VersionNotFound):
+            store.resolve("fc", odd)
 
 
-def test_leftover_temp_dirs_are_invisible(store):
+def test_uncommitted_versions_are_invisible_and_gc_removes_them(any_store):
+    store = any_store
     publish_fresh(store, "conv")
-    half = store.root / "conv" / ".publish-crashed"
-    half.mkdir()
-    (half / "weights.safetensors").write_bytes(b"partial")
+    # What a publisher killed mid-upload leaves: a claim and some artifacts, no manifest.
+    store.storage.create("conv/2/.claim", b"{}")
+    store.storage.put("conv/2/weights.safetensors", b"partial")
+    assert store.versions("conv") == [1] and store.resolve("conv") == 1
+    assert publish_fresh(store, "conv", seed=1)[0] == 3  # the claimed number is never reused while claimed
+    assert store.versions("conv") == [1, 3]
+    assert store.gc(grace_s=3600) == []  # young: a publisher may still be uploading
+    assert sorted(store.gc(grace_s=0, dry_run=True)) == ["conv/2/.claim", "conv/2/weights.safetensors"]
+    assert sorted(store.gc(grace_s=0)) == ["conv/2/.claim", "conv/2/weights.safetensors"]
+    assert [o.key for o in store.storage.list("conv/2/")] == []
+    assert store.versions("conv") == [1, 3]
+    for v in (1, 3):
+        store.verify("conv", v)  # committed versions are never touched
+
+
+def test_gc_removes_stale_local_temp_files_and_old_publish_dirs(store):
+    publish_fresh(store, "conv")
+    legacy = store.root / "conv" / ".publish-crashed"  # left by the rename-based publisher of earlier releases
+    legacy.mkdir()
+    (legacy / "weights.safetensors").write_bytes(b"partial")
+    (store.root / "conv" / ".aliases.json.tmp-1a2b3c4d").write_bytes(b"{")
     assert store.versions("conv") == [1]
-    assert store.resolve("conv") == 1
-    assert publish_fresh(store, "conv", seed=1)[0] == 2
-    assert store.versions("conv") == [1, 2]
+    assert sorted(store.gc(grace_s=0)) == ["conv/.aliases.json.tmp-1a2b3c4d", "conv/.publish-crashed/weights.safetensors"]
+    assert not legacy.exists()
+    store.verify("conv", 1)
+
+
+def test_published_files_follow_the_umask(store):
+    old = os.umask(0o022)
+    try:
+        publish_fresh(store, "conv")
+    finally:
+        os.umask(old)
+    vdir = store.root / "conv" / "1"
+    assert vdir.stat().st_mode & 0o777 == 0o755  # a service running as another user can read it
+    assert (vdir / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_concurrent_alias_updates_never_lose_one(any_store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = any_store
+    for seed in range(3):
+        publish_fresh(store, "conv", seed=seed)
+    names = [f"a{i}" for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda alias: store.set_alias("conv", alias, 1 + names.index(alias) % 3), names))
+    assert results == [1 + i % 3 for i in range(12)]
+    assert store.aliases("conv") == {"latest": 3, **{alias: 1 + i % 3 for i, alias in enumerate(names)}}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "tamper", "delete"])
-def test_damaged_weights_raise_naming_the_file(store, damage):
+def test_damaged_weights_raise_naming_the_file(any_store, damage):
+    store = any_store
     version, _ = publish_fresh(store, "conv")
-    weights = store.root / "conv" / str(version) / "weights.safetensors"
-    data = weights.read_bytes()
+    key = f"conv/{version}/weights.safetensors"
+    data = store.storage.get(key)
     if damage == "truncate":
-        weights.write_bytes(data[: len(data) // 2])
+        store.storage.put(key, data[: len(data) // 2])
     elif damage == "tamper":
-        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        store.storage.put(key, data[:-1] + bytes([data[-1] ^ 1]))
     else:
-        weights.unlink()
-    with pytest.raises(IntegrityError, match=str(weights)):
+        store.storage.delete(key)
+    with pytest.raises(IntegrityError, match=key):
         store.load("conv", version)
     with pytest.raises(IntegrityError, match="weights.safetensors"):
         store.verify("conv", version)
 
 
-def test_weights_that_do_not_fit_the_architecture_are_refused(store):
+def test_weights_that_do_not_fit_the_architecture_are_refused(any_store):
+    store = any_store
     version, _ = publish_fresh(store, "conv")
-    manifest_path = store.root / "conv" / str(version) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    key = f"conv/{version}/manifest.json"
+    manifest = json.loads(store.storage.get(key))
     manifest["architecture"]["name"] = "fc"  # checksum still matches: the architecture check must catch it
-    manifest_path.write_text(json.dumps(manifest))
+    store.storage.put(key, json.dumps(manifest).encode())
     with pytest.raises(IntegrityError, match="does not fit architecture 'fc'"):
         store.load("conv", version)
 
 
-def test_tampered_picture_fails_verification(store):
+def test_tampered_picture_fails_verification(any_store):
+    store = any_store
     version, _ = publish_fresh(store, "conv", files={"samples.png": b"picture"})
-    (store.root / "conv" / str(version) / "samples.png").write_bytes(b"other picture")
+    store.storage.put(f"conv/{version}/samples.png", b"other picture")
     with pytest.raises(IntegrityError, match="samples.png"):
         store.verify("conv", version)
+
+
+def test_s3_cache_serves_verified_copies_and_replaces_bad_ones(s3_store, tmp_path):
+    version, model = publish_fresh(s3_store, "conv", files={"samples.png": b"picture"})
+    reader = ModelStore(s3_store.url, cache_dir=tmp_path / "cache")
+    reader.verify("conv", version)
+    cached = tmp_path / "cache" / "conv" / str(version)
+    assert sorted(p.name for p in cached.iterdir()) == ["manifest.json", "samples.png", "weights.safetensors"]
+    # A damaged cached copy is detected (sha256 on every load) and downloaded again.
+    (cached / "weights.safetensors").write_bytes(b"rotten")
+    loaded, _ = reader.load("conv", version)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+    assert (cached / "weights.safetensors").read_bytes() == s3_store.storage.get(f"conv/{version}/weights.safetensors")
+    # A version damaged in the store itself is refused, even with a good cached copy of other files.
+    s3_store.storage.put(f"conv/{version}/samples.png", b"tampered")
+    (cached / "samples.png").unlink()
+    with pytest.raises(IntegrityError, match="samples.png"):
+        reader.verify("conv", version)
+
+
+def test_unreachable_s3_store_raises_store_unavailable(monkeypatch):
+    from model_store import StoreUnavailable
+    from s3server import free_ports
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = ModelStore("s3://nowhere/models")
+    with pytest.raises(StoreUnavailable, match="s3://nowhere/models"):
+        store.models()
 
 
 def _publish_many(root: str, count: int, seed: int, out) -> None:
@@ -123,22 +212,21 @@ def _publish_many(root: str, count: int, seed: int, out) -> None:
     out.put([publish_fresh(store, "conv", seed=seed * 100 + i)[0] for i in range(count)])
 
 
-def test_concurrent_publishers_get_distinct_versions(tmp_path):
-    root = str(tmp_path / "store")
+def test_concurrent_publishers_get_distinct_versions(any_store):
+    root = any_store.url
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_publish_many, args=(root, 5, seed, out)) for seed in range(4)]
     for p in procs:
         p.start()
-    got = sorted(v for _ in procs for v in out.get(timeout=120))
+    got = sorted(v for _ in procs for v in out.get(timeout=180))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     assert got == list(range(1, 21))
-    store = ModelStore(root)
-    assert store.versions("conv") == got
+    assert any_store.versions("conv") == got
     for v in got:
-        store.verify("conv", v)
+        any_store.verify("conv", v)
 
 
 PUBLISH_FOREVER = """
@@ -153,8 +241,8 @@ while True:
 """
 
 
-def test_killed_publisher_never_leaves_a_visible_half_version(tmp_path):
-    root = tmp_path / "store"
+def test_killed_publisher_never_leaves_a_visible_half_version(any_store):
+    root = any_store.url
     proc = subprocess.Popen([sys.executable, "-c", PUBLISH_FOREVER, str(root)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 60
@@ -169,6 +257,10 @@ def test_killed_publisher_never_leaves_a_visible_half_version(tmp_path):
     for v in versions:
         store.verify("resnet18", v)
     store.load("resnet18")  # latest is complete and loadable
+    leftovers = store.gc(grace_s=0)  # the killed one's claim (and what it uploaded), nothing committed
+    assert all(key.startswith(f"resnet18/{versions[-1] + 1}/") for key in leftovers)
+    assert store.versions("resnet18") == versions
+    assert publish_fresh(store, "resnet18")[0] == versions[-1] + 1
 
 
 def test_cli_ls_lists_models_versions_aliases_metrics(store, capsys):
@@ -181,3 +273,18 @@ def test_cli_ls_lists_models_versions_aliases_metrics(store, capsys):
     assert store_cli(["--store", str(store.root), "verify", "conv", "stable"]) == 0
     assert store_cli(["--store", str(store.root), "verify", "ghost"]) == 1
     assert "'ghost' not found" in capsys.readouterr().out
+
+
+def test_cli_init_and_gc_on_s3(s3_env, capsys):
+    import secrets
+
+    url = f"s3://cli-{secrets.token_hex(4)}/p"  # a new bucket: init creates it
+    assert store_cli(["--store", url, "init"]) == 0
+    assert store_cli(["--store", url, "init"]) == 0  # idempotent
+    store = ModelStore(url)
+    publish_fresh(store, "conv")
+    store.storage.create("conv/2/.claim", b"{}")
+    assert store_cli(["--store", url, "gc", "--grace-s", "0"]) == 0
+    assert "removed conv/2/.claim" in capsys.readouterr().out
+    assert store_cli(["--store", url, "ls"]) == 0
+    assert url in capsys.readouterr().out

@@ -156,9 +156,7 @@ def test_the_page_asks_for_an_api_key_when_the_api_says_401(store, browser):
     with LiveServer(store=store.root, poll_interval_s=60, api_keys="sekrit") as server:
         context = browser.new_context(viewport={"width": 1000, "height": 800})
         page = context.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_selector("#model-choices select[data-model=conv]")  # /models needs no key
-        page.click("button[data-example=cat]")
+        page.goto(server.url + "/")  # the page itself needs no key; GET /models does, so it asks at once
         page.wait_for_selector("#key-form:not([hidden])")
         page.fill("#key-input", "wrong")
         page.click("#key-form button")
@@ -166,11 +164,19 @@ def test_the_page_asks_for_an_api_key_when_the_api_says_401(store, browser):
         assert "not accepted" in page.inner_text("#key-note")
         page.fill("#key-input", "sekrit")
         page.click("#key-form button")
+        page.wait_for_selector("#model-choices select[data-model=conv]")
+        page.click("button[data-example=cat]")  # the key is kept: no second prompt
         wait_for_results(page, len(MODELS) + 1)
+        assert page.locator("#key-form").is_hidden()
         assert page.locator(".card.failed").count() == 0
         assert natural_sizes(page)["conv"] == [32, 32]
         SCREENSHOTS.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / "api_key.png"), full_page=True)
+        # The trainer's pictures need the key too: fetched with it, not by a bare <img src>.
+        page.click("#tab-models")
+        page.locator(".model[data-model=conv] tr.version[data-version='1'] .pictures-toggle").click()
+        page.wait_for_function("document.querySelector(\".model[data-model=conv] tr.pictures[data-version='1'] img[alt$='loss_curve.png']\")"
+                               "?.naturalWidth === 90")
         context.close()
 
 

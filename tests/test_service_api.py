@@ -308,7 +308,7 @@ def test_admin_alias_needs_the_token_and_moves_the_alias(store, inputs, pngs):
         assert_error(client.put("/models/nope/aliases/old", json={"version": 1}, headers=admin), 404, "model_not_found")
 
 
-def test_api_keys_guard_upscale_only(served, pngs):
+def test_api_keys_guard_everything_but_health(served, pngs):
     with in_process_client(store=served[0].root, poll_interval_s=60, api_keys="k1,k2") as client:
         response = client.post("/upscale", files=multipart(pngs[:1]))
         assert_error(response, 401, "unauthorized")
@@ -316,7 +316,14 @@ def test_api_keys_guard_upscale_only(served, pngs):
         assert_error(client.post("/upscale", files=multipart(pngs[:1]), headers={"authorization": "Bearer k3"}), 401, "unauthorized")
         assert client.post("/upscale", files=multipart(pngs[:1]), headers={"authorization": "Bearer k2"}).status_code == 200
         assert client.post("/upscale", files=multipart(pngs[:1]), headers={"x-api-key": "k1"}).status_code == 200
-        assert client.get("/models").status_code == 200 and client.get("/healthz").status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        for path in ("/models", "/models/conv", "/models/conv/versions/1", "/models/conv/versions/1/loss_curve.png",
+                     "/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert_error(client.get(path), 401, "unauthorized")
+            assert client.get(path, headers={"x-api-key": "k1"}).status_code == 200, path
+    with in_process_client(store=served[0].root, poll_interval_s=60, api_keys="k1", metrics_public=True) as client:
+        assert client.get("/metrics").status_code == 200  # opened to a scraper
+        assert_error(client.get("/models"), 401, "unauthorized")
 
 
 # ---- operations -----------------------------------------------------------------------

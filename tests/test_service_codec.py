@@ -101,7 +101,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("UPGRADER_MAX_BATCH_IMAGES", "16")
     monkeypatch.setenv("UPGRADER_ADMIN_TOKEN", "")
     settings = Settings()
-    assert settings.store == tmp_path and settings.max_batch_images == 16 and settings.max_wait_ms == 2.0
+    assert settings.store == str(tmp_path) and settings.max_batch_images == 16 and settings.max_wait_ms == 2.0
     assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
     assert settings.admin_token is None and "k1" not in repr(settings)
     with pytest.raises(ValueError, match="max_queue_images"):

@@ -6,19 +6,14 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import types
 
 import httpx
 import pytest
 from test_service_support import (
     LiveServer,
+    ServiceProcess,
     assert_close_to,
     assert_error,
     assert_outputs_distinguishable,
@@ -29,7 +24,9 @@ from test_service_support import (
     outputs_of,
     png_list,
     publish,
+    publish_corrupt_copy,
     small_inputs,
+    wait_for,
 )
 
 from model_store import WEIGHTS_FILE, ModelStore
@@ -53,14 +50,6 @@ def live(tmp_path_factory, models):
     with LiveServer(store=store.root, poll_interval_s=0.1, max_wait_ms=20) as server:
         server.store = store
         yield server
-
-
-def wait_for(condition, what: str, seconds: float = 30.0):
-    deadline = time.monotonic() + seconds
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
 
 
 def test_every_body_form_over_http(live, models, inputs, pngs):
@@ -136,14 +125,7 @@ def test_a_corrupted_new_version_is_refused_while_the_old_keeps_serving(live, pn
     store: ModelStore = live.store
     client = httpx.Client(base_url=live.url, timeout=30)
     serving = wait_for(lambda: client.get("/models/conv").json()["serving_version"], "a serving version")
-    bad = store.versions("conv")[-1] + 1
-    # Build the bad version beside the store and rename it in, as the store itself does: the
-    # service must never see it half-written, only corrupt (weights truncated after publishing).
-    staging = store.model_dir("conv") / ".corrupt-staging"
-    shutil.copytree(store.model_dir("conv") / str(serving), staging)
-    weights = staging / WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    os.rename(staging, store.model_dir("conv") / str(bad))
+    bad = publish_corrupt_copy(store, "conv", serving)
 
     def refused():
         versions = {v["version"]: v for v in client.get("/models/conv").json()["versions"]}
@@ -192,28 +174,12 @@ def test_graceful_shutdown_answers_everything_already_queued(store, inputs, pngs
 @contextlib.contextmanager
 def python_m_service(store: ModelStore, *flags: str, **env: str):
     """`python -m service` as a real subprocess on a free port, ready; SIGTERM on exit (then `.output` holds its logs)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {**os.environ, "UPGRADER_STORE": str(store.root), **env}
-    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *flags],
-                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process, output="")
-
-    def ready():
-        try:
-            return httpx.get(f"{run.url}/readyz").status_code == 200
-        except httpx.ConnectError:
-            assert process.poll() is None, process.stdout.read()
-            return False
-
+    run = ServiceProcess(store.url, *flags, env=env)
     try:
-        wait_for(ready, f"python -m service {' '.join(flags)} to become ready", 120)
+        run.wait_ready()
         yield run
     finally:
-        process.send_signal(signal.SIGTERM)
-        run.output, _ = process.communicate(timeout=90)  # the supervisor kills a worker still alive after 30 + 10 s
+        run.stop()
 
 
 def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs):
@@ -239,6 +205,9 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
     picks = [[(3 * k + j) % len(pngs) for j in range(1 + k % 2)] for k in range(40)]
     with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5") as run:
         url = run.url
+        # The supervisor only supervises: torch (and its ~500 MB) is loaded by the workers alone.
+        supervisor_maps = open(f"/proc/{run.process.pid}/maps").read()
+        assert "libtorch" not in supervisor_maps and "torch/lib" not in supervisor_maps
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as client:

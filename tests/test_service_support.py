@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -16,6 +23,7 @@ from PIL import Image
 
 from model_store import ModelStore
 from service import Settings, create_app
+from service.server import uvicorn_config
 from upgrader.architectures import build_model, parameter_count
 from upgrader.imaging import downsample, to_float
 
@@ -49,6 +57,24 @@ def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psn
         "device": "cpu", "wall_time_s": 0.0, "torch_version": torch.__version__, "epochs_completed": 1,
     }
     return store.publish(name, model.state_dict(), manifest, files=files), model
+
+
+def publish_corrupt_copy(store: ModelStore, name: str, source: int) -> int:
+    """Commit a new version of `name` whose weights are truncated (a copy of `source`); returns its number.
+
+    Written the way the store itself publishes (claim, artifacts, manifest last), so a reader never
+    sees it half-written, only corrupt: the weights no longer match the manifest's sha256.
+    """
+    bad = max(int(obj.key.split("/")[1]) for obj in store.storage.list(f"{name}/") if obj.key.split("/")[1].isdigit()) + 1
+    assert store.storage.create(f"{name}/{bad}/.claim", b"{}")
+    for obj in store.storage.list(f"{name}/{source}/"):
+        filename = obj.key.rsplit("/", 1)[1]
+        if filename in ("manifest.json", ".claim"):
+            continue
+        data = store.storage.get(obj.key)
+        store.storage.put(f"{name}/{bad}/{filename}", data[: len(data) // 2] if filename == "weights.safetensors" else data)
+    store.storage.put(f"{name}/{bad}/manifest.json", store.storage.get(f"{name}/{source}/manifest.json"))
+    return bad
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
@@ -142,7 +168,7 @@ class LiveServer:
 
     def __init__(self, **settings) -> None:
         self.app = create_app(Settings(**settings))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+        config = uvicorn_config(self.app, "127.0.0.1", 0, log_config=None, access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 
@@ -173,3 +199,58 @@ def in_process_client(**settings):
 
     with TestClient(create_app(Settings(**settings)), raise_server_exceptions=False) as client:
         yield client
+
+
+class ServiceProcess:
+    """`python -m service` as a real subprocess (optionally inside a network namespace); `.output` holds its logs after stop()."""
+
+    def __init__(self, store_url: str, *flags: str, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        environment = {**os.environ, "UPGRADER_STORE": store_url, "PYTHONUNBUFFERED": "1", **(env or {})}
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        command = [sys.executable, "-m", "service", "--host", host, "--port", str(port), *flags]
+        self.url, self.output = f"http://{host}:{port}", ""
+        # Logs go to a file, not a pipe: nobody reads a pipe while the test runs, and a full one
+        # (64 KB of access log) would block the server's event loop on its next log line.
+        self._log = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen((["ip", "netns", "exec", netns] if netns else []) + command, env=environment,
+                                        stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+        except httpx.TransportError:
+            assert self.process.poll() is None, self._read_log()
+            return False
+
+    def wait_ready(self, seconds: float = 120) -> "ServiceProcess":
+        deadline = time.monotonic() + seconds
+        while not self.ready():
+            assert time.monotonic() < deadline, f"service at {self.url} not ready after {seconds:g}s"
+            time.sleep(0.1)
+        return self
+
+    def _read_log(self) -> str:
+        self._log.seek(0)
+        return self._log.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=90)  # the supervisor kills a worker still alive after 30 + 10 s
+        self.output = self._read_log()
+
+    def logs(self) -> list[dict]:
+        return [json.loads(line) for line in self.output.splitlines() if line.startswith("{")]
+
+
+def wait_for(condition, what: str, seconds: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return result

@@ -115,10 +115,9 @@ def test_manifest_follows_the_contract(tiny_store):
 
 @pytest.mark.slow
 def test_pictures_are_real_pngs(tiny_store):
-    vdir = tiny_store.version_dir("fc", 1)
     sizes = {}
     for filename in ("loss_curve.png", "samples.png"):
-        data = (vdir / filename).read_bytes()
+        data = tiny_store.read_file("fc", 1, filename)
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
         image = Image.open(io.BytesIO(data))
         image.load()

@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="store name of the model whose versions are averaged")
     p.add_argument("--versions", type=version_list, required=True, metavar="V1,V2,...",
                    help="the versions to average (at least two, all of the same architecture)")
-    p.add_argument("--store", type=Path, default=None, help="model store root (default: $UPGRADER_STORE or ./store)")
+    p.add_argument("--store", default=None, help="model store: a directory or s3://bucket/prefix (default: $UPGRADER_STORE or ./store)")
     p.add_argument("--data", type=Path, default=os.environ.get("UPGRADER_DATA"),
                    help="dataset whose validation split the soup is evaluated on (default: $UPGRADER_DATA)")
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache)")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     files = {"samples.png": draw_samples(model, data.val, device, title)}
     version = store.publish(args.model, model.state_dict(), soup_manifest(args.versions, ingredients, metrics, args, device),
                             files=files)
-    log.info("event=published model=%s version=%d soup_of=%s store=%s", args.model, version, args.versions, store.root)
+    log.info("event=published model=%s version=%d soup_of=%s store=%s", args.model, version, args.versions, store.url)
     return 0
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model_store import LATEST, ModelStore, StoreError, default_root
+from model_store import LATEST, ModelStore, StoreError
 from trainer import distributed
 from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     where.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache/datasets)")
     where.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on a fixed, seeded random subset of N images")
     where.add_argument("--limit-val", type=int, default=None, metavar="N", help="validate on a fixed, seeded random subset of N images")
-    where.add_argument("--store", type=Path, default=None, help="model store root (default: $UPGRADER_STORE or ./store)")
+    where.add_argument("--store", default=None,
+                       help="model store: a directory or s3://bucket/prefix (default: $UPGRADER_STORE or ./store; S3 credentials from AWS_*)")
     where.add_argument("--publish-as", default=None, metavar="NAME",
                        help="store name to publish under (default: the architecture name; only with a single model)")
 
@@ -265,10 +266,10 @@ def dataset_of(data: ImageData) -> dict:
     return {"name": data.name, "fingerprint": data.fingerprint, "train_size": len(data.train), "val_size": len(data.val)}
 
 
-def load_initial_weights(model: nn.Module, init_from: str, store_root: Path | None, architecture: dict) -> dict:
+def load_initial_weights(model: nn.Module, init_from: str, store_location: str | None, architecture: dict) -> dict:
     """Load a published version's verified weights into `model` (--init-from); what to record in the recipe."""
     name, _, version = init_from.partition(":")
-    store = ModelStore(store_root)
+    store = ModelStore(store_location)
     try:
         state_dict, manifest = store.load_state_dict(name, version or LATEST)
     except StoreError as exc:  # unknown model or version, or weights that fail their checksum
@@ -411,10 +412,11 @@ def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: I
         "torch_version": torch.__version__,
         "epochs_completed": history[-1]["epoch"] if history else 0,
     }
-    version = ModelStore(args.store).publish(name, model.state_dict(), manifest, files=files)
+    store = ModelStore(args.store)
+    version = store.publish(name, model.state_dict(), manifest, files=files)
     if checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
         mark_published(checkpoint_dir, version)
-    log.info("event=published model=%s version=%d store=%s", name, version, args.store or default_root())
+    log.info("event=published model=%s version=%d store=%s", name, version, store.url)
     return version
 
 
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         # Leave together: a rank that exits while rank 0 still evaluates and publishes closes its
         # gloo connections under rank 0, which can then fail with "Connection closed by peer".
         runtime.barrier()
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, StoreError) as exc:
         log.error("event=failed error=%s", exc)
         return 1
     finally:

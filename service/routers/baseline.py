@@ -17,7 +17,6 @@ from PIL import Image
 from service import codec
 from service.deps import SettingsDep, require_api_key
 from service.routers.upscale import (
-    _REQUEST_BODY,
     _RESPONSES,
     TileParam,
     check_acceptable,
@@ -27,9 +26,11 @@ from service.routers.upscale import (
     decode_tiled,
     make_response,
     read_body,
+    request_body,
     score_each,
 )
 from service.schemas import UpscaleMetrics, UpscaleResponse
+from service.settings import Settings
 from service.upscaler import Upscaler
 from upgrader.architectures import INPUT_SIZE, OUTPUT_SIZE
 
@@ -47,7 +48,8 @@ def bicubic(image: np.ndarray) -> np.ndarray:
 
 
 @router.post("/bicubic", summary="Pillow bicubic 4x of the same inputs (the baseline)", response_model=UpscaleResponse,
-             responses=_RESPONSES, openapi_extra={"requestBody": _REQUEST_BODY}, dependencies=[Depends(require_api_key)])
+             responses=_RESPONSES, openapi_extra={"requestBody": request_body(Settings.model_construct())},  # the app puts its own limits in
+             dependencies=[Depends(require_api_key)])
 async def upscale_bicubic(request: Request, settings: SettingsDep, tile: TileParam = False) -> Response:
     started = time.perf_counter()
     body = await read_body(request, settings, tile)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import ManagerDep, MetricsDep, SettingsDep
+from service.deps import ManagerDep, MetricsDep, SettingsDep, require_metrics_access
 from service.errors import unavailable
 from service.schemas import ErrorResponse, Health
 
@@ -21,12 +21,15 @@ async def healthz() -> Health:
             responses={503: {"model": ErrorResponse, "description": "No default model loaded yet (or none in the store)."}})
 async def readyz(manager: ManagerDep, settings: SettingsDep) -> Health:
     if not manager.is_ready():
-        raise unavailable("not_ready", f"default model {manager.default_model!r} is not loaded (store {manager.store.root})",
+        raise unavailable("not_ready", f"default model {manager.default_model!r} is not loaded" + ("" if manager.store_reachable else " (the model store cannot be read)"),
                           settings.retry_after_s)
     return Health(status="ready", default_model=manager.default_model,
                   loaded={name: sorted(state.loaded) for name, state in manager.models.items()})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", summary="Prometheus metrics (API key when keys are set, unless UPGRADER_METRICS_PUBLIC)", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+                       401: {"model": ErrorResponse, "description": "UPGRADER_API_KEYS is set and no valid key was sent."}},
+            dependencies=[Depends(require_metrics_access)])
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

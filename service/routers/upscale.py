@@ -15,11 +15,12 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
 from service import codec, tiling
-from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
-from service.errors import ApiError
+from service.deps import AdmissionDep, ManagerDep, MetricsDep, SettingsDep, require_api_key
+from service.errors import ApiError, echo, unavailable
 from service.metrics import UNKNOWN_MODEL
 from service.registry import Served
 from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
@@ -33,24 +34,52 @@ router = APIRouter(tags=["upscale"])
 IMAGE_FIELD, REFERENCE_FIELD = "images", "references"
 ENSEMBLE_SIZES = (1, 8)
 INLINE_DECODE_LIMIT = 4  # decoding costs ~0.1 ms an image: beyond a few, decode off the event loop
+INLINE_JSON_LIMIT = 64 * 1024  # bytes of JSON parsed on the event loop; larger bodies are parsed in a thread
+JSON_KEYS = ("images", "references")
 
 _binary = {"type": "string", "format": "binary"}
-_REQUEST_BODY = {
-    "required": True,
-    "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB); "
-                   "optional references are 32x32, aligned with the images. With tile=true images may have any size "
-                   "(up to UPGRADER_MAX_IMAGE_PIXELS each) and references are 4x each image's width and height.",
-    "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
-            IMAGE_FIELD: {"type": "array", "items": _binary, "description": "One or more parts named `images`."},
-            REFERENCE_FIELD: {"type": "array", "items": _binary, "description": "Optional parts named `references`, one per image."}}}},
-        "application/json": {"schema": UpscaleJSONRequest.model_json_schema()},
-        "image/png": {"schema": _binary},
-        "image/jpeg": {"schema": _binary},
-        "image/webp": {"schema": _binary},
-        "image/bmp": {"schema": _binary},
-    },
-}
+_IMAGE_TYPES = "image/png, image/jpeg, image/webp, image/bmp"
+_BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def request_body(settings: Settings) -> dict:
+    """The OpenAPI request body of POST /upscale with this server's limits: what it accepts, as far as a schema can say.
+
+    Counts, sizes, base64, required and unknown fields are in the schema; what no JSON schema can say
+    (that the bytes decode to an 8x8 image, that references align with images) is in the descriptions
+    and answered 400/413/415/422 (see the responses).
+    """
+    count = {"minItems": 1, "maxItems": settings.max_images_per_request}
+    binary = {**_binary, "minLength": 1, "maxLength": settings.max_image_bytes, "contentMediaType": "image/*"}
+    base64_image = {"type": "string", "format": "byte", "contentEncoding": "base64", "pattern": _BASE64, "minLength": 4,
+                    "maxLength": 4 * -(-settings.max_image_bytes // 3)}
+    example = base64.b64encode(codec.encode_png(np.zeros((3, 8, 8), np.uint8))).decode("ascii")
+    return {
+        "required": True,
+        "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB) "
+                       f"of at most {settings.max_image_bytes} bytes; optional references are 32x32, one per image, in the same order. "
+                       "With tile=true images may have any size (up to UPGRADER_MAX_IMAGE_PIXELS each, bounded in bytes by the body "
+                       "limit) and references are 4x each image's width and height.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
+                    IMAGE_FIELD: {"type": "array", "items": binary, **count, "description": "One or more file parts named `images`."},
+                    REFERENCE_FIELD: {"type": "array", "items": binary, **count,
+                                      "description": "Optional file parts named `references`, one per image."}}},
+                "encoding": {IMAGE_FIELD: {"contentType": _IMAGE_TYPES}, REFERENCE_FIELD: {"contentType": _IMAGE_TYPES}},
+            },
+            "application/json": {
+                "schema": {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
+                    IMAGE_FIELD: {"type": "array", "items": base64_image, **count, "description": "Base64-encoded 8x8 images."},
+                    REFERENCE_FIELD: {"anyOf": [{"type": "array", "items": base64_image, **count}, {"type": "null"}],
+                                      "description": "Optional base64 32x32 references, one per image; adds psnr/ssim per output."}}},
+                "example": {IMAGE_FIELD: [example]},
+            },
+            **{media: {"schema": binary} for media in ("image/png", "image/jpeg", "image/webp", "image/bmp")},
+        },
+    }
+
+
 _ERRORS = {
     400: "Corrupt or truncated image, empty part, invalid base64/JSON/multipart.",
     401: "UPGRADER_API_KEYS is set and no valid key was sent.",
@@ -81,12 +110,14 @@ class UpscaleBody:
 
 
 @router.post("/upscale", summary="Upscale 8x8 images to 32x32 (any size with tile=true)", response_model=UpscaleResponse, responses=_RESPONSES,
-             openapi_extra={"requestBody": _REQUEST_BODY}, dependencies=[Depends(require_api_key)])
+             openapi_extra={"requestBody": request_body(Settings.model_construct())},  # the app puts its own limits in
+             dependencies=[Depends(require_api_key)])
 async def upscale(
     request: Request,
     manager: ManagerDep,
     metrics: MetricsDep,
     settings: SettingsDep,
+    admission: AdmissionDep,
     model: Annotated[str | None, Query(description="Model name; default UPGRADER_DEFAULT_MODEL, else the best by validation PSNR.")] = None,
     version: Annotated[str, Query(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = LATEST,
     ensemble: Annotated[int, Query(description="8: average the model over the 8 flips/rotations of each input.",
@@ -98,14 +129,21 @@ async def upscale(
     try:
         if ensemble not in ENSEMBLE_SIZES:
             raise ApiError(422, "invalid_parameter", f"ensemble must be one of {ENSEMBLE_SIZES}, not {ensemble}")
-        body = await read_body(request, settings, tile)
-        check_acceptable(request, len(body.images))
-        if tile:
-            check_pixels(body.images, settings)
+        # Admission, before a byte of the body is read: which version serves it, whether its queue has
+        # room at all, and a slot on this worker (or a place in line). A refusal costs microseconds.
         async with manager.lease(model, version) as served:
             label = served.name
-            done = await (upscale_tiled if tile else upscale_small)(served, body, ensemble, started + settings.request_timeout_s, settings)
-        scores = await run_in_threadpool(score_each, done.outputs, done.references) if done.references is not None else None
+            if not served.batcher.has_room():
+                raise unavailable("queue_full", f"{served.batcher.label} queue is full", settings.retry_after_s)
+            weight = admission.weight(request.headers.get("content-length"), settings.max_images_per_request)
+            async with admission.slot(weight, wait_s=settings.request_timeout_s):
+                body = await read_body(request, settings, tile)
+                check_acceptable(request, len(body.images))
+                if tile:
+                    check_pixels(body.images, settings)
+                upscale_images = upscale_tiled if tile else upscale_small
+                done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings)
+                scores = await run_in_threadpool(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
         run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
                              inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
@@ -115,6 +153,9 @@ async def upscale(
         return response
     except ApiError as exc:
         status = exc.status
+        raise
+    except ClientDisconnect:
+        status = 499  # the client left (or its body deadline passed) before sending its body: no answer goes out
         raise
     finally:
         metrics.requests.labels(label, str(status)).inc()
@@ -154,13 +195,15 @@ async def read_body(request: Request, settings: Settings, tile: bool = False) ->
     """Whatever the form, -> encoded images and references; refuses unknown fields and bad counts.
 
     Tiled images are bounded by their pixels and the body limit, not by the 8x8 images' byte limit."""
+    image_bytes = settings.max_body_bytes if tile else settings.max_image_bytes
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        body = await read_multipart(request, settings, settings.max_body_bytes if tile else settings.max_image_bytes)
+        body = await read_multipart(request, settings, image_bytes)
     elif media_type == "application/json" or media_type.endswith("+json"):
-        body = read_json(await request.body())
+        raw = await read_json_bytes(request, settings)
+        body = read_json(raw) if len(raw) <= INLINE_JSON_LIMIT else await run_in_threadpool(read_json, raw)
     elif media_type.startswith("image/"):
-        body = UpscaleBody([await request.body()], None)
+        body = UpscaleBody([await read_limited(request, image_bytes, 0)], None)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {media_type or '(none)'!r} is not accepted; send "
                        "multipart/form-data (parts named images), application/json ({\"images\": [base64, ...]}) or one image/png body")
@@ -187,7 +230,7 @@ async def read_multipart(request: Request, settings: Settings, max_part_bytes: i
     try:
         for key, value in form.multi_items():
             if key not in fields:
-                raise ApiError(422, "unknown_field", f"unexpected form field {key!r}; send parts named {IMAGE_FIELD!r} "
+                raise ApiError(422, "unknown_field", f"unexpected form field {echo(key)}; send parts named {IMAGE_FIELD!r} "
                                f"(and optionally {REFERENCE_FIELD!r})")
             if not isinstance(value, UploadFile):
                 raise ApiError(422, "not_a_file", f"{key} part {len(fields[key])} is a text field; send it as a file part "
@@ -196,6 +239,39 @@ async def read_multipart(request: Request, settings: Settings, max_part_bytes: i
     finally:
         await form.close()
     return UpscaleBody(fields[IMAGE_FIELD], fields[REFERENCE_FIELD] or None)
+
+
+async def read_limited(request: Request, limit: int, item: int) -> bytes:
+    """One raw image body, refused (413) as soon as it exceeds `limit`: from Content-Length, or while it streams in."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, "image_too_large", f"image {item} is larger than {limit} bytes", item)
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_bytes(request: Request, settings: Settings) -> bytes:
+    """The JSON body, refused (413) while it streams in once it holds more strings than a request may carry.
+
+    A JSON string costs two quote characters, so the quotes seen so far bound the number of images
+    (base64 never contains a quote). Counting a chunk is ~1 us per KB: 10 million empty strings are
+    refused after their first kilobytes instead of after parsing 30 MB into 10 million objects.
+    """
+    strings = 2 * settings.max_images_per_request + len(JSON_KEYS)  # images, as many references, and the keys
+    chunks, quotes = [], 0
+    async for chunk in request.stream():
+        quotes += chunk.count(b'"')
+        if quotes > 2 * strings:
+            raise ApiError(413, "too_many_images", f"the JSON body holds more than {strings} strings; the limit is "
+                           f"{settings.max_images_per_request} images and as many references", settings.max_images_per_request)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def read_json(raw: bytes) -> UpscaleBody:
@@ -207,7 +283,7 @@ def read_json(raw: bytes) -> UpscaleBody:
         if error["type"] == "json_invalid":
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error['msg']}") from None
         if error["type"] == "extra_forbidden":
-            raise ApiError(422, "unknown_field", f"unexpected JSON field {where!r}; send {{\"images\": [base64, ...]}}") from None
+            raise ApiError(422, "unknown_field", f"unexpected JSON field {echo(where)}; send {{\"images\": [base64, ...]}}") from None
         if error["type"] == "missing" and where == IMAGE_FIELD:
             raise ApiError(422, "missing_images", "the JSON body has no \"images\" list") from None
         item = error["loc"][1] if len(error["loc"]) > 1 and isinstance(error["loc"][1], int) else None

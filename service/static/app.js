@@ -199,8 +199,12 @@ function versionRow(model, v) {
         const pictures = row.nextElementSibling;
         pictures.hidden = !pictures.hidden;
         toggle.setAttribute("aria-expanded", String(!pictures.hidden));
-        // Loaded when first shown: a long store is many pictures.
-        pictures.querySelectorAll("img[data-src]").forEach((img) => { img.src = img.dataset.src; delete img.dataset.src; });
+        // Loaded when first shown (a long store is many pictures), through api(): with API keys they need one too.
+        pictures.querySelectorAll("img[data-src]").forEach((img) => {
+          const src = img.dataset.src;
+          delete img.dataset.src;
+          api(src).then((r) => r.blob()).then((blob) => { img.src = URL.createObjectURL(blob); }).catch(() => img.dispatchEvent(new Event("error")));
+        });
       });
       td.append(toggle);
     } else {

@@ -1,0 +1,308 @@
+"""Issue 10: overload is refused before it costs work; slow, oversized and hostile clients; the defects found.
+
+Everything runs against a real uvicorn on loopback (LiveServer: the app under the service's own
+guarded protocol) with a real store; slow clients are raw sockets that send part of a request and stop.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import time
+import zlib
+
+import httpx
+import pytest
+from test_service_support import (
+    LiveServer,
+    assert_error,
+    metric_value,
+    multipart,
+    png_list,
+    publish,
+    small_inputs,
+)
+
+from model_store import WEIGHTS_FILE, ModelStore
+from service.limits import Admission
+
+inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)
+pngs = pytest.fixture(scope="module", name="pngs")(png_list)
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("overload") / "store")
+    publish(store, "conv", seed=1)
+    return store
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length framed) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def multipart_head(url: str, body: bytes, boundary: str = "b0undary") -> bytes:
+    return (f"POST /upscale HTTP/1.1\r\nHost: {url.removeprefix('http://')}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+
+
+def padded_png(png: bytes, size: int) -> bytes:
+    """The same image with a tEXt chunk of `size` bytes before IEND (still an 8x8 PNG)."""
+    data = b"comment\0" + b"x" * size
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:-12] + chunk + png[-12:]
+
+
+def multipart_body(images: list[bytes], boundary: str = "b0undary") -> bytes:
+    parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{i}.png\"\r\n"
+                     f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n" for i, image in enumerate(images))
+    return parts + f"--{boundary}--\r\n".encode()
+
+
+# ---- admission --------------------------------------------------------------------------------------
+def test_overload_is_refused_before_the_body_is_read_and_waiting_requests_are_served(store, pngs):
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=1) as live:
+        body = multipart_body(pngs[:4])
+        # A: takes the only slot, then stalls halfway through its body.
+        a = connect(live.url)
+        a.sendall(multipart_head(live.url, body) + body[: len(body) // 2])
+        time.sleep(0.3)
+        # B: waits in line for the slot (its body, sent whole, is not read yet).
+        b = connect(live.url)
+        b.sendall(multipart_head(live.url, body) + body)
+        time.sleep(0.3)
+        # C: only its headers; it never sends the body it announces, and is refused anyway: the refusal needs no body.
+        c = connect(live.url)
+        c.sendall(multipart_head(live.url, body))
+        status, headers, answer = read_response(c)
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert json.loads(answer)["error"]["code"] == "overloaded"
+        # A finishes its body: A, then B, are served in full.
+        a.sendall(body[len(body) // 2 :])
+        for sock in (a, b):
+            status, _, answer = read_response(sock)
+            assert status == 200, answer
+            assert len(json.loads(answer)["images"]) == 4
+        for sock in (a, b, c):
+            sock.close()
+        # Health checks were never behind the line, and the refusal is counted.
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+        assert metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_requests_total", model="-", status="503") >= 1
+
+
+def test_a_requests_share_of_the_admission_budget_is_estimated_from_its_length(pngs):
+    admission = Admission(512, 32, 1)
+    sixty_four = admission.weight(str(len(multipart_body(pngs[:64]))), 256)
+    assert 64 <= sixty_four <= 2 * 64  # errs high, never low, for real 8x8 PNGs in multipart
+    base64_json = len(json.dumps({"images": [base64.b64encode(p).decode() for p in pngs[:64]]}))
+    assert 64 <= admission.weight(str(base64_json), 256) <= 2 * 64
+    assert admission.weight(str(len(multipart_body(pngs[:1]))), 256) <= 2  # one-image requests: ~256 share the budget
+    assert admission.weight(None, 256) == 256  # no Content-Length (chunked): as many as a request may carry
+    assert Admission(100, 32, 1).weight("10000000", 256) == 100  # never more than the budget: it can always run alone
+
+
+def test_a_full_queue_refuses_before_the_body(store, pngs):
+    """The version's queue is full (a request waits on a 10 s batching window): the next one is refused from its headers alone."""
+    with (LiveServer(store=store.root, poll_interval_s=60, max_queue_images=4, max_images_per_request=4, max_wait_ms=10_000,
+                     max_batch_images=64) as live, httpx.Client(base_url=live.url, timeout=30) as client):
+        filler = connect(live.url)
+        body = multipart_body(pngs[:4])
+        filler.sendall(multipart_head(live.url, body) + body)
+        deadline = time.monotonic() + 30
+        while metric_value(client.get("/metrics").text, "upgrader_queue_images", model="conv", version="1") < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        refused = connect(live.url)
+        refused.sendall(multipart_head(live.url, body))  # headers only
+        status, headers, answer = read_response(refused)
+        assert status == 503 and json.loads(answer)["error"]["code"] == "queue_full" and headers["retry-after"]
+        filler.close()
+        refused.close()
+
+
+# ---- slow clients -----------------------------------------------------------------------------------
+def test_slow_headers_and_bodies_time_out_with_408_and_a_metric(store, pngs):
+    with LiveServer(store=store.root, poll_interval_s=60, header_timeout_s=0.5, body_timeout_s=0.5) as live:
+        silent = connect(live.url)  # connects and sends nothing
+        dribbling = connect(live.url)
+        dribbling.sendall(b"POST /upscale HTTP/1.1\r\nHost: x\r\nContent-Ty")  # headers never finish
+        body = multipart_body(pngs[:2])
+        slow_body = connect(live.url)
+        slow_body.sendall(multipart_head(live.url, body) + body[:100])  # body never finishes
+        # While they hang, the service answers others.
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+        for sock, code in ((silent, "header_timeout"), (dribbling, "header_timeout"), (slow_body, "body_timeout")):
+            status, headers, answer = read_response(sock)
+            assert status == 408 and headers["connection"] == "close"
+            assert json.loads(answer)["error"]["code"] == code
+            assert closed_by_server(sock)
+            sock.close()
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert metric_value(metrics, "upgrader_connections_refused_total", reason="header_timeout") == 2
+        assert metric_value(metrics, "upgrader_connections_refused_total", reason="body_timeout") == 1
+        # The abandoned request is counted as the client's doing (499), not as a server error.
+        assert metric_value(metrics, "upgrader_requests_total", model="conv", status="499") == 1
+        assert "status=\"500\"" not in metrics
+        # A keep-alive connection's next request gets its own header deadline.
+        keep = connect(live.url)
+        keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(keep)[0] == 200
+        keep.sendall(b"GET /heal")
+        assert read_response(keep)[0] == 408
+        keep.close()
+
+
+def test_a_large_body_waiting_for_admission_is_not_timed_out_for_our_slowness(store, pngs):
+    """Past 64 KB uvicorn stops reading until the app asks; while the app lets it wait in line, the body clock does not run."""
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=4, body_timeout_s=0.5,
+                    max_wait_ms=2000) as live:
+        padded = [padded_png(png, 16_000) for png in pngs[:64]]  # real 8x8 PNGs with a 16 KB text chunk each
+        small, large = multipart_body(pngs[:2]), multipart_body(padded)
+        assert len(large) > 1_000_000  # more than one read of the socket, more than uvicorn buffers before pausing
+        first = connect(live.url)
+        first.sendall(multipart_head(live.url, small) + small)  # holds the slot ~2 s (the batching window)
+        time.sleep(0.3)
+        second = connect(live.url)
+        second.sendall(multipart_head(live.url, large) + large)  # sent whole at once, read only when admitted
+        for sock, count in ((first, 2), (second, 64)):
+            status, _, answer = read_response(sock)
+            assert status == 200, answer
+            assert len(json.loads(answer)["images"]) == count
+            sock.close()
+
+
+def test_many_half_sent_requests_are_closed_and_health_answers_meanwhile(store):
+    with LiveServer(store=store.root, poll_interval_s=60, header_timeout_s=1.0) as live:
+        socks = []
+        for _ in range(300):
+            sock = connect(live.url)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            socks.append(sock)
+        with httpx.Client(base_url=live.url, timeout=30) as client:
+            assert all(client.get("/healthz").status_code == 200 for _ in range(5))
+        for sock in socks:
+            assert read_response(sock)[0] == 408 and closed_by_server(sock)
+            sock.close()
+
+
+def test_connections_beyond_the_cap_get_503_and_are_closed(store):
+    with LiveServer(store=store.root, poll_interval_s=60, max_connections=3) as live:
+        held = [connect(live.url) for _ in range(3)]
+        time.sleep(0.2)
+        extra = connect(live.url)
+        status, headers, answer = read_response(extra)
+        assert status == 503 and headers["retry-after"] and json.loads(answer)["error"]["code"] == "too_many_connections"
+        assert closed_by_server(extra)
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        metrics = httpx.get(f"{live.url}/metrics").text  # room again
+        assert metric_value(metrics, "upgrader_connections_refused_total", reason="too_many_connections") == 1
+
+
+# ---- oversized bodies -------------------------------------------------------------------------------
+def test_ten_million_empty_json_strings_are_refused_from_the_first_chunks(store):
+    """30 MB announced; the 413 comes back after the first megabyte, before the rest is even sent."""
+    body = b'{"images": [' + b",".join([b'""'] * 10_000_000) + b"]}"
+    with LiveServer(store=store.root, poll_interval_s=60) as live:
+        sock = connect(live.url)
+        sock.sendall((f"POST /upscale HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                     + body[: 1 << 20])
+        status, _, answer = read_response(sock)
+        assert status == 413 and json.loads(answer)["error"]["code"] == "too_many_images"
+        sock.close()
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+
+
+def test_json_within_the_limits_still_works_and_a_raw_image_is_capped_from_its_length(store, pngs):
+    with LiveServer(store=store.root, poll_interval_s=60, max_images_per_request=4) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        encoded = [base64.b64encode(p).decode() for p in pngs[:4]]
+        response = client.post("/upscale", json={"images": encoded, "references": None})
+        assert response.status_code == 200 and len(response.json()["images"]) == 4
+        assert_error(client.post("/upscale", json={"images": encoded + encoded[:1]}), 413, "too_many_images", 4)
+        assert_error(client.post("/upscale", content=b"\x89PNG" + b"\0" * 70_000, headers={"content-type": "image/png"}),
+                     413, "image_too_large", 0)
+
+
+# ---- defects ----------------------------------------------------------------------------------------
+def test_versions_are_ascii_digits_or_aliases(store):
+    with LiveServer(store=store.root, poll_interval_s=60, admin_token="admin-secret") as live, httpx.Client(base_url=live.url) as client:
+        assert client.get("/models/conv/versions/1").status_code == 200
+        for version in ("%C2%B2", "%D9%A1", "%EF%BC%91"):  # superscript two, Arabic-Indic one, fullwidth one
+            assert_error(client.get(f"/models/conv/versions/{version}"), 404, "version_not_found")
+        for version in ("²", "١"):
+            assert_error(client.put("/models/conv/aliases/stable", json={"version": version}, headers=ADMIN), 404, "version_not_found")
+        assert_error(client.post("/upscale?version=%C2%B2", files=multipart([b"x"])), 422, "invalid_parameter")
+
+
+def test_admin_token_is_checked_before_the_body(store):
+    with LiveServer(store=store.root, poll_interval_s=60, admin_token="admin-secret") as live, httpx.Client(base_url=live.url) as client:
+        for body in (b"{not json", b"", b'{"version": [1, 2]}'):
+            assert_error(client.put("/models/conv/aliases/stable", content=body, headers={"content-type": "application/json"}),
+                         401, "unauthorized")
+        assert_error(client.put("/models/conv/aliases/stable", content=b"{not json", headers=ADMIN), 400, "invalid_json")
+        assert_error(client.put("/models/conv/aliases/stable", json={"versio": 1}, headers=ADMIN), 422, "invalid_body")
+    with LiveServer(store=store.root, poll_interval_s=60) as live:
+        assert_error(httpx.put(f"{live.url}/models/conv/aliases/stable", content=b"{not json"), 403, "admin_disabled")
+
+
+def test_metadata_and_refusals_carry_no_host_paths(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", seed=1)
+    # A manifest recording the trainer's host directories, as trainer/train.py does in `args`.
+    version, _ = publish(store, "conv", seed=2)
+    manifest_path = store.root / "conv" / str(version) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["args"].update(data=str(tmp_path / "datasets" / "cifar10-jpeg"), cache=str(tmp_path / ".cache"), store=str(store.root))
+    manifest["recipe"]["checkpoint_dir"] = str(tmp_path / "checkpoints")
+    manifest_path.write_text(json.dumps(manifest))  # weights unchanged: still verifies (the sha256 covers the weights)
+    broken, _ = publish(store, "conv", seed=3)
+    (store.root / "conv" / str(broken) / WEIGHTS_FILE).write_bytes(b"not safetensors")  # refused, with a reason
+    with LiveServer(store=store.root, poll_interval_s=60) as live, httpx.Client(base_url=live.url) as client:
+        answers = [client.get(path) for path in ("/models", "/models/conv", f"/models/conv/versions/{version}",
+                                                  f"/models/conv/versions/{broken}")]
+        answers.append(client.post(f"/upscale?version={broken}", files=multipart([b"x"])))
+        assert answers[2].status_code == 200 and answers[2].json()["manifest"]["args"]["data"] == "cifar10-jpeg"
+        assert answers[3].json()["status"] == "failed" and answers[3].json()["error"]
+        assert answers[4].status_code == 503
+        for response in answers:
+            assert str(tmp_path) not in response.text, response.text[:500]
+
+
+def test_a_huge_unknown_path_gets_a_short_answer(store):
+    with LiveServer(store=store.root, poll_interval_s=60) as live, httpx.Client(base_url=live.url) as client:
+        path = "/" + "a" * 65_000
+        response = client.get(path)
+        assert_error(response, 404, "not_found")
+        assert len(response.content) < 1000
+        response = client.get("/models/" + "b" * 65_000)
+        assert_error(response, 404, "model_not_found")
+        assert len(response.content) < 1000
