@@ -35,7 +35,7 @@ models: install
 	@$(BIN)/python -m model_store --store "$(STORE)" ls
 
 serve: install
-	@echo; echo "Upgrader on http://$(HOST):$(PORT) (docs: /docs). Try, from another shell:"; \
+	@echo; echo "Upgrader on http://$(HOST):$(PORT) (the page: /, docs: /docs). Try, from another shell:"; \
 	echo "  curl -s -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @examples/cat-8x8.png http://$(HOST):$(PORT)/upscale -o cat-32x32.png"; \
 	echo "  curl -s http://$(HOST):$(PORT)/models"; echo
 	UPGRADER_STORE="$(STORE)" $(BIN)/python -m service --host $(HOST) --port $(PORT)

@@ -14,7 +14,7 @@ from service.limits import Admission, AdmissionMiddleware, BodySizeLimitMiddlewa
 from service.logs import RequestContextMiddleware
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager
-from service.routers import inference, models, ops, upscale
+from service.routers import baseline, inference, models, ops, page, upscale
 from service.settings import Settings
 
 DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader model store.
@@ -22,8 +22,8 @@ DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader mo
 Requests are merged into batches across clients (dynamic batching); new model versions are
 picked up from the store without a restart. Every error is JSON: `{"error": {"code", "message", "item"}}`.
 
-When the service has API keys (UPGRADER_API_KEYS), every endpoint but `/healthz` and `/readyz` needs one,
-this document included (`Authorization: Bearer <key>` or `X-API-Key: <key>`).
+When the service has API keys (UPGRADER_API_KEYS), every endpoint but `/healthz`, `/readyz`, `/v2/health/*` and the page
+(`/`, `/static`: it holds no data and asks for a key) needs one, this document included (`Authorization: Bearer <key>` or `X-API-Key: <key>`).
 
 The same models also speak the Open Inference Protocol (KServe V2 REST, with the binary tensor data
 extension) under `/v2`, for tritonclient, perf_analyzer and KServe; there errors are `{"error": "..."}`.
@@ -51,8 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admission = Admission(settings.max_active_images, settings.max_waiting_requests, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(upscale.router)
+    app.include_router(baseline.router)
     app.include_router(models.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
+    app.mount("/static", page.static_files(), name="static")
     add_docs(app)
     app.include_router(inference.router)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
@@ -73,7 +76,8 @@ def add_docs(app: FastAPI) -> None:
     def openapi_with_limits() -> dict:
         if app.openapi_schema is None:
             schema = generate()
-            schema["paths"]["/upscale"]["post"]["requestBody"] = upscale.request_body(app.state.settings)
+            for path in ("/upscale", "/bicubic"):  # the same bodies
+                schema["paths"][path]["post"]["requestBody"] = upscale.request_body(app.state.settings)
         return app.openapi_schema
 
     app.openapi = openapi_with_limits

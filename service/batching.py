@@ -17,6 +17,9 @@ Per loaded (model, version) one `Batcher`:
   With `idle_dispatch=False` every batch grows that way (a fixed window, as before).
 * each batch runs on the batcher's own worker thread (torch releases the GIL) while
   the event loop keeps parsing requests and forming the next batch;
+* tiles of a large image (`bulk` jobs, see service.tiling) take at most `BULK_SHARE` of a
+  batch while other images wait, so a small request queued behind a large image rides in the
+  next batch instead of after all of its tiles;
 * outputs are routed back by (request, offset), so each request gets exactly its own
   images, in order, however they were split and merged.
 
@@ -43,6 +46,9 @@ from service.upscaler import BatchOutput
 log = logging.getLogger("service.batching")
 
 RunBatch = Callable[[np.ndarray, int], BatchOutput]
+# Most of a batch that bulk jobs (tiles of large images) take while other images are queued; the
+# rest of the batch goes to those first. With nothing else waiting, bulk jobs fill whole batches.
+BULK_SHARE = 0.5
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Job:
     images: np.ndarray  # uint8 N x 3 x 8 x 8
     ensemble: int
     future: asyncio.Future
+    bulk: bool = False  # tiles of a large image: capped to BULK_SHARE of a batch while others wait
     enqueued_at: float = field(default_factory=time.perf_counter)
     chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first index, outputs) per slice computed
     pngs: list[bytes | None] = field(default_factory=list)
@@ -110,14 +117,14 @@ class Batcher:
         """Whether `images` more would be queued now: the router asks before it reads a body (submit still decides)."""
         return not self._closing and self.queued_images + images <= self.max_queue_images
 
-    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float) -> JobResult:
+    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False) -> JobResult:
         n = len(images)
         if self._closing:
             raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
         if self.queued_images + n > self.max_queue_images:
             raise unavailable("queue_full", f"{self.label} queue is full ({self.queued_images} of {self.max_queue_images} images waiting)", self.retry_after_s)
         loop = asyncio.get_running_loop()
-        job = Job(images, ensemble, loop.create_future())
+        job = Job(images, ensemble, loop.create_future(), bulk)
         self._queue.append(_Slice(job, 0, n))
         self._queued_changed(n)
         self._arrived.set()
@@ -182,28 +189,52 @@ class Batcher:
             await asyncio.wait_for(self._batch_full.wait(), left)
 
     def _take_batch(self) -> list[_Slice]:
-        """Up to max_batch_images images of one ensemble size, oldest first; splits the last slice if needed."""
+        """Up to max_batch_images images of one ensemble size, oldest first; splits the last slice if needed.
+
+        Bulk slices take at most BULK_SHARE of the batch on the first pass, so the images queued
+        behind them get the rest; whatever room is left then goes to the bulk slices passed over.
+        """
         batch: list[_Slice] = []
         room = self.max_batch_images
+        bulk_room = max(1, int(self.max_batch_images * BULK_SHARE))
         ensemble = None
-        kept: deque[_Slice] = deque()
+        skipped: list[_Slice] = []  # other ensemble sizes, and bulk slices over their share: back on the queue, in order
+
+        def take(s: _Slice, limit: int) -> _Slice | None:
+            """Put up to `limit` images of `s` in the batch; returns the rest of `s` (or None)."""
+            nonlocal room
+            count = min(limit, s.stop - s.start)
+            batch.append(_Slice(s.job, s.start, s.start + count))
+            room -= count
+            self._queued_changed(-count)
+            return _Slice(s.job, s.start + count, s.stop) if s.start + count < s.stop else None
+
         while self._queue and room:
             s = self._queue.popleft()
             if s.job.abandoned:
                 self._queued_changed(-(s.stop - s.start))
                 continue
             ensemble = s.job.ensemble if ensemble is None else ensemble
-            if s.job.ensemble != ensemble:
-                kept.append(s)
+            if s.job.ensemble != ensemble or (s.job.bulk and not bulk_room):
+                skipped.append(s)
                 continue
-            take = min(room, s.stop - s.start)
-            if take < s.stop - s.start:
-                self._queue.appendleft(_Slice(s.job, s.start + take, s.stop))
-                s = _Slice(s.job, s.start, s.start + take)
-            batch.append(s)
-            room -= take
-            self._queued_changed(-take)
-        self._queue.extendleft(reversed(kept))
+            limit = min(room, bulk_room) if s.job.bulk else room
+            before = room
+            rest = take(s, limit)
+            if s.job.bulk:
+                bulk_room -= before - room
+            if rest is not None:
+                if s.job.bulk and not bulk_room:
+                    skipped.append(rest)
+                else:
+                    self._queue.appendleft(rest)
+        # Nothing else is waiting: the bulk slices passed over fill the rest of the batch.
+        for i, s in enumerate(skipped):
+            if not room:
+                break
+            if s.job.bulk and s.job.ensemble == ensemble and not s.job.abandoned:
+                skipped[i] = take(s, room)
+        self._queue.extendleft(reversed([s for s in skipped if s is not None]))
         return batch
 
     def _deliver(self, batch: list[_Slice], output: BatchOutput, seconds: float) -> None:

@@ -41,31 +41,59 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith((_PNG_SIGNATURE, b"\xff\xd8\xff", b"BM")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def decode_image(data: bytes, size: int, item: int, what: str = "image", max_bytes: int | None = None) -> np.ndarray:
-    """Encoded bytes -> uint8 array size x size x 3, or ApiError naming the item and what is wrong."""
+def _open(data: bytes, item: int, what: str, max_bytes: int | None) -> Image.Image:
+    """Encoded bytes -> a lazily opened PIL image (header parsed, no pixel decompressed yet)."""
     if not data:
         raise ApiError(400, "empty_image", f"{what} {item} is empty", item)
     if max_bytes is not None and len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"{what} {item} is {len(data)} bytes; the limit is {max_bytes}", item)
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: header only
+        return Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: header only
     except Image.DecompressionBombError as exc:
         raise ApiError(413, "dimensions_too_large", f"{what} {item}: {exc}", item) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         if _looks_like_image(data):
             raise ApiError(400, "corrupt_image", f"{what} {item} has a truncated or corrupt header", item) from None
         raise ApiError(415, "unsupported_image", f"{what} {item} is not a PNG, JPEG, WebP or BMP image", item) from None
-    with image:
+
+
+def _load(image: Image.Image, item: int, what: str) -> np.ndarray:
+    try:
+        image.load()
+        return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise ApiError(400, "corrupt_image", f"{what} {item} is truncated or corrupt ({exc})", item) from None
+
+
+def decode_image(data: bytes, size: int, item: int, what: str = "image", max_bytes: int | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 array size x size x 3, or ApiError naming the item and what is wrong."""
+    with _open(data, item, what, max_bytes) as image:
         width, height = image.size
         if max(width, height) > MAX_DECLARED_SIDE:
             raise ApiError(413, "dimensions_too_large", f"{what} {item} declares {width}x{height} pixels; it must be {size}x{size}", item)
         if (width, height) != (size, size):
             raise ApiError(422, "wrong_size", f"{what} {item} is {width}x{height}; it must be {size}x{size}", item)
-        try:
-            image.load()
-            return _to_rgb(image)
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
-            raise ApiError(400, "corrupt_image", f"{what} {item} is truncated or corrupt ({exc})", item) from None
+        return _load(image, item, what)
+
+
+def declared_size(data: bytes, item: int, what: str = "image", max_bytes: int | None = None) -> tuple[int, int]:
+    """(width, height) from the header alone: limits are checked on it before anything is decompressed."""
+    with _open(data, item, what, max_bytes) as image:
+        return image.size
+
+
+def decode_any(data: bytes, item: int, what: str = "image", max_pixels: int | None = None,
+               size: tuple[int, int] | None = None, max_bytes: int | None = None) -> np.ndarray:
+    """Encoded bytes of any size -> uint8 H x W x 3. Refused from the header when over `max_pixels`
+    or, when `size` (width, height) is given, not exactly that size."""
+    with _open(data, item, what, max_bytes) as image:
+        width, height = image.size
+        if size is not None and (width, height) != size:
+            raise ApiError(422, "wrong_size", f"{what} {item} is {width}x{height}; it must be {size[0]}x{size[1]}", item)
+        if max_pixels is not None and width * height > max_pixels:
+            raise ApiError(413, "dimensions_too_large", f"{what} {item} declares {width}x{height} = {width * height} pixels; "
+                           f"the limit is {max_pixels} per image", item)
+        return _load(image, item, what)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -32,7 +32,7 @@ class ModelRef(BaseModel):
 
 class UpscaledImage(BaseModel):
     index: int = Field(description="Position of the input image in the request.")
-    png: str = Field(description="The 32x32 output, base64-encoded PNG.")
+    png: str = Field(description="The 32x32 output (4x the input with tile=true), base64-encoded PNG.")
     width: int = 32
     height: int = 32
     psnr: float | None = Field(None, description="PSNR in dB against the reference (only when references were sent).")
@@ -41,9 +41,11 @@ class UpscaledImage(BaseModel):
 
 class UpscaleMetrics(BaseModel):
     images: int
+    tiles: int | None = Field(None, description="tile=true only: the 8x8 tiles the images were cut into.")
     batch_size: int = Field(description="Images in the (largest) batch this request's images rode in.")
     queue_ms: float = Field(description="From queueing to the start of the first batch it rode in.")
-    inference_ms: float = Field(description="Wall time of the batches it rode in (forward pass and PNG encoding).")
+    inference_ms: float = Field(description="Wall time of the batches it rode in (forward pass and PNG encoding); tile=true: from its "
+                              "first batch's start to its last tile's output.")
     total_ms: float = Field(description="From the request's arrival to the response being ready.")
     device: str
 

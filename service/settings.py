@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(1024, ge=1, description="Images waiting per loaded model version; past it requests get 503 + Retry-After at once.")
     max_images_per_request: int = Field(256, ge=1, description="Most images (and as many references) one request may carry.")
     max_image_bytes: int = Field(64 * 1024, ge=64, description="Largest encoded image (or reference) accepted, in bytes.")
+    max_image_pixels: int = Field(512 * 512, ge=64, description="Most input pixels one image may have with tile=true (refused from its declared size, before decoding); 512x512 becomes 2048x2048.")
+    max_request_pixels: int = Field(1024 * 1024, ge=64, description="Most input pixels of all images of one tile=true request together (refused before any is decoded).")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes (413 beyond, checked while reading).")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline for a request's images to be queued and inferred; past it 504.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often the store is scanned for new versions and aliases.")

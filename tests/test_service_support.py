@@ -43,13 +43,13 @@ def make_model(arch: str = "conv", seed: int = 0) -> torch.nn.Module:
 
 
 def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psnr: float = 20.0,
-            files: dict[str, bytes] | None = None) -> tuple[int, torch.nn.Module]:
+            files: dict[str, bytes] | None = None, recipe: dict | None = None) -> tuple[int, torch.nn.Module]:
     """Publish a seeded model with a manifest following the team's contract; returns (version, model)."""
     model = make_model(arch, seed)
     manifest = {
         "architecture": {"name": arch, "params": {}}, "parameter_count": parameter_count(model),
         "input_shape": [3, 8, 8], "output_shape": [3, 32, 32],
-        "recipe": {"optimizer": "adam", "lr": 0.001, "batch_size": 128, "loss": "mse", "epochs": 1},
+        "recipe": {"optimizer": "adam", "lr": 0.001, "batch_size": 128, "loss": "mse", "epochs": 1, **(recipe or {})},
         "args": {"arch": arch, "seed": seed},
         "dataset": {"name": "cifar10-jpeg", "fingerprint": "test", "train_size": 0, "val_size": 0},
         "history": [{"epoch": 1, "train_loss": 0.1, "val_loss": 0.1, "seconds": 0.0}],

@@ -40,6 +40,16 @@ def build_model(name: str, **params) -> nn.Module:
     return factory(**params)
 
 
+def fully_convolutional(name: str) -> bool:
+    """Whether an architecture treats an 8x8 tile the same wherever it sits (only convolutions and
+    upsampling, no flatten or global pooling): such models may run on overlapping tiles of a larger
+    image, blended, so no seams show; the others are run on plain, abutting tiles."""
+    try:
+        return bool(getattr(ARCHITECTURES[name], "fully_convolutional", False))
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -132,6 +142,8 @@ class SubpixelResidualUpgrader(nn.Module):
     on equal CPU-second training budgets against 32x4 and 64x8: as good as 64x8
     at under half its inference cost, and ahead of 32x4 once training runs longer.
     """
+
+    fully_convolutional = True  # convolutions, pixel shuffle and bicubic only: see `fully_convolutional()`
 
     def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""POST /upscale: images in (multipart, JSON base64 or one raw image), 32x32 PNGs out."""
+"""POST /upscale: images in (multipart, JSON base64 or one raw image), 32x32 PNGs out; with tile=true, any size, 4x out."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
-from service import codec
+from service import codec, tiling
 from service.deps import AdmissionDep, ManagerDep, MetricsDep, SettingsDep, require_api_key
 from service.errors import ApiError, echo, unavailable
 from service.metrics import UNKNOWN_MODEL
+from service.registry import Served
 from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
 from service.settings import Settings
 from service.upscaler import Upscaler
-from upgrader.architectures import OUTPUT_SIZE
+from upgrader.architectures import OUTPUT_SIZE, fully_convolutional
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
 
 router = APIRouter(tags=["upscale"])
@@ -56,7 +57,9 @@ def request_body(settings: Settings) -> dict:
     return {
         "required": True,
         "description": "One of three forms. Each image is an 8x8 PNG, JPEG, WebP or BMP (L, LA, P, RGBA, 16-bit converted to RGB) "
-                       f"of at most {settings.max_image_bytes} bytes; optional references are 32x32, one per image, in the same order.",
+                       f"of at most {settings.max_image_bytes} bytes; optional references are 32x32, one per image, in the same order. "
+                       "With tile=true images may have any size (up to UPGRADER_MAX_IMAGE_PIXELS each, bounded in bytes by the body "
+                       "limit) and references are 4x each image's width and height.",
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
@@ -82,7 +85,7 @@ _ERRORS = {
     401: "UPGRADER_API_KEYS is set and no valid key was sent.",
     404: "Unknown model or version/alias.",
     406: "Accept: image/png with more than one image.",
-    413: "Body, image, image count or declared image dimensions over the limits.",
+    413: "Body, image, image count or declared image dimensions (tile=true: pixels per image or per request) over the limits.",
     415: "Not a PNG/JPEG/WebP/BMP image, or an unsupported Content-Type.",
     422: "Wrong image size, unknown form/JSON field, no images, references not aligned, bad query parameter.",
     503: "Queue full, no model loaded, version refused or shutting down (with Retry-After).",
@@ -95,13 +98,18 @@ _RESPONSES = {
 }
 
 
+TileParam = Annotated[bool, Query(description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, "
+                                  "UPGRADER_MAX_REQUEST_PIXELS together) are cut into 8x8 tiles, every tile goes through the batcher, "
+                                  "and the 4x result is stitched (overlapping, blended tiles for fully convolutional models).")]
+
+
 @dataclass
 class UpscaleBody:
     images: list[bytes]
     references: list[bytes] | None
 
 
-@router.post("/upscale", summary="Upscale 8x8 images to 32x32", response_model=UpscaleResponse, responses=_RESPONSES,
+@router.post("/upscale", summary="Upscale 8x8 images to 32x32 (any size with tile=true)", response_model=UpscaleResponse, responses=_RESPONSES,
              openapi_extra={"requestBody": request_body(Settings.model_construct())},  # the app puts its own limits in
              dependencies=[Depends(require_api_key)])
 async def upscale(
@@ -114,6 +122,7 @@ async def upscale(
     version: Annotated[str, Query(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = LATEST,
     ensemble: Annotated[int, Query(description="8: average the model over the 8 flips/rotations of each input.",
                                    json_schema_extra={"enum": list(ENSEMBLE_SIZES)})] = 1,
+    tile: TileParam = False,
 ) -> Response:
     started = time.perf_counter()
     label, status = UNKNOWN_MODEL, 500
@@ -128,18 +137,18 @@ async def upscale(
                 raise unavailable("queue_full", f"{served.batcher.label} queue is full", settings.retry_after_s)
             weight = admission.weight(request.headers.get("content-length"), settings.max_images_per_request)
             async with admission.slot(weight, wait_s=settings.request_timeout_s):
-                body = await read_body(request, settings)
+                body = await read_body(request, settings, tile)
                 check_acceptable(request, len(body.images))
-                inputs = await decode_all(Upscaler.decode, body.images, settings)
-                references = await decode_all(decode_reference, body.references, settings) if body.references else None
-                timeout = settings.request_timeout_s - (time.perf_counter() - started)
-                result = await served.batcher.submit(inputs, ensemble, timeout)
-                scores = await run_in_threadpool(score, result.images, references) if references is not None else None
+                if tile:
+                    check_pixels(body.images, settings)
+                upscale_images = upscale_tiled if tile else upscale_small
+                done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings)
+                scores = await run_in_threadpool(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
-        run = UpscaleMetrics(images=len(result.pngs), batch_size=result.batch_size, queue_ms=round(result.queue_s * 1000, 3),
-                             inference_ms=round(result.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
-        response = make_response(request, served.name, served.version, result.pngs, scores, run)
-        metrics.images.labels(label).inc(len(result.pngs))
+        run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
+                             inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
+        response = make_response(request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs])
+        metrics.images.labels(label).inc(len(done.pngs))
         status = response.status_code
         return response
     except ApiError as exc:
@@ -153,17 +162,48 @@ async def upscale(
         metrics.latency.labels(label).observe(time.perf_counter() - started)
 
 
+@dataclass
+class Upscaled:
+    outputs: np.ndarray | list[np.ndarray]  # uint8 N x 3 x 32 x 32, or 3 x 4H x 4W per tiled image
+    pngs: list[bytes]
+    references: np.ndarray | list[np.ndarray] | None
+    batch_size: int
+    queue_s: float
+    inference_s: float
+    tiles: int | None = None
+
+
+async def upscale_small(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings) -> Upscaled:
+    """8x8 images: one job on the batcher."""
+    inputs = await decode_all(Upscaler.decode, body.images, settings)
+    references = await decode_all(decode_reference, body.references, settings) if body.references else None
+    result = await served.batcher.submit(inputs, ensemble, deadline - time.perf_counter())
+    return Upscaled(result.images, result.pngs, references, result.batch_size, result.queue_s, result.inference_s)
+
+
+async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings) -> Upscaled:
+    """Images of any size: tiles through the batcher, stitched (service.tiling)."""
+    images, references = await decode_tiled(body, settings)
+    overlapping = fully_convolutional(served.manifest.get("architecture", {}).get("name", ""))
+    tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images)
+    pngs = await run_in_threadpool(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
+    return Upscaled(tiled.images, pngs, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
+
+
 # ---- body forms -------------------------------------------------------------------
-async def read_body(request: Request, settings: Settings) -> UpscaleBody:
-    """Whatever the form, -> encoded images and references; refuses unknown fields and bad counts."""
+async def read_body(request: Request, settings: Settings, tile: bool = False) -> UpscaleBody:
+    """Whatever the form, -> encoded images and references; refuses unknown fields and bad counts.
+
+    Tiled images are bounded by their pixels and the body limit, not by the 8x8 images' byte limit."""
+    image_bytes = settings.max_body_bytes if tile else settings.max_image_bytes
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        body = await read_multipart(request, settings)
+        body = await read_multipart(request, settings, image_bytes)
     elif media_type == "application/json" or media_type.endswith("+json"):
         raw = await read_json_bytes(request, settings)
         body = read_json(raw) if len(raw) <= INLINE_JSON_LIMIT else await run_in_threadpool(read_json, raw)
     elif media_type.startswith("image/"):
-        body = UpscaleBody([await read_limited(request, settings.max_image_bytes, 0)], None)
+        body = UpscaleBody([await read_limited(request, image_bytes, 0)], None)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {media_type or '(none)'!r} is not accepted; send "
                        "multipart/form-data (parts named images), application/json ({\"images\": [base64, ...]}) or one image/png body")
@@ -177,10 +217,10 @@ async def read_body(request: Request, settings: Settings) -> UpscaleBody:
     return body
 
 
-async def read_multipart(request: Request, settings: Settings) -> UpscaleBody:
+async def read_multipart(request: Request, settings: Settings, max_part_bytes: int) -> UpscaleBody:
     parts = 2 * settings.max_images_per_request
     try:
-        form = await request.form(max_files=parts + 1, max_fields=parts + 1, max_part_size=settings.max_image_bytes)
+        form = await request.form(max_files=parts + 1, max_fields=parts + 1, max_part_size=max_part_bytes)
     except StarletteHTTPException as exc:  # python-multipart's complaints, surfaced by Starlette as 400
         if str(exc.detail).startswith("Too many"):
             raise ApiError(413, "too_many_images", f"more than {parts} parts; the limit is {settings.max_images_per_request} images "
@@ -276,6 +316,44 @@ def score(outputs: np.ndarray, references: np.ndarray) -> list[tuple[float, floa
     return list(zip(psnr_per_image(a, b).tolist(), ssim_per_image(a, b).tolist(), strict=True))
 
 
+def score_each(outputs: np.ndarray | list[np.ndarray], references: np.ndarray | list[np.ndarray]) -> list[tuple[float, float]]:
+    """`score` for a batch of equal sizes, or image by image for tiled images of different sizes."""
+    if isinstance(outputs, np.ndarray):
+        return score(outputs, references)
+    return [score(o[None], r[None])[0] for o, r in zip(outputs, references, strict=True)]
+
+
+# ---- images of any size (tile=true) -----------------------------------------------
+def check_pixels(blobs: list[bytes], settings: Settings) -> list[tuple[int, int]]:
+    """Declared (width, height) of every image from its header, refused over the pixel limits before any is decoded."""
+    sizes = []
+    for item, data in enumerate(blobs):
+        width, height = codec.declared_size(data, item)
+        if width * height > settings.max_image_pixels:
+            raise ApiError(413, "dimensions_too_large", f"image {item} declares {width}x{height} = {width * height} pixels; "
+                           f"the limit is {settings.max_image_pixels} per image", item)
+        sizes.append((width, height))
+    total = sum(w * h for w, h in sizes)
+    if total > settings.max_request_pixels:
+        raise ApiError(413, "too_many_pixels", f"the images of this request have {total} pixels together; the limit is "
+                       f"{settings.max_request_pixels} per request")
+    return sizes
+
+
+async def decode_tiled(body: UpscaleBody, settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Images of any size -> uint8 3 x H x W each; references must be 4x their image's width and height."""
+    def run():
+        images = [codec.decode_any(data, item, "image", settings.max_image_pixels) for item, data in enumerate(body.images)]
+        references = None
+        if body.references is not None:
+            references = [codec.decode_any(data, item, "reference", size=(image.shape[1] * tiling.SCALE, image.shape[0] * tiling.SCALE))
+                          for item, (data, image) in enumerate(zip(body.references, images, strict=True))]
+            references = [np.ascontiguousarray(r.transpose(2, 0, 1)) for r in references]
+        return [np.ascontiguousarray(i.transpose(2, 0, 1)) for i in images], references
+
+    return await run_in_threadpool(run)
+
+
 def wants_png(request: Request, count: int) -> bool:
     return count == 1 and "image/png" in request.headers.get("accept", "")
 
@@ -288,13 +366,14 @@ def check_acceptable(request: Request, count: int) -> None:
 
 
 def make_response(request: Request, name: str, version: int, pngs: list[bytes], scores: list[tuple[float, float]] | None,
-                  run: UpscaleMetrics) -> Response:
+                  run: UpscaleMetrics, sizes: list[tuple[int, int]] | None = None) -> Response:
     if wants_png(request, len(pngs)):
         timing = (f"queue;dur={run.queue_ms}, inference;dur={run.inference_ms}, total;dur={run.total_ms}, "
                   f"batch;desc=\"{run.batch_size} images on {run.device}\"")
         return Response(pngs[0], media_type="image/png", headers={"Server-Timing": timing, "X-Upgrader-Model": f"{name}:{version}"})
     images = [
-        UpscaledImage(index=i, png=base64.b64encode(png).decode("ascii"), width=OUTPUT_SIZE, height=OUTPUT_SIZE,
+        UpscaledImage(index=i, png=base64.b64encode(png).decode("ascii"),
+                      width=sizes[i][1] if sizes else OUTPUT_SIZE, height=sizes[i][0] if sizes else OUTPUT_SIZE,
                       psnr=None if scores is None else round(scores[i][0], 4), ssim=None if scores is None else round(scores[i][1], 6))
         for i, png in enumerate(pngs)
     ]
