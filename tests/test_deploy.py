@@ -237,3 +237,226 @@ def test_the_compose_s3_server_command_accepts_its_credentials_and_refuses_other
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------
+
+def kustomize(path: Path) -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def kind(objects: list[dict], name: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == name]
+
+
+def one(objects: list[dict], name: str) -> dict:
+    found = kind(objects, name)
+    assert len(found) == 1, f"{len(found)} {name} objects"
+    return found[0]
+
+
+def containers(pod: dict) -> list[dict]:
+    return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return kustomize(KUBERNETES / "base")
+
+
+@pytest.fixture(scope="module")
+def gpu() -> list[dict]:
+    return kustomize(KUBERNETES / "overlays" / "gpu")
+
+
+# The oldest Kubernetes release the manifests claim to work on, and the newest schemas shipped.
+SCHEMA_VERSIONS = ["1.27.0", "latest"]
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_every_rendered_object_is_valid_against_the_kubernetes_schemas(overlay, base, gpu):
+    import kubernetes_validate
+
+    objects = {"base": base, "gpu": gpu}[overlay]
+    assert {o["kind"] for o in objects} == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                                            "PodDisruptionBudget", "Job"}
+    for version in SCHEMA_VERSIONS:
+        version = kubernetes_validate.latest_version() if version == "latest" else version
+        for obj in objects:
+            # strict: a misspelled or misplaced field is an error, not silently ignored by the cluster
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_schema_validation_catches_a_misspelled_field(base):
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(one(base, "Deployment")))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_service_deployment_is_replicated_probed_bounded_and_locked_down(base):
+    deployment = one(base, "Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    [container] = spec["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert port == 8000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in ("http", port)
+    for what in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][what])
+    assert "nvidia.com/gpu" not in json.dumps(deployment)
+
+    # non-root, nothing writable but the emptyDirs
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    assert spec["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert set(mounts) == {"/cache", "/tmp"} and all("emptyDir" in volumes[name] for name in mounts.values())
+    env = env_of(container)
+    assert env["UPGRADER_MODEL_CACHE"]["value"].startswith("/cache")
+    assert env["HOME"]["value"] == "/tmp" and env["UPGRADER_HOST"]["value"] == "0.0.0.0"
+    # os.cpu_count() in a pod is the node's: workers x torch threads must fit the CPU limit
+    assert int(env["UPGRADER_WORKERS"]["value"]) * int(env["UPGRADER_TORCH_THREADS"]["value"]) <= int(container["resources"]["limits"]["cpu"])
+
+
+def test_a_terminating_replica_drains_and_finishes_its_requests(base):
+    config = one(base, "ConfigMap")["data"]
+    spec = one(base, "Deployment")["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 3  # endpoints reach every node's proxy meanwhile
+    timeout = float(config["UPGRADER_REQUEST_TIMEOUT_S"])
+    # after SIGTERM the worker supervisor waits request_timeout_s + 10 s for its workers (service/__main__.py)
+    assert spec["terminationGracePeriodSeconds"] > int(sleep[1]) + timeout + 10
+
+
+def test_store_settings_come_from_the_configmap_and_credentials_from_a_secret_not_in_git(base):
+    assert not kind(base, "Secret"), "no secret is rendered from the repository"
+    config = one(base, "ConfigMap")
+    assert config["data"]["UPGRADER_STORE"].startswith("s3://")
+    assert config["data"]["AWS_ENDPOINT_URL_S3"].startswith("http")
+    assert not any(k in config["data"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    pods = [one(base, "Deployment")["spec"]["template"], one(base, "Job")["spec"]["template"]]
+    for container in (c for pod in pods for c in containers(pod)):
+        assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"], container["name"]
+        env = env_of(container)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "upgrader-s3", "key": key}, container["name"]
+    example = (KUBERNETES / "base" / "s3-credentials.env.example").read_text()
+    assert set(re.findall(r"^AWS_\w+=(.*)$", example, re.M)) == {"REPLACE_ME"}
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/kubernetes/base/s3-credentials.env"], cwd=ROOT)
+    assert ignored.returncode == 0, "the filled-in credentials file must be git-ignored"
+
+
+def test_service_and_autoscaler_point_at_the_deployment(base):
+    deployment, service, hpa, pdb = (one(base, k) for k in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for selector in (service["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    assert not (service["spec"]["selector"].items() <= one(base, "Job")["spec"]["template"]["metadata"]["labels"].items()), \
+        "the Service must not send requests to the trainer"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+
+
+def test_trainer_job_creates_the_bucket_then_trains_every_model_on_cpu(base):
+    pod = one(base, "Job")["spec"]["template"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    [init] = pod["spec"]["initContainers"]
+    assert init["command"] == ["upgrader-store", "init"]
+    [train] = pod["spec"]["containers"]
+    assert train["command"][0] == "upgrader-train-all" and train["image"] == "upgrader:cpu"
+    env = env_of(train)
+    assert env["TRAIN_DEVICE"]["value"] == "cpu" and float(env["TRAIN_MAX_MINUTES"]["value"]) > 0
+    assert "nvidia.com/gpu" not in json.dumps(pod)
+    for container in containers(pod):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert all("emptyDir" in volumes[m["name"]] for m in train["volumeMounts"])
+
+
+def test_gpu_overlay_changes_only_the_trainer_to_one_nvidia_gpu_in_bf16(base, gpu):
+    for name in ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        assert one(gpu, name) == one(base, name), f"the GPU overlay changed the {name}"
+    pod = one(gpu, "Job")["spec"]["template"]
+    [train] = pod["spec"]["containers"]
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 1 and train["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert all(c["image"] == "upgrader:cuda" for c in containers(pod))
+    env = env_of(train)
+    assert env["TRAIN_DEVICE"]["value"] == "cuda" and env["TRAIN_AMP"]["value"] == "bf16"
+    assert "TRAIN_MAX_MINUTES" not in env  # the full recipe
+    assert train["command"] == one(base, "Job")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+
+
+# ---- the training pipeline the compose gpu profile and the Job run -------------------------
+
+def recipe(tokens: list[str]) -> dict[str, str]:
+    """--flag value pairs of a trainer command line."""
+    return {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 1) if tokens[i].startswith("--") and not tokens[i + 1].startswith("--")}
+
+
+def test_train_all_runs_the_readme_recipe_of_the_model_that_beats_bicubic():
+    readme = [shlex.split(line) for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith("python -m trainer --models subpixel_residual")]
+    script = [shlex.split(line)[1:] for line in TRAIN_ALL.read_text().splitlines() if line.startswith("train --models")]
+    assert len(readme) == 2 and len(script) == 3
+    for documented, run in zip(readme, script[:2]):
+        documented, run = recipe(documented), recipe(run)
+        documented.pop("--data")
+        if "--init-from" in documented:  # the README names version 1; the pipeline fine-tunes what it just published
+            assert run.pop("--init-from") == documented.pop("--init-from").split(":")[0]
+        assert run == documented
+    assert recipe(script[2])["--models"] == "fc,conv,resnet18"
+
+
+@pytest.mark.slow
+def test_train_all_publishes_every_model_fine_tuning_the_version_it_just_trained(data_dir, tmp_path):
+    """The real script and trainer on real CIFAR-10 images, with a smoke-sized run of each stage."""
+    from model_store import ModelStore
+
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "TRAIN_"))} | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "UPGRADER_STORE": str(store), "UPGRADER_DATA": str(data_dir),
+        "UPGRADER_CACHE": str(tmp_path / "cache"), "TRAIN_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    smoke = ["--limit-train", "64", "--limit-val", "32", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+    out = subprocess.run(["sh", str(TRAIN_ALL), *smoke], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    models = ModelStore(store)
+    assert models.models() == ["conv", "fc", "resnet18", "subpixel_residual"]
+    assert models.versions("subpixel_residual") == [1, 2]
+    first, second = models.manifest("subpixel_residual", 1), models.manifest("subpixel_residual", 2)
+    assert first["recipe"]["loss"] == "l1" and second["recipe"]["loss"] == "mse"
+    assert second["recipe"]["init_from"]["version"] == 1
+    assert second["recipe"]["init_from"]["weights_sha256"] == first["weights_sha256"]
+
+
+def test_train_all_stops_at_the_first_failing_stage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "TRAIN_"))} | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "UPGRADER_STORE": str(tmp_path / "store"),
+        "UPGRADER_DATA": str(tmp_path / "no-such-dataset"), "TRAIN_DEVICE": "cpu"}
+    out = subprocess.run(["sh", str(TRAIN_ALL), "--epochs", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert (out.stdout + out.stderr).count("event=failed") == 1, "the stages after the failing one ran"
+    assert "no-such-dataset does not exist" in out.stdout + out.stderr
