@@ -186,13 +186,15 @@ def test_compose_file_needs_no_recent_compose_release():
         assert "configs" not in service
 
 
-def test_the_compose_s3_server_command_accepts_its_credentials_and_refuses_others(tmp_path):
-    """The s3 service's own command line and identity, run with the real `weed` of the same version."""
+def test_the_compose_s3_server_and_bucket_init_work_with_their_own_settings(tmp_path):
+    """The s3 service's own command line and identity, run with the real `weed` of the same version,
+    and the s3-init step run with its own environment against it."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    s3 = compose_config("s3")["services"]["s3"]
+    services = compose_config("s3")["services"]
+    s3 = services["s3"]
     weed = tool("weed")
     version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout
     assert f" {s3['image'].split(':')[1]} " in version, f"compose pins {s3['image']}, the tests run {version.split()[:3]}"
@@ -221,14 +223,23 @@ def test_the_compose_s3_server_command_accepts_its_credentials_and_refuses_other
                                 aws_access_key_id=key, aws_secret_access_key=secret,
                                 config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
 
+        # the s3-init service, with its own environment, creates the bucket; again is a no-op
+        init = services["s3-init"]
+        init_env = env | init["environment"] | {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-m", "model_store", *init["entrypoint"][1:]], env=init_env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stdout + out.stderr
+        bucket, _, prefix = init["environment"]["UPGRADER_STORE"][len("s3://"):].partition("/")
+
         good = client(s3["environment"]["AWS_ACCESS_KEY_ID"], s3["environment"]["AWS_SECRET_ACCESS_KEY"])
-        good.create_bucket(Bucket="upgrader")
-        good.put_object(Bucket="upgrader", Key="models/probe", Body=b"x")
-        assert good.get_object(Bucket="upgrader", Key="models/probe")["Body"].read() == b"x"
+        good.head_bucket(Bucket=bucket)
+        good.put_object(Bucket=bucket, Key=f"{prefix}/probe", Body=b"x")
+        assert good.get_object(Bucket=bucket, Key=f"{prefix}/probe")["Body"].read() == b"x"
         with pytest.raises(ClientError):
-            client(s3["environment"]["AWS_ACCESS_KEY_ID"], "not-the-secret").list_objects_v2(Bucket="upgrader")
+            client(s3["environment"]["AWS_ACCESS_KEY_ID"], "not-the-secret").list_objects_v2(Bucket=bucket)
         with pytest.raises(urllib.error.HTTPError) as anonymous:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/upgrader/models/probe", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/{bucket}/{prefix}/probe", timeout=5)
         assert anonymous.value.code == 403
     finally:
         proc.terminate()
