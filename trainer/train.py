@@ -385,7 +385,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         history, step, first_epoch, published = checkpoint.history, checkpoint.step, checkpoint.epoch + 1, checkpoint.published_version
 
     trained: nn.Module = model
-    if runtime.world_size > 1:
+    if runtime.distributed:
         trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if args.compile:
         trained = torch.compile(trained)
@@ -398,8 +398,8 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         if natural_val is not None:
             count = max(1, round(len(natural_val) * args.epoch_val / len(val)))
             epoch_natural_val = natural_val[torch.linspace(0, len(natural_val) - 1, count).long().to(natural_val.device)]
-    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d first_epoch=%d",
-             name, parameter_count(model), len(data.train), len(data.val), runtime.device, runtime.world_size, first_epoch)
+    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d backend=%s first_epoch=%d", name,
+             parameter_count(model), len(data.train), len(data.val), runtime.device, runtime.world_size, runtime.backend, first_epoch)
 
     for epoch in range(first_epoch, args.epochs + 1):
         if not runtime.rank0_decides(next_epoch_fits(history, args.max_minutes)):
