@@ -88,7 +88,7 @@ MODEL_DATA_ROWS = [
     ("48x6, natural alone", {}, 1.0),
     ("64x8, natural share 0.5", {"width": 64, "depth": 8}, 0.5),
     ("64x8 + channel attention, share 0.5", {"width": 64, "depth": 8, "attention": 16}, 0.5),
-    ("64x8 + re-parameterised convs, share 0.5", {"width": 64, "depth": 8, "rep": True}, 0.5),
+    ("64x8 + re-parameterised convs (3x3+1x1), share 0.5", {"width": 64, "depth": 8, "rep": True}, 0.5),
 ]
 
 

@@ -105,25 +105,23 @@ class ResNet18Upgrader(nn.Module):
 
 
 class _RepConv3x3(nn.Module):
-    """A 3x3 conv trained as three parallel branches (3x3, 1x1, identity), run as the one 3x3 conv they sum to.
+    """A 3x3 conv trained as two parallel branches (3x3 and 1x1), run as the one 3x3 conv they sum to.
 
     Re-parameterisation as in RepVGG / ECBSR, without BatchNorm: the branches are linear, so their
     sum *is* a single 3x3 kernel, built from the branch weights on every forward (a 64x64x3x3 add,
     nothing next to the convolution itself). Training sees the multi-branch parameterisation (its
     gradients differ from a plain conv's), inference costs exactly one conv, and there is no
-    separate "deploy" model to convert to or to get out of sync.
+    separate "deploy" model to convert. RepVGG's identity branch is left out: inside a residual
+    block it doubled the features at every conv and an 8-block body diverged (bench/RESULTS.md).
     """
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.conv3 = nn.Conv2d(width, width, 3, padding=1)
         self.conv1 = nn.Conv2d(width, width, 1)
-        identity = torch.zeros(width, width, 3, 3)
-        identity[torch.arange(width), torch.arange(width), 1, 1] = 1.0
-        self.register_buffer("identity", identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.conv3.weight + nn.functional.pad(self.conv1.weight, (1, 1, 1, 1)) + self.identity
+        kernel = self.conv3.weight + nn.functional.pad(self.conv1.weight, (1, 1, 1, 1))
         return nn.functional.conv2d(x, kernel, self.conv3.bias + self.conv1.bias, padding=1)
 
 
@@ -144,7 +142,7 @@ class _ResidualBlock(nn.Module):
     """EDSR block: conv-ReLU-conv without BatchNorm, scaled before it is added back.
 
     Options (off by default, so existing manifests rebuild the same model): `rep` trains each conv
-    as a re-parameterisable 3x3+1x1+identity block, `attention` > 0 gates the block's output by RCAN
+    as a re-parameterisable 3x3+1x1 pair, `attention` > 0 gates the block's output by RCAN
     channel attention with that reduction ratio.
     """
 
