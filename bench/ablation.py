@@ -141,15 +141,21 @@ def speed_forwards(model: torch.nn.Module) -> dict[str, Callable[[torch.Tensor],
 
 def print_speed_only(args: argparse.Namespace, arch_params: dict, console: Console) -> None:
     model = build_model(ARCHITECTURE, **arch_params).eval()  # the weights do not change the speed
-    speeds = inference_speeds(speed_forwards(model), SPEED_BATCH, args.speed_seconds, args.speed_rounds)
+    forwards = speed_forwards(model)
+    for candidate in json.loads(args.speed_candidates):  # measured in the same interleaved rounds
+        forwards[f"{ARCHITECTURE} {candidate}"] = build_model(ARCHITECTURE, **candidate).eval()
+    speeds = inference_speeds(forwards, SPEED_BATCH, args.speed_seconds, args.speed_rounds)
     table = Table(title=f"in-process inference at batch {SPEED_BATCH}, torch.inference_mode, {torch.get_num_threads()} threads, "
                         f"median of {args.speed_rounds} interleaved rounds of {args.speed_seconds:g} s")
-    for column in ("forward", "images/s", "images/CPU-s", "vs resnet18"):
+    for column in ("forward", "images/s", "images/CPU-s", "vs model (images/s)", "vs model (images/CPU-s)", "vs resnet18"):
         table.add_column(column, justify="left" if column == "forward" else "right")
+    base_s, base_cpu_s = speeds["model"]
     for name, (per_s, per_cpu_s) in speeds.items():
-        label = f"{ARCHITECTURE} {arch_params or '(defaults)'}" if name == "model" else name
-        table.add_row(label, f"{per_s:,.0f}", f"{per_cpu_s:,.0f}", f"{per_s / speeds['resnet18'][0]:.2f}x")
+        label = f"model: {ARCHITECTURE} {arch_params or '(defaults)'}" if name == "model" else name
+        table.add_row(label, f"{per_s:,.0f}", f"{per_cpu_s:,.0f}", f"{per_s / base_s:.2f}x", f"{per_cpu_s / base_cpu_s:.2f}x",
+                      f"{per_s / speeds['resnet18'][0]:.2f}x")
     console.print(table)
+    console.print(f"load average {os.getloadavg()} (other jobs on the cores lower images/s; images/CPU-s less)")
 
 
 def training_images_per_s(arch_params: dict, batch_size: int, seconds: float = 10.0) -> float:
@@ -204,6 +210,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds of the speed figures (median)")
     p.add_argument("--speed-only", action="store_true",
                    help="only measure inference speed (freshly initialised --arch-params model against resnet18 and bicubic)")
+    p.add_argument("--speed-candidates", default="[]", metavar="JSON",
+                   help="--speed-only: a JSON list of further --arch-params to measure in the same rounds, e.g. "
+                        "'[{\"width\": 64, \"depth\": 8, \"attention\": 16}]'")
     p.add_argument("--store", type=Path, default=None, help="store for the rows' models (default: a temporary directory)")
     p.add_argument("--cache-dir", type=Path, default=None, help="the trainer's dataset cache (default: the trainer's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
