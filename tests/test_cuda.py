@@ -73,10 +73,11 @@ def test_service_pinned_buffers_are_allocated_once_and_reused(store, real_images
     assert on_cuda._pinned_in.is_pinned() and on_cuda._pinned_out.is_pinned()
     pointers = (on_cuda._pinned_in.data_ptr(), on_cuda._pinned_out.data_ptr())
     inputs = (downsample(to_float(real_images)) * 255).round().to(torch.uint8).numpy()
-    first = on_cuda.run_batch(inputs[:40])
-    second = on_cuda.run_batch(inputs[40:])
+    half = len(inputs) // 2  # two different batches (the data may be a small synthetic set on a GPU machine)
+    first = on_cuda.run_batch(inputs[:half])
+    second = on_cuda.run_batch(inputs[half:])
     assert (on_cuda._pinned_in.data_ptr(), on_cuda._pinned_out.data_ptr()) == pointers  # the same buffers, reused
     # the first batch's result is a copy: the second batch, written through the same buffer, left it alone
-    for result, expected in [(first, on_cpu.run_batch(inputs[:40])), (second, on_cpu.run_batch(inputs[40:]))]:
+    for result, expected in [(first, on_cpu.run_batch(inputs[:half])), (second, on_cpu.run_batch(inputs[half:]))]:
         difference = np.abs(result.images.astype(int) - expected.images.astype(int))
         assert difference.max() <= 1  # uint8 rounding of float outputs that differ by TF32 noise
