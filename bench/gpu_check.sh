@@ -29,7 +29,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
 LOGS="$REPORT_DIR/gpu_check_logs"
 mkdir -p "$LOGS"
 STORE="$WORK/store"
-LIMIT_TRAIN="${LIMIT_TRAIN:-4096}"
+LIMIT_TRAIN="${LIMIT_TRAIN:-8192}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-$ROOT/.venv-gpu}"
 FAILED=()
@@ -144,9 +144,11 @@ step cuda-tests "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cu
 ALL_MODELS="$("$PY" -c 'from upgrader.architectures import ARCHITECTURES; print(",".join(sorted(ARCHITECTURES)))')"
 step train-amp-bf16 "$PY" -m trainer "${COMMON[@]}" --models "$ALL_MODELS" --amp bf16
 step train-compile "$PY" -m trainer "${COMMON[@]}" --models "$ALL_MODELS" --compile
-# the issue-12 default candidate (64x8, channel attention) with natural data, bf16 + compile together
+# the issue-12 long-run recipe (64x8, channel attention, batch 64, natural share 0.5) for one epoch, bf16 + compile:
+# its images/s in the table below against the CPU's (bench/RESULTS.md, "The long run") is the GPU speed-up per epoch
 step train-new-default "$PY" -m trainer "${COMMON[@]}" --models subpixel_residual --publish-as subpixel_residual_64x8ca \
-  --arch-params '{"width": 64, "depth": 8, "attention": 16}' --amp bf16 --compile --loss l1 --lr 2e-3 "${NATURAL_ARGS[@]}"
+  --arch-params '{"width": 64, "depth": 8, "attention": 16}' --amp bf16 --compile --loss l1 --lr 2e-3 --batch-size 64 \
+  --augment dihedral --ema 0.999 "${NATURAL_ARGS[@]}"
 
 # ---- 4. torchrun, one GPU, NCCL ----------------------------------------------------------------------
 TORCHRUN=("$PY" -m torch.distributed.run)
@@ -162,14 +164,17 @@ section "published versions (one epoch each; device, seconds per epoch, PSNR vs 
 import sys
 from model_store import ModelStore
 store = ModelStore(sys.argv[1])
-print("| model | version | arch params | recipe amp | compile | device | epoch s | PSNR | bicubic | natural PSNR (bicubic) |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| model | version | arch params | batch | amp | compile | device | epoch images | epoch s (with eval) | images/s | PSNR | bicubic | natural PSNR (bicubic) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name in store.models():
     for version in store.versions(name):
         m = store.manifest(name, version)
         natural = m["metrics"].get("natural")
-        print(f"| {name} | {version} | {m['architecture'].get('params') or ''} | {m['recipe'].get('amp')} | {m['args'].get('compile')} | "
-              f"{m.get('device_name', m['device'])} | {m['history'][-1]['seconds']:.1f} | {m['metrics']['model']['psnr']:.3f} | "
+        images = m["args"].get("epoch_size") or m["dataset"]["train_size"]
+        seconds = m["history"][-1]["seconds"]
+        print(f"| {name} | {version} | {m['architecture'].get('params') or ''} | {m['recipe']['batch_size']} | {m['recipe'].get('amp')} | "
+              f"{m['args'].get('compile')} | {m.get('device_name', m['device'])} | {images:,} | {seconds:.1f} | {images / seconds:,.0f} | "
+              f"{m['metrics']['model']['psnr']:.3f} | "
               f"{m['metrics']['bicubic']['psnr']:.3f} | "
               + (f"{natural['model']['psnr']:.3f} ({natural['bicubic']['psnr']:.3f})" if natural else "-") + " |")
 EOF
