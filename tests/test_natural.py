@@ -139,8 +139,8 @@ def test_schedule_over_time_anneals_within_the_time_budget(data_dir, tmp_path):
     args = ["--data", str(data_dir), "--store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"),
             "--limit-train", str(LIMIT_TRAIN), "--limit-val", str(LIMIT_VAL), "--no-progress", "--models", "subpixel_residual",
             "--arch-params", '{"width": 8, "depth": 1}', "--lr-schedule", "cosine", "--epochs", "5", "--no-ensemble-metrics"]
-    # 0.0001 minutes (6 ms) is spent within the first steps: the cosine then sits at 0, and no second epoch fits
-    assert main([*args, "--schedule-over", "time", "--max-minutes", "0.0001"]) == 0
+    # 0.00001 minutes (0.6 ms) is spent by the first step: the cosine then sits at 0, and no second epoch fits
+    assert main([*args, "--schedule-over", "time", "--max-minutes", "0.00001"]) == 0
     timed = ModelStore(tmp_path / "store").manifest("subpixel_residual")
     assert timed["epochs_completed"] == 1 and timed["history"][0]["lr"] == 0.0 and timed["recipe"]["schedule_over"] == "time"
     assert "self_ensemble" not in timed["metrics"]
