@@ -82,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "reported next to --data's; with --natural-share they are also trained on (default: $UPGRADER_NATURAL_DATA)")
     where.add_argument("--natural-share", type=float, default=0.0, metavar="F",
                        help="share of each epoch's training images that are random 32x32 crops of the --natural photographs; the "
-                            "rest come from --data. An epoch keeps --data's training-set size; 1 = natural crops alone, 0 = none")
+                            "rest come from --data (an epoch is --epoch-size images); 1 = natural crops alone, 0 = none")
     where.add_argument("--epoch-size", type=int, default=None, metavar="N",
                        help="training images per epoch (default: --data's training-set size); each epoch draws a fresh seeded "
                             "subset of --data (and fresh natural crops), so shorter epochs only make evaluations and checkpoints more frequent")
@@ -208,7 +208,6 @@ def train_one_epoch(
     for targets in bar:
         at = step
         if budget_s is not None:  # the schedule's position is the larger of steps done and time spent
-            # rank 0's clock would need a collective per step; every rank reads its own, which differ by little
             at = max(step, int(total_steps * min((spent_s + time.perf_counter() - started) / budget_s, 1.0)))
         lr = learning_rate(at, total_steps, base_lr=args.lr, schedule=args.lr_schedule,
                            coarse_to_fine=args.coarse_to_fine, fine_lr_scale=args.fine_lr_scale)
