@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= $(or $(UPGRADER_DATA),../shared/datasets/cifar10-jpeg)
+# Natural photographs (sr-natural): when present, every model also reports its held-out natural validation.
+NATURAL ?= $(or $(UPGRADER_NATURAL_DATA),../shared/datasets/sr-natural)
 STORE  ?= $(or $(UPGRADER_STORE),store)
 HOST   ?= $(or $(UPGRADER_HOST),127.0.0.1)
 PORT   ?= $(or $(UPGRADER_PORT),8000)
@@ -30,7 +32,8 @@ models: install
 	  echo "store $(STORE) already has models:"; \
 	else \
 	  test -d "$(DATA)/train" || { echo "No training data at $(DATA). Set UPGRADER_DATA to an ImageFolder tree with train/ and test/ (or a cifar-10-batches-py directory), or run: $(BIN)/python -m trainer --download --data ./data ..."; exit 2; }; \
-	  $(BIN)/python -m trainer --models fc,conv,resnet18,subpixel_residual --data "$(DATA)" --store "$(STORE)" $(QUICK_TRAIN); \
+	  $(BIN)/python -m trainer --models fc,conv,resnet18,subpixel_residual --data "$(DATA)" --store "$(STORE)" $(QUICK_TRAIN) \
+	    $$(test -d "$(NATURAL)/bsd200" && echo --natural "$(NATURAL)"); \
 	fi
 	@$(BIN)/python -m model_store --store "$(STORE)" ls
 

@@ -3,6 +3,9 @@
     .venv/bin/python bench/ablation.py                         # 8 trainings of 3 minutes: ~35 minutes on 2 cores
     .venv/bin/python bench/ablation.py --minutes-per-row 0.5 --limit-train 2000 --limit-val 500   # a quick look
     .venv/bin/python bench/ablation.py --speed-only                # inference images/s vs resnet18 (~1 minute)
+    .venv/bin/python bench/ablation.py --suite model-data --natural ../shared/datasets/sr-natural   # issue 12's rows
+
+Suite `recipe` (issue 5, the default) is described first, suite `model-data` (issue 12) after it.
 
 Every row trains with the real trainer (`trainer.train.main`, in this process) on the same seeded
 subsets (--limit-train / --limit-val), with the same seed (so the same initial weights and batch
@@ -16,6 +19,12 @@ a temporary directory), so the rows are versions of one model and can be souped.
     + self-ensemble    the default row's weights, evaluated with the 8-view test-time ensemble
     soup of ...        `trainer.soup` of the rows that differ only in their loss (same initial weights),
                        compared with the best of them
+
+Suite `model-data`: the rows of MODEL_DATA_ROWS (natural-data share, then body width/depth, channel
+attention and re-parameterised convs), each a real training run with the issue-5 recipe (l1, cosine,
+dihedral, EMA 0.999) for the same --epochs of the same --epoch-size images, same seed. Every row is
+evaluated on the CIFAR-10 validation subset and on the fixed natural validation set (trainer/natural.py),
+each against bicubic; inference speed is measured for every architecture in the same interleaved rounds.
 
 Columns: validation PSNR and SSIM, gain over bicubic, difference to the default row, epochs, training
 minutes (wall; the soup's are its ingredients'), and inference speed at batch 64 in this process
@@ -72,6 +81,15 @@ IDEAS = {
 }
 OFF = {"0": "off", "0.3": "on (30%)", "0.999": "on (0.999)"}
 SPEED_BATCH = 64
+# Issue 12: (row, --arch-params, --natural-share). The first row is today's model on today's data.
+MODEL_DATA_ROWS = [
+    ("48x6, CIFAR-10 only (today)", {}, 0.0),
+    ("48x6, natural share 0.5", {}, 0.5),
+    ("48x6, natural alone", {}, 1.0),
+    ("64x8, natural share 0.5", {"width": 64, "depth": 8}, 0.5),
+    ("64x8 + channel attention, share 0.5", {"width": 64, "depth": 8, "attention": 16}, 0.5),
+    ("64x8 + re-parameterised convs (3x3+1x1), share 0.5", {"width": 64, "depth": 8, "rep": True}, 0.5),
+]
 
 
 @dataclass
@@ -123,15 +141,21 @@ def speed_forwards(model: torch.nn.Module) -> dict[str, Callable[[torch.Tensor],
 
 def print_speed_only(args: argparse.Namespace, arch_params: dict, console: Console) -> None:
     model = build_model(ARCHITECTURE, **arch_params).eval()  # the weights do not change the speed
-    speeds = inference_speeds(speed_forwards(model), SPEED_BATCH, args.speed_seconds, args.speed_rounds)
+    forwards = speed_forwards(model)
+    for candidate in json.loads(args.speed_candidates):  # measured in the same interleaved rounds
+        forwards[f"{ARCHITECTURE} {candidate}"] = build_model(ARCHITECTURE, **candidate).eval()
+    speeds = inference_speeds(forwards, SPEED_BATCH, args.speed_seconds, args.speed_rounds)
     table = Table(title=f"in-process inference at batch {SPEED_BATCH}, torch.inference_mode, {torch.get_num_threads()} threads, "
                         f"median of {args.speed_rounds} interleaved rounds of {args.speed_seconds:g} s")
-    for column in ("forward", "images/s", "images/CPU-s", "vs resnet18"):
+    for column in ("forward", "images/s", "images/CPU-s", "vs model (images/s)", "vs model (images/CPU-s)", "vs resnet18"):
         table.add_column(column, justify="left" if column == "forward" else "right")
+    base_s, base_cpu_s = speeds["model"]
     for name, (per_s, per_cpu_s) in speeds.items():
-        label = f"{ARCHITECTURE} {arch_params or '(defaults)'}" if name == "model" else name
-        table.add_row(label, f"{per_s:,.0f}", f"{per_cpu_s:,.0f}", f"{per_s / speeds['resnet18'][0]:.2f}x")
+        label = f"model: {ARCHITECTURE} {arch_params or '(defaults)'}" if name == "model" else name
+        table.add_row(label, f"{per_s:,.0f}", f"{per_cpu_s:,.0f}", f"{per_s / base_s:.2f}x", f"{per_cpu_s / base_cpu_s:.2f}x",
+                      f"{per_s / speeds['resnet18'][0]:.2f}x")
     console.print(table)
+    console.print(f"load average {os.getloadavg()} (other jobs on the cores lower images/s; images/CPU-s less)")
 
 
 def training_images_per_s(arch_params: dict, batch_size: int, seconds: float = 10.0) -> float:
@@ -166,7 +190,14 @@ def recipe_rows() -> list[tuple[str, dict[str, str]]]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=["recipe", "model-data"], default="recipe",
+                   help="recipe: issue 5's training ideas; model-data: issue 12's data mix and architectures (default: %(default)s)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset (default: %(default)s)")
+    p.add_argument("--natural", type=Path, default=PROJECT_ROOT.parent / "shared" / "datasets" / "sr-natural",
+                   help="natural photographs for --suite model-data (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="--suite model-data: epochs per row (default: %(default)s)")
+    p.add_argument("--epoch-size", type=int, default=None, help="--suite model-data: images per epoch (default: --limit-train)")
+    p.add_argument("--rows", default=None, help="--suite model-data: comma-separated row numbers to run (1-based; default: all)")
     p.add_argument("--minutes-per-row", type=float, default=3.0, help="training budget of the default row (default: %(default)s)")
     p.add_argument("--limit-train", type=int, default=10_000, help="seeded training subset (default: %(default)s)")
     p.add_argument("--limit-val", type=int, default=2_000, help="seeded validation subset (default: %(default)s)")
@@ -179,6 +210,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds of the speed figures (median)")
     p.add_argument("--speed-only", action="store_true",
                    help="only measure inference speed (freshly initialised --arch-params model against resnet18 and bicubic)")
+    p.add_argument("--speed-candidates", default="[]", metavar="JSON",
+                   help="--speed-only: a JSON list of further --arch-params to measure in the same rounds, e.g. "
+                        "'[{\"width\": 64, \"depth\": 8, \"attention\": 16}]'")
     p.add_argument("--store", type=Path, default=None, help="store for the rows' models (default: a temporary directory)")
     p.add_argument("--cache-dir", type=Path, default=None, help="the trainer's dataset cache (default: the trainer's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -192,6 +226,9 @@ def main() -> None:
     arch_params = json.loads(args.arch_params)
     if args.speed_only:
         print_speed_only(args, arch_params, console)
+        return
+    if args.suite == "model-data":
+        model_data_ablation(args, console)
         return
     store_root = args.store or Path(tempfile.mkdtemp(prefix="ablation-store-"))
     store = ModelStore(store_root)
@@ -272,6 +309,67 @@ def main() -> None:
             "default_recipe": DEFAULT_RECIPE, "epochs_per_row": epochs, "training_images_per_s": per_s,
             "rows": [asdict(r) for r in rows], "resnet18_speed": resnet18_speed,
         }, indent=2))
+
+
+def model_data_ablation(args: argparse.Namespace, console: Console) -> None:
+    """Issue 12's rows: natural-data share and architecture, at the same epochs, data and seed; both validation sets."""
+    store_root = args.store or Path(tempfile.mkdtemp(prefix="ablation-store-"))
+    store = ModelStore(store_root)
+    chosen = [int(n) for n in args.rows.split(",")] if args.rows else list(range(1, len(MODEL_DATA_ROWS) + 1))
+    rows = [MODEL_DATA_ROWS[n - 1] for n in chosen]
+    epoch_size = args.epoch_size or args.limit_train
+    console.print(f"{os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads, load average "
+                  f"{os.getloadavg()[0]:.1f}; {args.epochs} epochs of {epoch_size:,} images per row; store {store_root}")
+    common = ["--models", ARCHITECTURE, "--data", str(args.data), "--natural", str(args.natural), "--store", str(store_root),
+              "--limit-train", str(args.limit_train), "--limit-val", str(args.limit_val), "--epochs", str(args.epochs),
+              "--epoch-size", str(epoch_size), "--epoch-val", str(min(200, args.limit_val)), "--batch-size", str(args.batch_size),
+              "--lr", str(args.lr), "--seed", str(args.seed), "--no-ensemble-metrics", "--no-progress",
+              *[item for pair in DEFAULT_RECIPE.items() for item in pair]]
+    if args.cache_dir:
+        common += ["--cache-dir", str(args.cache_dir)]
+    results = []
+    for number, (name, params, share) in zip(chosen, rows):
+        console.print(f"[row {number}] training {name}")
+        store_name = f"row{number}"
+        if train_main(common + ["--publish-as", store_name, "--arch-params", json.dumps(params), "--natural-share", str(share)]) != 0:
+            raise SystemExit(f"training row {name!r} failed (see the log above)")
+        results.append((number, name, params, store.manifest(store_name, store.versions(store_name)[-1])))
+
+    console.print(f"measuring inference speed at batch {SPEED_BATCH}")
+    architectures = {json.dumps(params, sort_keys=True): params for _, _, params, _ in results} | {"{}": {}}
+    forwards = {key: build_model(ARCHITECTURE, **params).eval() for key, params in architectures.items()}
+    speeds = inference_speeds({**forwards, "resnet18": build_model("resnet18").eval()}, SPEED_BATCH, args.speed_seconds,
+                              args.speed_rounds)
+    table = Table(title=f"{ARCHITECTURE}, data and architecture: {args.epochs} epochs of {epoch_size:,} images per row "
+                        f"(CIFAR-10 part from a {args.limit_train:,}-image subset), seed {args.seed}, batch {args.batch_size}, "
+                        f"peak lr {args.lr:g}, {' '.join(f'{k} {v}' for k, v in DEFAULT_RECIPE.items())}; CIFAR-10 validation: "
+                        f"{args.limit_val:,} test images; natural validation: the fixed sr-natural tiles")
+    for column in ("#", "row", "params", "CIFAR dB", "vs bicubic", "natural dB", "vs bicubic", "train min", "images/s",
+                   "vs 48x6"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    bicubic = results[0][3]["metrics"]
+    table.add_row("", "bicubic", "", f"{bicubic['bicubic']['psnr']:.3f}", "", f"{bicubic['natural']['bicubic']['psnr']:.3f}",
+                  "", "", "", "")
+    json_rows = []
+    for number, name, params, manifest in results:
+        metrics, natural = manifest["metrics"], manifest["metrics"]["natural"]
+        per_s = speeds[json.dumps(params, sort_keys=True)][0]
+        cifar_gain = metrics["model"]["psnr"] - metrics["bicubic"]["psnr"]
+        natural_gain = natural["model"]["psnr"] - natural["bicubic"]["psnr"]
+        table.add_row(str(number), name, f"{manifest['parameter_count']:,}", f"{metrics['model']['psnr']:.3f}",
+                      f"{cifar_gain:+.3f}", f"{natural['model']['psnr']:.3f}", f"{natural_gain:+.3f}",
+                      f"{manifest['wall_time_s'] / 60:.1f}", f"{per_s:,.0f}", f"{per_s / speeds['{}'][0]:.2f}x")
+        json_rows.append({"row": number, "name": name, "arch_params": params, "natural_share": manifest["dataset"]["mix"],
+                          "cifar_psnr": metrics["model"]["psnr"], "cifar_gain_db": cifar_gain,
+                          "natural_psnr": natural["model"]["psnr"], "natural_gain_db": natural_gain,
+                          "train_minutes": manifest["wall_time_s"] / 60, "epochs": manifest["epochs_completed"],
+                          "images_per_s": per_s, "parameters": manifest["parameter_count"]})
+    table.add_row("", "resnet18 (speed reference)", "", "", "", "", "", "", f"{speeds['resnet18'][0]:,.0f}", "")
+    console.print(table)
+    console.print(f"load average now {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                         "rows": json_rows, "speeds": speeds, "loadavg": os.getloadavg()}, indent=2))
 
 
 if __name__ == "__main__":

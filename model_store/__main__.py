@@ -25,9 +25,15 @@ def _metric(manifest: dict, *keys: str) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _natural(manifest: dict) -> str:
+    """The natural-photo validation PSNR (trainer --natural) with bicubic's, or "-" for versions without it."""
+    model, bicubic = _metric(manifest, "natural", "model", "psnr"), _metric(manifest, "natural", "bicubic", "psnr")
+    return "-" if model == "-" else f"{model} ({bicubic})"
+
+
 def ls(store: ModelStore, console: Console) -> int:
     table = Table(title=f"Model store {store.url}")
-    for column in ("model", "version", "aliases", "architecture", "params", "val MSE", "PSNR dB", "SSIM", "bicubic PSNR", "created"):
+    for column in ("model", "version", "aliases", "architecture", "params", "val MSE", "PSNR dB", "SSIM", "bicubic PSNR", "natural PSNR (bicubic)", "created"):
         table.add_column(column)
     for name in store.models():
         by_version: dict[int, list[str]] = {}
@@ -37,12 +43,12 @@ def ls(store: ModelStore, console: Console) -> int:
             try:
                 m = store.manifest(name, version)
             except StoreError as exc:
-                table.add_row(name, str(version), "", f"[red]{exc}[/red]", *[""] * 6)
+                table.add_row(name, str(version), "", f"[red]{exc}[/red]", *[""] * 7)
                 continue
             table.add_row(
                 name, str(version), ",".join(by_version.get(version, [])), m.get("architecture", {}).get("name", "?"),
                 f"{m.get('parameter_count', 0):,}", _metric(m, "model", "mse"), _metric(m, "model", "psnr"),
-                _metric(m, "model", "ssim"), _metric(m, "bicubic", "psnr"), m.get("created_at", "?"),
+                _metric(m, "model", "ssim"), _metric(m, "bicubic", "psnr"), _natural(m), m.get("created_at", "?"),
             )
     console.print(table)
     return 0

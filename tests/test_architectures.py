@@ -54,3 +54,42 @@ def test_psnr_and_ssim_behave(real_images):
     mse = (x - noisy).pow(2).flatten(1).mean(1)
     assert torch.allclose(psnr_per_image(x, noisy), -10 * torch.log10(mse))
     assert (psnr_per_image(x, bicubic_upscale(downsample(x))) > psnr_per_image(x, noisy * 0)).all()
+
+
+# ---- issue 12's options of subpixel_residual ----------------------------------------------------------
+
+
+def test_reparameterised_conv_is_exactly_its_three_branches():
+    """Trained as 3x3 + 1x1 branches, run as the single 3x3 kernel they sum to: the same function."""
+    torch.manual_seed(0)
+    model = build_model("subpixel_residual", width=16, depth=2, rep=True)
+    conv = model.body[0].conv1
+    x = torch.rand(4, 16, 8, 8)
+    branches = conv.conv3(x) + conv.conv1(x)
+    assert torch.allclose(conv(x), branches, atol=1e-5)
+    # the extra branch is a trainable parameter of the model, stored with it
+    assert "body.0.conv1.conv1.weight" in {name for name, _ in model.named_parameters()}
+
+
+def test_channel_attention_gates_each_channel_by_its_global_average():
+    torch.manual_seed(0)
+    model = build_model("subpixel_residual", width=16, depth=1, attention=4)
+    attention = model.body[0].attention
+    x = torch.rand(2, 16, 8, 8)
+    gated = attention(x)
+    gate = gated / x
+    # one factor in (0, 1) per image and channel, the same at every position
+    assert torch.allclose(gate, gate[:, :, :1, :1].expand_as(gate), atol=1e-5)
+    assert (gate > 0).all() and (gate < 1).all()
+    assert attention.squeeze.out_channels == 4
+
+
+@pytest.mark.parametrize("params", [{"rep": True}, {"attention": 16}, {"width": 64, "depth": 8, "attention": 16}])
+def test_every_option_starts_as_bicubic_and_keeps_the_default_model_unchanged(params, real_images):
+    inputs = downsample(to_float(real_images[:8]))
+    model = build_model("subpixel_residual", **params).eval()
+    with torch.inference_mode():
+        assert torch.allclose(model(inputs), bicubic_upscale(inputs), atol=1e-6)
+    # a default model's weights (what today's store holds) still load into a default build, key for key
+    default = build_model("subpixel_residual")
+    assert build_model("subpixel_residual", rep=False, attention=0).load_state_dict(default.state_dict()) is not None

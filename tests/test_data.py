@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -288,3 +288,13 @@ def test_cli_init_and_gc_on_s3(s3_env, capsys):
     assert "removed conv/2/.claim" in capsys.readouterr().out
     assert store_cli(["--store", url, "ls"]) == 0
     assert url in capsys.readouterr().out
+
+
+def test_cli_ls_shows_the_natural_validation_when_a_version_has_it(store, capsys):
+    from test_service_support import publish
+
+    publish(store, "sr", "subpixel_residual", psnr=22.5, natural_psnr=30.125)
+    publish(store, "conv", "conv", psnr=20.0)
+    assert store_cli(["--store", str(store.root), "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "natural PSNR" in out and "30.1250 (28.5000)" in out and "22.5000" in out

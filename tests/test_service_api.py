@@ -273,6 +273,23 @@ def test_models_lists_everything_with_what_is_loaded_and_default(client, served)
     assert_error(client.get("/models/nope"), 404, "model_not_found")
 
 
+def test_models_show_the_natural_validation_next_to_cifar(tmp_path):
+    """A version trained with --natural has both validations; GET /models and the version detail show both."""
+    store = ModelStore(tmp_path / "store")
+    publish(store, "sr", "subpixel_residual", seed=3, psnr=22.5, natural_psnr=30.1)
+    publish(store, "conv", "conv", seed=1, psnr=20.0)  # today's manifests, without natural metrics, still list
+    with in_process_client(store=store.root, poll_interval_s=60) as client:
+        by_name = {m["name"]: m for m in client.get("/models").json()["models"]}
+        (version,) = by_name["sr"]["versions"]
+        assert version["metrics"]["model"]["psnr"] == 22.5 and version["metrics"]["bicubic"]["psnr"] == 19.0
+        assert version["metrics"]["natural"]["model"]["psnr"] == 30.1 and version["metrics"]["natural"]["bicubic"]["psnr"] == 28.5
+        assert version["dataset"]["mix"] == {"cifar10-jpeg": 0.5, "sr-natural": 0.5}
+        assert version["dataset"]["natural"]["fingerprint"] == "test-natural"
+        assert "natural" not in by_name["conv"]["versions"][0]["metrics"]
+        detail = client.get("/models/sr/versions/1").json()
+        assert detail["metrics"]["natural"] == store.manifest("sr", 1)["metrics"]["natural"]
+
+
 def test_version_detail_and_pictures(client, served):
     detail = client.get("/models/conv/versions/1").json()
     assert detail["manifest"] == served[0].manifest("conv", 1) and detail["status"] == "serving"

@@ -43,8 +43,12 @@ def make_model(arch: str = "conv", seed: int = 0) -> torch.nn.Module:
 
 
 def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psnr: float = 20.0,
-            files: dict[str, bytes] | None = None, recipe: dict | None = None) -> tuple[int, torch.nn.Module]:
-    """Publish a seeded model with a manifest following the team's contract; returns (version, model)."""
+            files: dict[str, bytes] | None = None, natural_psnr: float | None = None,
+            recipe: dict | None = None) -> tuple[int, torch.nn.Module]:
+    """Publish a seeded model with a manifest following the team's contract; returns (version, model).
+
+    With `natural_psnr`, the manifest also has the natural-photo validation (metrics.natural) the trainer
+    publishes with --natural."""
     model = make_model(arch, seed)
     manifest = {
         "architecture": {"name": arch, "params": {}}, "parameter_count": parameter_count(model),
@@ -56,6 +60,11 @@ def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psn
         "metrics": {"model": {"mse": 0.01, "psnr": psnr, "ssim": 0.5}, "bicubic": {"mse": 0.01, "psnr": 19.0, "ssim": 0.5}, "images": 0},
         "device": "cpu", "wall_time_s": 0.0, "torch_version": torch.__version__, "epochs_completed": 1,
     }
+    if natural_psnr is not None:
+        manifest["metrics"]["natural"] = {"model": {"mse": 0.005, "psnr": natural_psnr, "ssim": 0.7},
+                                          "bicubic": {"mse": 0.006, "psnr": 28.5, "ssim": 0.66}, "images": 3439}
+        manifest["dataset"]["natural"] = {"name": "sr-natural", "fingerprint": "test-natural", "val_files": ["bsd200/100075.png"]}
+        manifest["dataset"]["mix"] = {"cifar10-jpeg": 0.5, "sr-natural": 0.5}
     return store.publish(name, model.state_dict(), manifest, files=files), model
 
 

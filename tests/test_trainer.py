@@ -217,6 +217,18 @@ def test_torchrun_two_process_gloo_run_publishes_one_contract_model(data_dir, ca
     assert manifest["recipe"]["world_size"] == 2 and manifest["recipe"]["global_batch_size"] == 256
     assert manifest["epochs_completed"] == 1 and manifest["parameter_count"] == 117_655
     assert "event=published model=conv version=1" in result.stderr
+    assert "world_size=2 backend=gloo" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_still_joins_a_process_group(data_dir, cache_dir, tmp_path):
+    """What bench/gpu_check.sh runs on one GPU (there with NCCL): a 1-process torchrun job trains under DDP and publishes."""
+    store = ModelStore(tmp_path / "store")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               "-m", "trainer", *cli_args(data_dir, store.root, cache_dir, "--models", "fc", "--epochs", "1", "--device", "cpu")]
+    result = subprocess.run(command, env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "world_size=1 backend=gloo" in result.stderr and store.versions("fc") == [1]
 
 
 def test_console_script_rejects_an_unknown_model_by_name(tmp_path):

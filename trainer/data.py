@@ -331,11 +331,15 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    _write_tensors(path, {"images": images, "labels": labels})
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write to a temporary file beside `path`, fsync, rename: readers see the whole file or none."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, temporary)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary)
         os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is as readable as the dataset
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())

@@ -19,23 +19,28 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    distributed: bool = False  # in a process group (every torchrun job, one process included): collectives run
+
+    @property
+    def backend(self) -> str:
+        return dist.get_backend() if self.distributed else "none"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
+        if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self.distributed:
             dist.barrier()
 
     def rank0_decides(self, decision: bool) -> bool:
         """Rank 0's decision on every rank (ranks that disagree about stopping would deadlock)."""
-        if self.world_size == 1:
+        if not self.distributed:
             return decision
         flag = torch.tensor([int(decision)], device=self.device)
         dist.broadcast(flag, src=0)
@@ -59,9 +64,10 @@ def setup(device_arg: str) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if world_size > 1:
+    # Under torchrun (TORCHELASTIC_RUN_ID) even one process joins a group, so a 1-GPU job runs NCCL and DDP for real.
+    if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-        return Runtime(device, dist.get_rank(), world_size)
+        return Runtime(device, dist.get_rank(), world_size, distributed=True)
     return Runtime(device)
 
 

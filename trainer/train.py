@@ -30,6 +30,7 @@ from model_store import LATEST, ModelStore, StoreError
 from trainer import distributed
 from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
+from trainer.natural import NaturalData, epoch_images, load_natural_data
 from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_augment, is_coarse_step, learning_rate
 from trainer.report import loss_curve_png, samples_png
 from upgrader.architectures import ARCHITECTURES, INPUT_SHAPE, OUTPUT_SHAPE, build_model, parameter_count
@@ -76,6 +77,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated architectures to train, one after the other (known: {', '.join(sorted(ARCHITECTURES))})")
     where.add_argument("--data", type=Path, default=os.environ.get("UPGRADER_DATA"),
                        help="ImageFolder tree with train/ and test/, or a torchvision CIFAR-10 directory (default: $UPGRADER_DATA)")
+    where.add_argument("--natural", type=Path, default=os.environ.get("UPGRADER_NATURAL_DATA") or None, metavar="DIR",
+                       help="natural photographs (sr-natural: bsd200/, yang91/): their held-out part is a second validation set "
+                            "reported next to --data's; with --natural-share they are also trained on (default: $UPGRADER_NATURAL_DATA)")
+    where.add_argument("--natural-share", type=float, default=0.0, metavar="F",
+                       help="share of each epoch's training images that are random 32x32 crops of the --natural photographs; the "
+                            "rest come from --data (an epoch is --epoch-size images); 1 = natural crops alone, 0 = none")
+    where.add_argument("--epoch-size", type=int, default=None, metavar="N",
+                       help="training images per epoch (default: --data's training-set size); each epoch draws a fresh seeded "
+                            "subset of --data (and fresh natural crops), so shorter epochs only make evaluations and checkpoints more frequent")
+    where.add_argument("--epoch-val", type=int, default=None, metavar="N",
+                       help="evaluate each epoch's history on an evenly spread N of the validation images (and the same share of "
+                            "the natural ones); the published metrics always use all of them (default: all)")
     where.add_argument("--download", action="store_true", help="fetch CIFAR-10 through torchvision into --data if it is not there")
     where.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache/datasets)")
     where.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on a fixed, seeded random subset of N images")
@@ -92,6 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--loss", choices=sorted(LOSSES), default="mse", help="training loss")
     recipe.add_argument("--lr-schedule", choices=sorted(LR_SCHEDULES), default="constant",
                         help="learning rate over the run: constant, cosine decay to 0, or one-cycle (warm-up then anneal)")
+    recipe.add_argument("--schedule-over", choices=["epochs", "time"], default="epochs",
+                        help="what the LR schedule spans: --epochs (deterministic), or --max-minutes of training time "
+                             "(progress = time spent / budget, so a run on a busy machine still ends annealed; --epochs is then a cap)")
     recipe.add_argument("--augment", choices=["none", "dihedral"], default="none",
                         help="dihedral: each target randomly flipped/rotated (8 ways) before its input is made")
     recipe.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
@@ -117,6 +133,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-dir", type=Path, default=None, help="write a checkpoint after every epoch here")
     run.add_argument("--resume", action="store_true",
                      help="continue each model from its last finished epoch in --checkpoint-dir (fresh if there is none)")
+    run.add_argument("--no-ensemble-metrics", action="store_true",
+                     help="do not measure the 8-view self-ensemble when publishing (it costs 8 forward passes per validation image)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     return p
 
@@ -130,6 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda was asked for but torch sees no CUDA device")
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir")
+    if args.schedule_over == "time" and args.max_minutes is None:
+        parser.error("--schedule-over time needs --max-minutes (the time the schedule spans)")
+    if args.natural_share > 0 and args.natural is None:
+        parser.error("--natural-share needs --natural DIR (or UPGRADER_NATURAL_DATA)")
     if args.publish_as is not None and len(args.models) != 1:
         parser.error("--publish-as names one model; train one model per run with it")
     for flag, value, ok in [
@@ -139,6 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--ema", args.ema, 0 <= args.ema < 1),
         ("--coarse-to-fine", args.coarse_to_fine, 0 <= args.coarse_to_fine < 1),
         ("--fine-lr-scale", args.fine_lr_scale, args.fine_lr_scale > 0),
+        ("--natural-share", args.natural_share, 0 <= args.natural_share <= 1),
+        ("--epoch-size", args.epoch_size, args.epoch_size is None or args.epoch_size >= 1),
+        ("--epoch-val", args.epoch_val, args.epoch_val is None or args.epoch_val >= 1),
         ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
     ]:
         if not ok:
@@ -162,8 +187,12 @@ def train_one_epoch(
     runtime: distributed.Runtime,
     ema: EMA | None,
     name: str,
+    spent_s: float = 0.0,
 ) -> tuple[float, int]:
-    """One pass over this rank's shard of the (reshuffled) training set; returns the mean loss over all ranks and the step."""
+    """One pass over this rank's shard of the (reshuffled) training set; returns the mean loss over all ranks and the step.
+
+    `spent_s`: training time of the earlier epochs, for `--schedule-over time`.
+    """
     model.train()
     loss_fn = LOSSES[args.loss]
     amp = args.amp == "bf16" and runtime.device.type == "cuda"
@@ -175,8 +204,13 @@ def train_one_epoch(
                     rank=runtime.rank, world_size=runtime.world_size)
     bar = tqdm(order, total=steps_per_epoch(len(images), args.batch_size, runtime.world_size), unit="batch", leave=False,
                desc=f"{name} epoch {epoch}/{args.epochs}", disable=not runtime.is_main or args.no_progress)
+    started = time.perf_counter()
+    budget_s = args.max_minutes * 60 if args.schedule_over == "time" else None
     for targets in bar:
-        lr = learning_rate(step, total_steps, base_lr=args.lr, schedule=args.lr_schedule,
+        at = step
+        if budget_s is not None:  # the schedule's position is the larger of steps done and time spent
+            at = max(step, int(total_steps * min((spent_s + time.perf_counter() - started) / budget_s, 1.0)))
+        lr = learning_rate(at, total_steps, base_lr=args.lr, schedule=args.lr_schedule,
                            coarse_to_fine=args.coarse_to_fine, fine_lr_scale=args.fine_lr_scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -252,6 +286,7 @@ def recipe_of(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
         "loss": args.loss,
         "epochs": args.epochs,
         "lr_schedule": args.lr_schedule,
+        "schedule_over": args.schedule_over,
         "augment": args.augment,
         "ema": args.ema,
         "coarse_to_fine": args.coarse_to_fine,
@@ -262,8 +297,13 @@ def recipe_of(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
     }
 
 
-def dataset_of(data: ImageData) -> dict:
-    return {"name": data.name, "fingerprint": data.fingerprint, "train_size": len(data.train), "val_size": len(data.val)}
+def dataset_of(data: ImageData, natural: NaturalData | None = None, natural_share: float = 0.0) -> dict:
+    """The data lineage: --data, and --natural with its fingerprint, held-out files and share of each epoch."""
+    dataset = {"name": data.name, "fingerprint": data.fingerprint, "train_size": len(data.train), "val_size": len(data.val)}
+    if natural is not None:
+        dataset["natural"] = natural.describe()
+        dataset["mix"] = {data.name: 1.0 - natural_share, natural.name: natural_share}
+    return dataset
 
 
 def load_initial_weights(model: nn.Module, init_from: str, store_location: str | None, architecture: dict) -> dict:
@@ -317,7 +357,8 @@ def next_epoch_fits(history: list[dict], max_minutes: float | None) -> bool:
 
 
 def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torch.Tensor | None,
-                      args: argparse.Namespace, runtime: distributed.Runtime) -> int | None:
+                      args: argparse.Namespace, runtime: distributed.Runtime, natural: NaturalData | None = None,
+                      natural_val: torch.Tensor | None = None) -> int | None:
     """Train one architecture; on rank 0 evaluate and publish it. Returns the published version (rank 0)."""
     name = args.publish_as or arch
     torch.manual_seed(args.seed)  # same initial weights on every rank, whatever the order of --models
@@ -326,7 +367,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
     except TypeError as exc:
         raise ValueError(f"--arch-params {json.dumps(args.arch_params)} do not fit architecture {arch!r}: {exc}") from None
     # What is being trained: the manifest entries known before training, and what a resume must match.
-    run = {"architecture": {"name": arch, "params": args.arch_params}, "recipe": recipe_of(args, runtime), "dataset": dataset_of(data)}
+    run = {"architecture": {"name": arch, "params": args.arch_params}, "recipe": recipe_of(args, runtime), "dataset": dataset_of(data, natural, args.natural_share)}
     if args.init_from:
         run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, args.store, run["architecture"])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -344,27 +385,40 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         history, step, first_epoch, published = checkpoint.history, checkpoint.step, checkpoint.epoch + 1, checkpoint.published_version
 
     trained: nn.Module = model
-    if runtime.world_size > 1:
+    if runtime.distributed:
         trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if args.compile:
         trained = torch.compile(trained)
     evaluated = ema.averaged if ema is not None else model  # the weights that are evaluated and published
-    total_steps = args.epochs * steps_per_epoch(len(train), args.batch_size, runtime.world_size)
-    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d first_epoch=%d",
-             name, parameter_count(model), len(data.train), len(data.val), runtime.device, runtime.world_size, first_epoch)
+    epoch_size = args.epoch_size or len(train)
+    total_steps = args.epochs * steps_per_epoch(epoch_size, args.batch_size, runtime.world_size)
+    epoch_val, epoch_natural_val = val, natural_val  # what each epoch's history is measured on (--epoch-val)
+    if args.epoch_val is not None and runtime.is_main and args.epoch_val < len(val):
+        epoch_val = val[torch.linspace(0, len(val) - 1, args.epoch_val).long().to(val.device)]
+        if natural_val is not None:
+            count = max(1, round(len(natural_val) * args.epoch_val / len(val)))
+            epoch_natural_val = natural_val[torch.linspace(0, len(natural_val) - 1, count).long().to(natural_val.device)]
+    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d backend=%s first_epoch=%d", name,
+             parameter_count(model), len(data.train), len(data.val), runtime.device, runtime.world_size, runtime.backend, first_epoch)
 
     for epoch in range(first_epoch, args.epochs + 1):
         if not runtime.rank0_decides(next_epoch_fits(history, args.max_minutes)):
             log.info("event=budget model=%s max_minutes=%s stopped_after_epoch=%d", name, args.max_minutes, epoch - 1)
             break
         started = time.perf_counter()
-        train_loss, step = train_one_epoch(trained, optimizer, train, epoch, step, total_steps, args, runtime, ema, name)
+        images = epoch_images(train, natural, args.natural_share, epoch=epoch, seed=args.seed, size=epoch_size)
+        train_loss, step = train_one_epoch(trained, optimizer, images, epoch, step, total_steps, args, runtime, ema, name,
+                                           spent_s=sum(h["seconds"] for h in history))
+        del images
         if not runtime.is_main:
             continue
-        val_metrics = evaluate(evaluated, val, runtime.device, loss_name=args.loss)
+        val_metrics = evaluate(evaluated, epoch_val, runtime.device, loss_name=args.loss)
+        natural_psnr = {}
+        if natural_val is not None:
+            natural_psnr["val_natural_psnr"] = evaluate(evaluated, epoch_natural_val, runtime.device, loss_name=args.loss)["model"]["psnr"]
         history.append({
             "epoch": epoch, "train_loss": train_loss, "val_loss": val_metrics["loss"], "val_psnr": val_metrics["model"]["psnr"],
-            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+            **natural_psnr, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
         })
         log.info("event=epoch model=%s %s", name, logfmt(history[-1]))
         if checkpoint_dir is not None:
@@ -378,18 +432,27 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
     if published is not None:
         log.info("event=skip model=%s reason=already_published version=%d", name, published)
         return published
-    return publish(name, run, evaluated, history, data, val, args, runtime, checkpoint_dir)
+    return publish(name, run, evaluated, history, data, val, args, runtime, checkpoint_dir, natural_val)
 
 
 def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: ImageData, val: torch.Tensor,
-            args: argparse.Namespace, runtime: distributed.Runtime, checkpoint_dir: Path | None) -> int:
-    """Evaluate against bicubic, draw the pictures and publish a new version of `name`."""
-    metrics = evaluate(model, val, runtime.device, loss_name=args.loss, baseline=True, ensemble=True)
+            args: argparse.Namespace, runtime: distributed.Runtime, checkpoint_dir: Path | None,
+            natural_val: torch.Tensor | None = None) -> int:
+    """Evaluate against bicubic (on --data's validation split, and on the natural one if any), draw the pictures
+    and publish a new version of `name`."""
+    ensemble = not args.no_ensemble_metrics
+    metrics = evaluate(model, val, runtime.device, loss_name=args.loss, baseline=True, ensemble=ensemble)
     metrics.pop("loss")
-    gain = metrics["model"]["psnr"] - metrics["bicubic"]["psnr"]
-    log.info("event=evaluated model=%s images=%d %s %s psnr_vs_bicubic=%+.3f verdict=%s", name, metrics["images"],
-             logfmt(metrics["model"]), logfmt(metrics["bicubic"], prefix="bicubic_"), gain,
-             "beats_bicubic" if gain > 0 else "loses_to_bicubic")
+    if natural_val is not None:
+        metrics["natural"] = evaluate(model, natural_val, runtime.device, loss_name=args.loss, baseline=True, ensemble=ensemble)
+        metrics["natural"].pop("loss")
+    for split, measured in [("val", metrics), ("natural_val", metrics.get("natural"))]:
+        if measured is None:
+            continue
+        gain = measured["model"]["psnr"] - measured["bicubic"]["psnr"]
+        log.info("event=evaluated model=%s split=%s images=%d %s %s psnr_vs_bicubic=%+.3f verdict=%s", name, split,
+                 measured["images"], logfmt(measured["model"]), logfmt(measured["bicubic"], prefix="bicubic_"), gain,
+                 "beats_bicubic" if gain > 0 else "loses_to_bicubic")
     arch = run["architecture"]["name"]
     title = (f"{name}{f' ({arch})' if name != arch else ''}: {len(history)} epochs\n"
              f"PSNR {metrics['model']['psnr']:.2f} dB (bicubic {metrics['bicubic']['psnr']:.2f})")
@@ -425,15 +488,24 @@ def main(argv: list[str] | None = None) -> int:
     runtime = distributed.setup(args.device)
     logging.basicConfig(level=logging.INFO if runtime.is_main else logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s rank={runtime.rank} %(message)s")
+    if args.schedule_over == "time" and runtime.world_size > 1:
+        # Each rank's clock would set its own learning rate and the replicas would drift apart.
+        log.error("event=failed error='--schedule-over time is for single-process runs, not world_size=%d'", runtime.world_size)
+        distributed.teardown()
+        return 2
     if args.amp == "bf16" and runtime.device.type != "cuda":
         log.warning("event=amp_ignored reason='--amp bf16 is for CUDA; training in float32 on %s'", runtime.device)
     try:
         data = load_image_data(args.data, download=args.download, cache_dir=args.cache_dir, limit_train=args.limit_train,
                                limit_val=args.limit_val, seed=args.seed, progress=runtime.is_main and not args.no_progress)
+        natural = None
+        if args.natural is not None:
+            natural = load_natural_data(args.natural, cache_dir=args.cache_dir, progress=runtime.is_main and not args.no_progress)
         train = place_on_device(data.train, runtime.device)
         val = place_on_device(data.val, runtime.device) if runtime.is_main else None
+        natural_val = place_on_device(natural.val, runtime.device) if natural is not None and runtime.is_main else None
         for arch in args.models:
-            train_and_publish(arch, data, train, val, args, runtime)
+            train_and_publish(arch, data, train, val, args, runtime, natural, natural_val)
         # Leave together: a rank that exits while rank 0 still evaluates and publishes closes its
         # gloo connections under rank 0, which can then fail with "Connection closed by peer".
         runtime.barrier()

@@ -114,17 +114,58 @@ class ResNet18Upgrader(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-class _ResidualBlock(nn.Module):
-    """EDSR block: conv-ReLU-conv without BatchNorm, scaled before it is added back."""
+class _RepConv3x3(nn.Module):
+    """A 3x3 conv trained as two parallel branches (3x3 and 1x1), run as the one 3x3 conv they sum to.
 
-    def __init__(self, width: int, res_scale: float) -> None:
+    Re-parameterisation as in RepVGG / ECBSR, without BatchNorm: the branches are linear, so their
+    sum *is* a single 3x3 kernel, built from the branch weights on every forward (a 64x64x3x3 add,
+    nothing next to the convolution itself). Training sees the multi-branch parameterisation (its
+    gradients differ from a plain conv's), inference costs exactly one conv, and there is no
+    separate "deploy" model to convert. RepVGG's identity branch is left out: inside a residual
+    block it doubled the features at every conv and an 8-block body diverged (bench/RESULTS.md).
+    """
+
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv1 = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.conv3.weight + nn.functional.pad(self.conv1.weight, (1, 1, 1, 1))
+        return nn.functional.conv2d(x, kernel, self.conv3.bias + self.conv1.bias, padding=1)
+
+
+class _ChannelAttention(nn.Module):
+    """RCAN's channel attention: global average pool -> bottleneck MLP -> sigmoid gate per channel."""
+
+    def __init__(self, width: int, reduction: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(width, max(width // reduction, 1), 1)
+        self.excite = nn.Conv2d(max(width // reduction, 1), width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        return x * gate
+
+
+class _ResidualBlock(nn.Module):
+    """EDSR block: conv-ReLU-conv without BatchNorm, scaled before it is added back.
+
+    Options (off by default, so existing manifests rebuild the same model): `rep` trains each conv
+    as a re-parameterisable 3x3+1x1 pair, `attention` > 0 gates the block's output by RCAN
+    channel attention with that reduction ratio.
+    """
+
+    def __init__(self, width: int, res_scale: float, rep: bool = False, attention: int = 0) -> None:
+        super().__init__()
+        make_conv = (lambda: _RepConv3x3(width)) if rep else (lambda: nn.Conv2d(width, width, 3, padding=1))
+        self.conv1 = make_conv()
+        self.conv2 = make_conv()
+        self.attention = _ChannelAttention(width, attention) if attention > 0 else nn.Identity()
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.conv1(x))) * self.res_scale
+        return x + self.attention(self.conv2(torch.relu(self.conv1(x)))) * self.res_scale
 
 
 @register("subpixel_residual")
@@ -145,7 +186,7 @@ class SubpixelResidualUpgrader(nn.Module):
 
     fully_convolutional = True  # convolutions, pixel shuffle and bicubic only: see `fully_convolutional()`
 
-    def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0) -> None:
+    def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0, rep: bool = False, attention: int = 0) -> None:
         super().__init__()
         # Imported here because upgrader.imaging imports this module's sizes.
         from upgrader.imaging import bicubic_upscale
@@ -154,7 +195,7 @@ class SubpixelResidualUpgrader(nn.Module):
         scale = OUTPUT_SIZE // INPUT_SIZE
         self.head = nn.Conv2d(CHANNELS, width, 3, padding=1)
         self.body = nn.Sequential(
-            *(_ResidualBlock(width, res_scale) for _ in range(depth)),
+            *(_ResidualBlock(width, res_scale, rep, attention) for _ in range(depth)),
             nn.Conv2d(width, width, 3, padding=1),
         )
         self.to_subpixels = nn.Conv2d(width, CHANNELS * scale**2, 3, padding=1)
