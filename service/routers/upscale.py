@@ -64,7 +64,8 @@ def request_body(settings: Settings) -> dict:
             "multipart/form-data": {
                 "schema": {"type": "object", "required": [IMAGE_FIELD], "additionalProperties": False, "properties": {
                     IMAGE_FIELD: {"type": "array", "items": binary, **count, "description": "One or more file parts named `images`."},
-                    REFERENCE_FIELD: {"type": "array", "items": binary, **count,
+                    # No minItems: in multipart zero `references` parts is the same body as none at all.
+                    REFERENCE_FIELD: {"type": "array", "items": binary, "maxItems": settings.max_images_per_request,
                                       "description": "Optional file parts named `references`, one per image."}}},
                 "encoding": {IMAGE_FIELD: {"contentType": _IMAGE_TYPES}, REFERENCE_FIELD: {"contentType": _IMAGE_TYPES}},
             },
