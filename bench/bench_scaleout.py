@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,12 @@ from model_store import ModelStore  # noqa: E402
 
 def start(store_url: str, env: dict, *flags: str) -> tuple[ServiceProcess, float]:
     started = time.perf_counter()
-    replica = ServiceProcess(store_url, *flags, env=env).wait_ready(300)
+    replica = ServiceProcess(store_url, *flags, env=env)
+    try:
+        replica.wait_ready(300)
+    except BaseException:  # not ready, or the bench was stopped meanwhile: the process must not outlive it
+        replica.stop()
+        raise
     return replica, time.perf_counter() - started
 
 
@@ -138,6 +144,9 @@ def main() -> None:
     parser.add_argument("--publishes", type=int, default=5, help="versions published for the publish-to-served rows")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    # A SIGTERM (a timeout, a Ctrl-C from a supervisor) unwinds the context managers, so the S3 server
+    # and the replicas, each in their own session, are stopped rather than left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     _, pngs = load_images(args.data, 256)
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp, SeaweedS3(Path(tmp) / "s3") as server:
         workdir = Path(tmp)

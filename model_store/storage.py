@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -189,7 +188,3 @@ class LocalStorage:
 
     def init(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-
-
-def age_s(info: ObjectInfo) -> float:
-    return time.time() - info.modified
