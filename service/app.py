@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -10,11 +11,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from service.deps import require_api_key
 from service.errors import install_error_handlers
+from service.fastlane import FastLane, FastRoute
 from service.limits import Admission, AdmissionMiddleware, BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager
 from service.routers import baseline, inference, models, ops, page, upscale
+from service.schemas import VERSION_PATTERN, UpscaleQuery
 from service.settings import Settings
 
 DESCRIPTION = """Upscales 8x8 images to 32x32 with the models of the Upgrader model store.
@@ -30,6 +33,28 @@ extension) under `/v2`, for tritonclient, perf_analyzer and KServe; there errors
 """
 
 
+class UpgraderAPI(FastAPI):
+    """FastAPI, with the service's own layers around its stack (built on the first request, as Starlette does).
+
+    Every request passes the request id and access log, admission and the body size limit; then
+    the inference endpoints take the fast lane (service.fastlane) and everything else FastAPI's
+    stack (its error handling, routing, dependencies, docs).
+    """
+
+    def build_middleware_stack(self):
+        settings: Settings = self.state.settings
+        requests = self.state.metrics.requests  # a refusal counts like the route's own 503s (the child made on first use)
+        app = FastLane(super().build_middleware_stack(), self, [
+            FastRoute("POST", re.compile(r"/upscale"), upscale.upscale, UpscaleQuery),
+            FastRoute("POST", re.compile(rf"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>{VERSION_PATTERN[1:-1]}))?/infer"),
+                      inference.infer),
+        ])
+        app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
+        app = AdmissionMiddleware(app, admission=self.state.admission, path="/upscale",
+                                  on_refusal=lambda: requests.labels(UNKNOWN_MODEL, "503").inc())
+        return RequestContextMiddleware(app)  # outermost: every response, even a 413, carries the request id
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -43,8 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.metrics.process_exited()
 
     # The docs are routes of our own (below), so that API keys guard them like every other endpoint.
-    app = FastAPI(title="Upgrader", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = UpgraderAPI(title="Upgrader", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                      docs_url=None, redoc_url=None, openapi_url=None,
+                      # FastAPI's native OpenTelemetry looks up the global providers on every request (~40 us
+                      # here); the service reports through Prometheus (/metrics) and configures no OTel.
+                      telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.manager = ModelManager(settings, app.state.metrics)
@@ -58,11 +86,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", page.static_files(), name="static")
     add_docs(app)
     app.include_router(inference.router)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    requests = app.state.metrics.requests  # a refusal counts like the route's own 503s (the child made on first use)
-    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, path="/upscale",
-                       on_refusal=lambda: requests.labels(UNKNOWN_MODEL, "503").inc())
-    app.add_middleware(RequestContextMiddleware)  # outermost: every response, even a 413, carries the request id
     return app
 
 

@@ -10,9 +10,9 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.datastructures import State
 
 from service.errors import ApiError
-from service.limits import Admission
 from service.metrics import Metrics
 from service.registry import ModelManager
 from service.settings import Settings
@@ -30,7 +30,13 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def get_state(request: Request) -> State:
+    """app.state whole: what the inference endpoints take, so the fast lane (service.fastlane) can hand it in as FastAPI does."""
+    return request.app.state
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+StateDep = Annotated[State, Depends(get_state)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
@@ -44,11 +50,8 @@ def _matches(given: str | None, secret: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
-async def require_api_key(
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
-    x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
-) -> None:
+def check_api_key(settings: Settings, authorization: str | None, x_api_key: str | None) -> None:
+    """401 unless keys are off or one of the two headers carries a valid key (also called by service.fastlane)."""
     if not settings.api_keys:
         return
     given = [key for key in (_bearer(authorization), x_api_key) if key]
@@ -57,11 +60,12 @@ async def require_api_key(
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-async def get_admission(request: Request) -> Admission:
-    return request.app.state.admission
-
-
-AdmissionDep = Annotated[Admission, Depends(get_admission)]
+async def require_api_key(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
+    x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
+) -> None:
+    check_api_key(settings, authorization, x_api_key)
 
 
 async def require_admin(
@@ -82,4 +86,4 @@ async def require_metrics_access(
 ) -> None:
     """The API key, unless UPGRADER_METRICS_PUBLIC opens /metrics to a scraper."""
     if not settings.metrics_public:
-        await require_api_key(settings, authorization, x_api_key)
+        check_api_key(settings, authorization, x_api_key)

@@ -60,6 +60,27 @@ def unavailable(code: str, message: str, retry_after_s: int) -> ApiError:
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
+def validation_error_response(errors, path: str) -> JSONResponse:
+    """A parameter that failed validation (FastAPI's or the fast lane's): 422, or 400 under /v2 as the protocol says."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    if first and where and not where.startswith(("query", "path", "header", "body")):
+        where = f"query.{where}"  # a query model validated by the fast lane: say where, as FastAPI does
+    status = 400 if is_protocol_path(path) else 422
+    return error_response(status, "invalid_parameter", f"{where}: {first.get('msg', 'invalid request')}", path=path)
+
+
+def client_gone_response(path: str) -> JSONResponse:
+    # The client left (or a body deadline closed its connection): nobody reads this answer.
+    log.info("client disconnected before its request was read", extra={"path": path[:100]})
+    return error_response(400, "client_disconnected", "the client disconnected before sending its whole body")
+
+
+def unexpected_error_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", method, path[:100], exc_info=exc)
+    return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log", path=path)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -67,11 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        # The protocol answers a malformed name or version with 400.
-        status = 400 if is_protocol_path(request.url.path) else 422
-        return error_response(status, "invalid_parameter", f"{where}: {first.get('msg', 'invalid request')}", path=request.url.path)
+        return validation_error_response(exc.errors(), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -81,11 +98,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
-        # The client left (or a body deadline closed its connection): nobody reads this answer.
-        log.info("client disconnected before its request was read", extra={"path": request.url.path[:100]})
-        return error_response(400, "client_disconnected", "the client disconnected before sending its whole body")
+        return client_gone_response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log", path=request.url.path)
+        return unexpected_error_response(request.method, request.url.path, exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ErrorDetail(BaseModel):
@@ -15,6 +15,27 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class UpscaleQuery(BaseModel):
+    """The query parameters of POST /upscale (validated by FastAPI for the docs, by service.fastlane when serving)."""
+
+    model: str | None = Field(None, description="Model name; default UPGRADER_DEFAULT_MODEL, else the best by validation PSNR.")
+    version: str = Field("latest", description="Version number or alias (latest, stable, ...).", pattern=VERSION_PATTERN)
+    ensemble: int = Field(1, description="8: average the model over the 8 flips/rotations of each input.", json_schema_extra={"enum": [1, 8]})
+    tile: bool = Field(False, description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, UPGRADER_MAX_REQUEST_PIXELS "
+                       "together) are cut into 8x8 tiles, every tile goes through the batcher, and the 4x result is stitched "
+                       "(overlapping, blended tiles for fully convolutional models).")
+
+    @field_validator("ensemble")
+    @classmethod
+    def _one_or_eight(cls, value: int) -> int:
+        if value not in (1, 8):
+            raise ValueError(f"ensemble must be 1 or 8, not {value}")
+        return value
 
 
 class UpscaleJSONRequest(BaseModel):

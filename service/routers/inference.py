@@ -25,9 +25,10 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import ValidationError
+from starlette.datastructures import State
 
 from model_store import LATEST
-from service.deps import ManagerDep, MetricsDep, SettingsDep, require_api_key
+from service.deps import ManagerDep, SettingsDep, StateDep, require_api_key
 from service.errors import ApiError
 from service.inference_schemas import (
     InferenceRequest,
@@ -36,9 +37,10 @@ from service.inference_schemas import (
     ServerMetadata,
     TensorMetadata,
 )
-from service.metrics import UNKNOWN_MODEL
+from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager, ModelState
 from service.routers.upscale import decode_all
+from service.schemas import VERSION_PATTERN
 from service.settings import Settings
 from service.tensors import (
     DATATYPES,
@@ -66,7 +68,7 @@ INPUTS = [TensorMetadata(name=PIXELS_IN, datatype="UINT8", shape=[-1, *INPUT_SHA
 OUTPUTS = [TensorMetadata(name=PIXELS_OUT, datatype="UINT8", shape=[-1, *OUTPUT_SHAPE])]
 
 NameParam = Annotated[str, Path(description="Model name as in the store.")]
-VersionParam = Annotated[str, Path(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+VersionParam = Annotated[str, Path(description="Version number or alias (latest, stable, ...).", pattern=VERSION_PATTERN)]
 _binary = {"type": "string", "format": "binary"}
 _ERRORS = {
     400: "Bad JSON, unknown input/output name, wrong datatype or shape, binary sizes that do not add up, corrupt image.",
@@ -171,20 +173,23 @@ async def version_config(name: NameParam, version: VersionParam, manager: Manage
 
 
 # ---- inference ----------------------------------------------------------------------
+# FastAPI declares and documents the two infer routes; service.fastlane serves them, calling `infer` directly.
 @router.post("/models/{name}/infer", summary="Upscale a batch (the serving version)", responses=_INFER_RESPONSES,
              openapi_extra={"requestBody": _INFER_BODY}, dependencies=[Depends(require_api_key)])
-async def infer(name: NameParam, request: Request, manager: ManagerDep, metrics: MetricsDep, settings: SettingsDep) -> Response:
-    return await _infer(request, manager, metrics, settings, name, LATEST)
+async def infer_latest(name: NameParam, request: Request, state: StateDep) -> Response:
+    return await infer(request, state, name, LATEST)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Upscale a batch with one version or alias", responses=_INFER_RESPONSES,
              openapi_extra={"requestBody": _INFER_BODY}, dependencies=[Depends(require_api_key)])
-async def infer_version(name: NameParam, version: VersionParam, request: Request, manager: ManagerDep, metrics: MetricsDep,
-                        settings: SettingsDep) -> Response:
-    return await _infer(request, manager, metrics, settings, name, version)
+async def infer_version(name: NameParam, version: VersionParam, request: Request, state: StateDep) -> Response:
+    return await infer(request, state, name, version)
 
 
-async def _infer(request: Request, manager: ModelManager, metrics, settings: Settings, name: str, version: str) -> Response:
+async def infer(request: Request, state: State, name: str, version: str = LATEST) -> Response:
+    manager: ModelManager = state.manager
+    metrics: Metrics = state.metrics
+    settings: Settings = state.settings
     started = time.perf_counter()
     label, status = UNKNOWN_MODEL, 500
     try:
@@ -196,7 +201,7 @@ async def _infer(request: Request, manager: ModelManager, metrics, settings: Set
             label = served.name
             images = await _read_input(payload, tail, settings)
             timeout = settings.request_timeout_s - (time.perf_counter() - started)
-            result = await served.batcher.submit(images, 1, timeout)
+            result = await served.batcher.submit(images, 1, timeout, png=PNG_OUT in wanted)
         response = _answer(served.name, served.version, payload.id, wanted, result.images, result.pngs)
         metrics.images.labels(label).inc(len(result.pngs))
         status = 200

@@ -17,13 +17,21 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from model_store import LATEST
 from service import codec, tiling
-from service.deps import AdmissionDep, ManagerDep, MetricsDep, SettingsDep, require_api_key
+from service.deps import StateDep, require_api_key
 from service.errors import ApiError, echo, unavailable
-from service.metrics import UNKNOWN_MODEL
-from service.registry import Served
-from service.schemas import ErrorResponse, ModelRef, UpscaledImage, UpscaleJSONRequest, UpscaleMetrics, UpscaleResponse
+from service.limits import Admission
+from service.metrics import UNKNOWN_MODEL, Metrics
+from service.registry import ModelManager, Served
+from service.schemas import (
+    ErrorResponse,
+    ModelRef,
+    UpscaledImage,
+    UpscaleJSONRequest,
+    UpscaleMetrics,
+    UpscaleQuery,
+    UpscaleResponse,
+)
 from service.settings import Settings
 from service.upscaler import Upscaler
 from upgrader.architectures import OUTPUT_SIZE, fully_convolutional
@@ -32,7 +40,6 @@ from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
 router = APIRouter(tags=["upscale"])
 
 IMAGE_FIELD, REFERENCE_FIELD = "images", "references"
-ENSEMBLE_SIZES = (1, 8)
 INLINE_DECODE_LIMIT = 4  # decoding costs ~0.1 ms an image: beyond a few, decode off the event loop
 INLINE_JSON_LIMIT = 64 * 1024  # bytes of JSON parsed on the event loop; larger bodies are parsed in a thread
 JSON_KEYS = ("images", "references")
@@ -99,9 +106,7 @@ _RESPONSES = {
 }
 
 
-TileParam = Annotated[bool, Query(description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, "
-                                  "UPGRADER_MAX_REQUEST_PIXELS together) are cut into 8x8 tiles, every tile goes through the batcher, "
-                                  "and the 4x result is stitched (overlapping, blended tiles for fully convolutional models).")]
+TileParam = Annotated[bool, Query(description=UpscaleQuery.model_fields["tile"].description)]
 
 
 @dataclass
@@ -113,23 +118,16 @@ class UpscaleBody:
 @router.post("/upscale", summary="Upscale 8x8 images to 32x32 (any size with tile=true)", response_model=UpscaleResponse, responses=_RESPONSES,
              openapi_extra={"requestBody": request_body(Settings.model_construct())},  # the app puts its own limits in
              dependencies=[Depends(require_api_key)])
-async def upscale(
-    request: Request,
-    manager: ManagerDep,
-    metrics: MetricsDep,
-    settings: SettingsDep,
-    admission: AdmissionDep,
-    model: Annotated[str | None, Query(description="Model name; default UPGRADER_DEFAULT_MODEL, else the best by validation PSNR.")] = None,
-    version: Annotated[str, Query(description="Version number or alias (latest, stable, ...).", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = LATEST,
-    ensemble: Annotated[int, Query(description="8: average the model over the 8 flips/rotations of each input.",
-                                   json_schema_extra={"enum": list(ENSEMBLE_SIZES)})] = 1,
-    tile: TileParam = False,
-) -> Response:
+async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQuery, Query()]) -> Response:
+    """Served by service.fastlane (FastAPI documents it): request, app.state and the validated query go in directly."""
+    manager: ModelManager = state.manager
+    metrics: Metrics = state.metrics
+    settings: Settings = state.settings
+    admission: Admission = state.admission
+    model, version, ensemble, tile = query.model, query.version, query.ensemble, query.tile
     started = time.perf_counter()
     label, status = UNKNOWN_MODEL, 500
     try:
-        if ensemble not in ENSEMBLE_SIZES:
-            raise ApiError(422, "invalid_parameter", f"ensemble must be one of {ENSEMBLE_SIZES}, not {ensemble}")
         # Admission, before a byte of the body is read: which version serves it, whether its queue has
         # room at all, and a slot on this worker (or a place in line). A refusal costs microseconds.
         async with manager.lease(model, version) as served:
