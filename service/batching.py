@@ -45,7 +45,7 @@ from service.upscaler import BatchOutput
 
 log = logging.getLogger("service.batching")
 
-RunBatch = Callable[[np.ndarray, int], BatchOutput]
+RunBatch = Callable[[np.ndarray, int, list[bool]], BatchOutput]  # images, ensemble, which outputs to PNG-encode
 # Most of a batch that bulk jobs (tiles of large images) take while other images are queued; the
 # rest of the batch goes to those first. With nothing else waiting, bulk jobs fill whole batches.
 BULK_SHARE = 0.5
@@ -59,6 +59,7 @@ class Job:
     ensemble: int
     future: asyncio.Future
     bulk: bool = False  # tiles of a large image: capped to BULK_SHARE of a batch while others wait
+    png: bool = True  # its outputs are PNG-encoded on the worker thread (false: pixels only)
     enqueued_at: float = field(default_factory=time.perf_counter)
     chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first index, outputs) per slice computed
     pngs: list[bytes | None] = field(default_factory=list)
@@ -80,7 +81,7 @@ class Job:
 @dataclass
 class JobResult:
     images: np.ndarray  # uint8 N x 3 x 32 x 32
-    pngs: list[bytes]
+    pngs: list[bytes | None]  # None when the job asked for pixels only
     batch_size: int  # the largest batch this request's images rode in
     queue_s: float  # enqueue -> its first batch started
     inference_s: float  # wall time of the batches it rode in
@@ -117,14 +118,14 @@ class Batcher:
         """Whether `images` more would be queued now: the router asks before it reads a body (submit still decides)."""
         return not self._closing and self.queued_images + images <= self.max_queue_images
 
-    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False) -> JobResult:
+    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False, png: bool = True) -> JobResult:
         n = len(images)
         if self._closing:
             raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
         if self.queued_images + n > self.max_queue_images:
             raise unavailable("queue_full", f"{self.label} queue is full ({self.queued_images} of {self.max_queue_images} images waiting)", self.retry_after_s)
         loop = asyncio.get_running_loop()
-        job = Job(images, ensemble, loop.create_future(), bulk)
+        job = Job(images, ensemble, loop.create_future(), bulk, png)
         self._queue.append(_Slice(job, 0, n))
         self._queued_changed(n)
         self._arrived.set()
@@ -169,7 +170,8 @@ class Batcher:
             for s in batch:
                 s.job.started_at = s.job.started_at or started
             try:
-                output = await loop.run_in_executor(self._executor, self.run_batch, images, batch[0].job.ensemble)
+                png = [s.job.png for s in batch for _ in range(s.stop - s.start)]
+                output = await loop.run_in_executor(self._executor, self.run_batch, images, batch[0].job.ensemble, png)
             except Exception as exc:  # a model failure fails the requests in this batch, not the service
                 log.exception("batch of %d images failed on %s", len(images), self.label)
                 for s in batch:

@@ -143,7 +143,7 @@ async def upscale_tiles(batcher: Batcher, images: list[np.ndarray], overlapping:
         nonlocal first_start
         async with gate:
             queued = time.perf_counter()
-            result = await batcher.submit(tiles[start : start + chunk], ensemble, deadline - queued, bulk=bulk)
+            result = await batcher.submit(tiles[start : start + chunk], ensemble, deadline - queued, bulk=bulk, png=False)
             first_start = min(first_start, queued + result.queue_s)
             return result
 

@@ -171,9 +171,9 @@ async def _race(upscaler: Upscaler, share: float) -> tuple[list[str], list[int]]
     old, batching.BULK_SHARE = batching.BULK_SHARE, share
     batches: list[int] = []
 
-    def run_batch(images, ensemble):
+    def run_batch(images, ensemble, png):
         batches.append(len(images))
-        return upscaler.run_batch(images, ensemble)
+        return upscaler.run_batch(images, ensemble, png)
 
     batcher = Batcher("conv:1", run_batch, max_batch_images=64, max_wait_ms=5, max_queue_images=2048, retry_after_s=1,
                       metrics=Metrics(), model="conv", version=1)
