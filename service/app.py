@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -12,9 +13,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from service.deps import require_api_key
 from service.errors import install_error_handlers
 from service.fastlane import FastLane, FastRoute
-from service.limits import Admission, AdmissionMiddleware, BodySizeLimitMiddleware
+from service.limits import Admission, BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware
-from service.metrics import UNKNOWN_MODEL, Metrics
+from service.metrics import Metrics
 from service.registry import ModelManager
 from service.routers import baseline, inference, models, ops, page, upscale
 from service.schemas import VERSION_PATTERN, UpscaleQuery
@@ -36,22 +37,20 @@ extension) under `/v2`, for tritonclient, perf_analyzer and KServe; there errors
 class UpgraderAPI(FastAPI):
     """FastAPI, with the service's own layers around its stack (built on the first request, as Starlette does).
 
-    Every request passes the request id and access log, admission and the body size limit; then
+    (Overload is refused before all of it, by the HTTP protocol: service.server.) Every request
+    passes the request id and access log and the body size limit; then
     the inference endpoints take the fast lane (service.fastlane) and everything else FastAPI's
     stack (its error handling, routing, dependencies, docs).
     """
 
     def build_middleware_stack(self):
         settings: Settings = self.state.settings
-        requests = self.state.metrics.requests  # a refusal counts like the route's own 503s (the child made on first use)
         app = FastLane(super().build_middleware_stack(), self, [
             FastRoute("POST", re.compile(r"/upscale"), upscale.upscale, UpscaleQuery),
             FastRoute("POST", re.compile(rf"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>{VERSION_PATTERN[1:-1]}))?/infer"),
                       inference.infer),
         ])
         app = BodySizeLimitMiddleware(app, max_body_bytes=settings.max_body_bytes)
-        app = AdmissionMiddleware(app, admission=self.state.admission, path="/upscale",
-                                  on_refusal=lambda: requests.labels(UNKNOWN_MODEL, "503").inc())
         return RequestContextMiddleware(app)  # outermost: every response, even a 413, carries the request id
 
 
@@ -60,6 +59,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # One helper thread per worker for the CPU work taken off the event loop (parsing, decoding and
+        # answering large requests: run_in_threadpool). That work holds the GIL, so more threads add
+        # no speed, only rivals for the GIL: with anyio's default of 40, the event loop waited its
+        # turn behind each of them after every system call, and under overload a refusal took
+        # 100-300 ms to go out (bench/overload.py).
+        to_thread.current_default_thread_limiter().total_tokens = 1
         await app.state.manager.start()
         try:
             yield
