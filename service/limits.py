@@ -75,13 +75,13 @@ class Admission:
         return max(1, min(estimate, max_images, self.budget))
 
     def full(self) -> bool:
-        """A new request would have to wait, and the line is full: it would be refused."""
+        """A new request would have to wait, and the line is full: it would be refused (service.server refuses it from its headers)."""
         return len(self._line) >= self.max_waiting and (bool(self._line) or self.in_use >= self.budget)
 
     def refuse(self, why: str) -> ApiError:
         return unavailable("overloaded", f"{why}; retry later", self.retry_after_s)
 
-    def _busy(self) -> str:
+    def busy(self) -> str:
         return f"{self.in_use} of {self.budget} images at work and {len(self._line)} requests waiting on this worker"
 
     def _wake(self) -> None:
@@ -98,7 +98,7 @@ class Admission:
             self.in_use += weight
         else:
             if len(self._line) >= self.max_waiting:
-                raise self.refuse(self._busy())
+                raise self.refuse(self.busy())
             granted = asyncio.get_running_loop().create_future()
             entry = (weight, granted)
             self._line.append(entry)
@@ -115,29 +115,10 @@ class Admission:
                         self._line.remove(entry)
                     self._wake()
                 if isinstance(exc, TimeoutError):
-                    raise self.refuse(f"no room within {wait_s:.3g}s ({self._busy()})") from None
+                    raise self.refuse(f"no room within {wait_s:.3g}s ({self.busy()})") from None
                 raise
         try:
             yield
         finally:
             self.in_use -= weight
             self._wake()
-
-
-class AdmissionMiddleware:
-    """The cheapest refusal: while the worker is full, POST `path` gets 503 before routing, dependencies or the body.
-
-    The route takes the slot itself (Admission.slot); this only spares a request that would be
-    refused there the ~0.5 ms of routing and validation, which under a flood of clients is most of
-    the worker's CPU.
-    """
-
-    def __init__(self, app: ASGIApp, admission: Admission, path: str, on_refusal) -> None:
-        self.app, self.admission, self.path, self.on_refusal = app, admission, path, on_refusal
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST" and self.admission.full():
-            exc = self.admission.refuse(self.admission._busy())
-            self.on_refusal()
-            return await exc.response()(scope, receive, send)
-        await self.app(scope, receive, send)

@@ -24,6 +24,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 log = logging.getLogger("service.access")
 
 
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -106,7 +110,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _VALID_ID.match(given) else f"{_ID_PREFIX}-{next(_id_counter):x}"
+        rid = given if _VALID_ID.match(given) else new_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500

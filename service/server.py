@@ -10,7 +10,10 @@ picks) and adds, per connection:
 * a body deadline: the whole body must have arrived `body_timeout_s` after the headers; else 408
   (or, if the answer already went out, just close) and the request sees a disconnect;
 * a connection cap: a connection beyond `max_connections` open on this worker gets 503 and is
-  closed before anything is parsed.
+  closed before anything is parsed;
+* admission: while the worker's admission budget and line are full (service.limits.Admission),
+  POST /upscale is answered 503 + Retry-After from its headers, by `refusal_app`, without entering
+  the app (its body is read and dropped by uvicorn, the connection stays open).
 
 Each trigger is counted in `upgrader_connections_refused_total{reason}` and logged (at most one line
 per reason per second, with how many happened since the last line).
@@ -24,14 +27,18 @@ import logging
 import time
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.metrics import Metrics
+from service.limits import Admission
+from service.logs import new_request_id
+from service.metrics import UNKNOWN_MODEL, Metrics
 from service.settings import Settings
 
 log = logging.getLogger("service.server")
 
 REASONS = ("too_many_connections", "header_timeout", "body_timeout")
+ADMITTED_PATH = b"/upscale"  # the requests that take an admission slot (service.limits.Admission)
 
 
 def raw_response(status: int, reason: str, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
@@ -43,24 +50,49 @@ def raw_response(status: int, reason: str, code: str, message: str, headers: dic
 
 
 class _RateLimitedLog:
-    def __init__(self) -> None:
+    def __init__(self, message: str) -> None:
+        self.message = message
         self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.suppressed: dict[str, int] = {}
 
     def __call__(self, reason: str, **fields) -> None:
         now = time.monotonic()
         if now - self.last.get(reason, -1e9) < 1.0:
-            self.suppressed[reason] += 1
+            self.suppressed[reason] = self.suppressed.get(reason, 0) + 1
             return
         self.last[reason] = now
-        log.warning("connection refused", extra={"reason": reason, "since_last_line": self.suppressed[reason], **fields})
+        log.warning(self.message, extra={"reason": reason, "since_last_line": self.suppressed.get(reason, 0), **fields})
         self.suppressed[reason] = 0
 
 
-def guarded_protocol(settings: Settings, metrics: Metrics) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with header/body deadlines and a connection cap from `settings`."""
+def refusal_app(admission: Admission, metrics: Metrics, settings: Settings) -> ASGIApp:
+    """The ASGI app a request refused for overload gets instead of the service: a 503 from prepared bytes.
+
+    It runs in uvicorn's own request cycle (which reads and drops the body, and keeps the connection
+    alive), but skips every layer of the app: under overload most requests are refusals, and each
+    one's cost is taken from the requests being served (bench/overload.py).
+    """
+    refused = metrics.requests.labels(UNKNOWN_MODEL, "503")
+    note = _RateLimitedLog("request refused")
+    retry_after = str(settings.retry_after_s).encode()
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        refused.inc()
+        note("overloaded", busy=admission.busy())
+        body = json.dumps({"error": {"code": "overloaded", "message": f"{admission.busy()}; retry later", "item": None}}).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", retry_after), (b"x-request-id", new_request_id().encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
+
+
+def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with header/body deadlines, a connection cap and admission from `settings`."""
     refused = {reason: metrics.connections_refused.labels(reason) for reason in REASONS}
-    note = _RateLimitedLog()
+    note = _RateLimitedLog("connection refused")
+    overloaded = refusal_app(admission, metrics, settings)
     retry_after = str(settings.retry_after_s)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -133,7 +165,14 @@ def guarded_protocol(settings: Settings, metrics: Metrics) -> type[asyncio.Proto
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            super().on_headers_complete()
+            if admission.full() and self.parser.get_method() == b"POST" and self.url.partition(b"?")[0] == ADMITTED_PATH:
+                app, self.app = self.app, overloaded  # this one request cycle runs the refusal instead of the service
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
+            else:
+                super().on_headers_complete()
             if self._body_timer is None and not self.transport.is_closing():
                 self._body_timer = self.loop.call_later(settings.body_timeout_s, self._body_timeout)
 
@@ -149,4 +188,4 @@ def guarded_protocol(settings: Settings, metrics: Metrics) -> type[asyncio.Proto
 def uvicorn_config(app, host: str, port: int, **options) -> uvicorn.Config:
     """uvicorn.Config for the app built by create_app, with the guarded protocol and its settings."""
     settings: Settings = app.state.settings
-    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(settings, app.state.metrics), **options)
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(settings, app.state.metrics, app.state.admission), **options)
