@@ -49,6 +49,9 @@ class BodySizeLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
+ARRIVAL = "upgrader.arrival"  # ASGI scope key: the weight a request was let in with (service.server), until its route takes it over
+
+
 class Admission:
     """A budget of images at work per worker (FIFO line of `max_waiting` beyond it); the rest refused before any work.
 
@@ -64,6 +67,25 @@ class Admission:
         self.budget, self.max_waiting, self.retry_after_s = max_images, max_waiting, retry_after_s
         self.in_use = 0
         self._line: deque[tuple[int, asyncio.Future]] = deque()
+        # Requests let in from their headers (service.server) whose route has not taken its slot or its
+        # place in line yet: a burst of requests read in one event-loop turn is let in before any of them
+        # runs, so without counting these the first burst of an overload would all be let in.
+        self.arriving, self.arriving_weight, self.arriving_to_wait = 0, 0, 0
+
+    def arrive(self, weight: int) -> tuple[int, bool]:
+        """Count a request let in with `weight`; -> what `arrived` takes back (its weight, and whether it will wait in line)."""
+        waits = self.in_use + self.arriving_weight + weight > self.budget
+        self.arriving += 1
+        self.arriving_weight += weight
+        self.arriving_to_wait += waits
+        return weight, waits
+
+    def arrived(self, arrival: tuple[int, bool]) -> None:
+        """The request counted by `arrive` reached its route (or ended before it)."""
+        weight, waits = arrival
+        self.arriving -= 1
+        self.arriving_weight -= weight
+        self.arriving_to_wait -= waits
 
     @property
     def waiting(self) -> int:
@@ -75,8 +97,11 @@ class Admission:
         return max(1, min(estimate, max_images, self.budget))
 
     def full(self) -> bool:
-        """A new request would have to wait, and the line is full: it would be refused (service.server refuses it from its headers)."""
-        return len(self._line) >= self.max_waiting and (bool(self._line) or self.in_use >= self.budget)
+        """A new request would have to wait, and the line is full: it would be refused (service.server refuses it from its headers).
+
+        Requests still arriving count as taking their weight of the budget or, those that did not fit, a place in line."""
+        waiting = len(self._line) + self.arriving_to_wait
+        return waiting >= self.max_waiting and (waiting > 0 or self.in_use + self.arriving_weight >= self.budget)
 
     def refuse(self, why: str) -> ApiError:
         return unavailable("overloaded", f"{why}; retry later", self.retry_after_s)

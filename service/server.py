@@ -30,7 +30,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.limits import Admission
+from service.limits import ARRIVAL, Admission
 from service.logs import new_request_id
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.settings import Settings
@@ -88,11 +88,25 @@ def refusal_app(admission: Admission, metrics: Metrics, settings: Settings) -> A
     return refuse
 
 
+def arriving_app(admission: Admission):
+    def arriving(app: ASGIApp) -> ASGIApp:
+        """`app`, making sure a request let in from its headers stops counting as arriving even if it never reaches its route."""
+        async def run(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await app(scope, receive, send)
+            finally:
+                if (arrival := scope.pop(ARRIVAL, None)) is not None:
+                    admission.arrived(arrival)
+        return run
+    return arriving
+
+
 def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with header/body deadlines, a connection cap and admission from `settings`."""
     refused = {reason: metrics.connections_refused.labels(reason) for reason in REASONS}
     note = _RateLimitedLog("connection refused")
     overloaded = refusal_app(admission, metrics, settings)
+    arriving = arriving_app(admission)
     retry_after = str(settings.retry_after_s)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -165,14 +179,23 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            if admission.full() and self.parser.get_method() == b"POST" and self.url.partition(b"?")[0] == ADMITTED_PATH:
-                app, self.app = self.app, overloaded  # this one request cycle runs the refusal instead of the service
-                try:
-                    super().on_headers_complete()
-                finally:
-                    self.app = app
+            if self.parser.get_method() == b"POST" and self.url.partition(b"?")[0] == ADMITTED_PATH:
+                if admission.full():
+                    self._run_instead(overloaded)  # a prepared 503 instead of the service
+                else:
+                    weight = admission.weight(dict(self.headers).get(b"content-length", b"").decode("latin-1"), settings.max_images_per_request)
+                    self.scope[ARRIVAL] = admission.arrive(weight)  # the route's admission takes it over (service.routers.upscale)
+                    self._run_instead(arriving(self.app))
             else:
                 super().on_headers_complete()
+
+        def _run_instead(self, app: ASGIApp) -> None:
+            """super().on_headers_complete(), with this one request cycle running `app`."""
+            own, self.app = self.app, app
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = own
             if self._body_timer is None and not self.transport.is_closing():
                 self._body_timer = self.loop.call_later(settings.body_timeout_s, self._body_timeout)
 

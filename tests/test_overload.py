@@ -129,6 +129,49 @@ def test_a_requests_share_of_the_admission_budget_is_estimated_from_its_length(p
     assert Admission(100, 32, 1).weight("10000000", 256) == 100  # never more than the budget: it can always run alone
 
 
+def test_requests_let_in_from_their_headers_count_until_their_route_takes_a_slot():
+    """A burst read in one event-loop turn is let in before any of its routes runs: the arrivals count."""
+    admission = Admission(512, 2, 1)
+    arrivals = []
+    for _ in range(6):  # 6 x 80 images fit the budget
+        assert not admission.full()
+        arrivals.append(admission.arrive(80))
+    arrivals.append(admission.arrive(80))  # 560 > 512: this one will wait in line
+    assert not admission.full()  # 1 of 2 places in line
+    arrivals.append(admission.arrive(80))
+    assert admission.full()  # the line (2) will be full once these reach their routes: the next is refused
+    for arrival in arrivals:
+        admission.arrived(arrival)
+    assert (admission.arriving, admission.arriving_weight, admission.arriving_to_wait) == (0, 0, 0) and not admission.full()
+    one_image = Admission(512, 2, 1)
+    for _ in range(128):  # 128 one-image requests at once fit the budget: none is refused
+        assert not one_image.full()
+        one_image.arrive(1)
+
+
+def test_requests_that_end_before_their_route_stop_counting_as_arriving(store, pngs):
+    """401, 404 and 422 answers and a client that leaves mid-body: afterwards nothing counts as arriving, and requests are served."""
+    with LiveServer(store=store.root, poll_interval_s=60, api_keys="k1") as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        key = {"X-API-Key": "k1"}
+        body = multipart_body(pngs[:2])
+        headers = {"content-type": "multipart/form-data; boundary=b0undary", **key}
+        assert client.post("/upscale", content=body, headers={"content-type": headers["content-type"]}).status_code == 401
+        assert client.post("/upscale?model=nope", content=body, headers=headers).status_code == 404
+        assert client.post("/upscale?ensemble=3", content=body, headers=headers).status_code == 422
+        gone = connect(live.url)
+        gone.sendall(multipart_head(live.url, body).replace(b"\r\n\r\n", b"\r\nX-API-Key: k1\r\n\r\n", 1) + body[:10])
+        gone.close()
+        admission = live.app.state.admission
+        deadline = time.monotonic() + 10
+        while admission.arriving and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (admission.arriving, admission.arriving_weight) == (0, 0)
+        assert admission.in_use == 0
+        answer = client.post("/upscale", content=body, headers=headers)
+        assert answer.status_code == 200 and len(answer.json()["images"]) == 2
+        assert (admission.arriving, admission.arriving_weight, admission.in_use) == (0, 0, 0)
+
+
 def test_a_full_queue_refuses_before_the_body(store, pngs):
     """The version's queue is full (a request waits on a 10 s batching window): the next one is refused from its headers alone."""
     with (LiveServer(store=store.root, poll_interval_s=60, max_queue_images=4, max_images_per_request=4, max_wait_ms=10_000, idle_dispatch=False,
