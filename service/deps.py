@@ -60,11 +60,11 @@ def check_api_key(settings: Settings, authorization: str | None, x_api_key: str 
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_api_key(
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
-    x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
-) -> None:
+BearerKeyHeader = Annotated[str | None, Header(alias="authorization", description="`Bearer <key>` when UPGRADER_API_KEYS is set.")]
+KeyHeader = Annotated[str | None, Header(alias="x-api-key", description="Alternative to Authorization: the key itself.")]
+
+
+async def require_api_key(settings: SettingsDep, authorization: BearerKeyHeader = None, x_api_key: KeyHeader = None) -> None:
     check_api_key(settings, authorization, x_api_key)
 
 
@@ -79,11 +79,7 @@ async def require_admin(
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_metrics_access(
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(description="`Bearer <key>` when UPGRADER_API_KEYS is set.")] = None,
-    x_api_key: Annotated[str | None, Header(description="Alternative to Authorization: the key itself.")] = None,
-) -> None:
+async def require_metrics_access(settings: SettingsDep, authorization: BearerKeyHeader = None, x_api_key: KeyHeader = None) -> None:
     """The API key, unless UPGRADER_METRICS_PUBLIC opens /metrics to a scraper."""
     if not settings.metrics_public:
         check_api_key(settings, authorization, x_api_key)

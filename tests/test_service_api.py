@@ -346,15 +346,17 @@ def test_api_keys_guard_everything_but_health(served, pngs):
 # ---- operations -----------------------------------------------------------------------
 def test_metrics_expose_requests_latency_batches_queue_and_images(client, pngs):
     before = metric_value(client.get("/metrics").text, "upgrader_images_served_total", model="conv")
+    timed = metric_value(client.get("/metrics").text, "upgrader_request_seconds_count", model="conv")
     client.post("/upscale", files=multipart(pngs[:3]))
+    client.post("/upscale", files=multipart(pngs[:1]), headers={"accept": "image/png"})
     client.post("/upscale?model=nope", files=multipart(pngs[:1]))
     response = client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert metric_value(text, "upgrader_images_served_total", model="conv") == before + 3
+    assert metric_value(text, "upgrader_images_served_total", model="conv") == before + 4
     assert metric_value(text, "upgrader_requests_total", model="conv", status="200") >= 1
     assert metric_value(text, "upgrader_requests_total", model="-", status="404") >= 1
-    assert metric_value(text, "upgrader_request_seconds_count", model="conv") >= 2
+    assert metric_value(text, "upgrader_request_seconds_count", model="conv") == timed + 2
     assert metric_value(text, "upgrader_batch_images_count", model="conv") >= 1
     assert metric_value(text, "upgrader_inference_seconds_count", model="conv") >= 1
     assert metric_value(text, "upgrader_queue_images", model="conv", version="1") == 0
