@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import load_images, process_tree_cpu_s
+from bench_service import ServerProcess, ServerSpec, load_images, process_tree_cpu_s
 
 from model_store import ModelStore
 
@@ -108,17 +108,17 @@ instance_group [{{ kind: KIND_CPU, count: {args.instances} }}]
     return repo
 
 
-class Server:
+class Server(ServerProcess):
+    """bench_service's server process (own session, log file, SIGSTOP/SIGCONT, graceful stop), ready when its models are."""
+
     def __init__(self, kind: str, command: list[str], env: dict[str, str], port: int, log: Path):
-        self.kind, self.command, self.env, self.port, self.log_path = kind, command, env, port, log
+        super().__init__(ServerSpec(kind, command, env, ready_path="/v2/health/ready", upscale_path=""), port, log)
 
-    def __enter__(self) -> Server:
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command, cwd=PROJECT_ROOT, env={**os.environ, **self.env}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        return self
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
-    def wait_ready(self, models: list[str], timeout: float) -> None:
+    def wait_for_models(self, models: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         said = time.monotonic()
         while time.monotonic() < deadline:
@@ -133,12 +133,6 @@ class Server:
                 print(f"  waiting for {self.kind}: {self.log_path.read_text(errors='replace').strip().splitlines()[-1:]}", flush=True)
         raise RuntimeError(f"{self.kind} not ready after {timeout:.0f}s:\n{self.log_path.read_text()[-3000:]}")
 
-    def pause(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
-
     def inferences(self, model: str) -> int:
         """What the server itself counted as inferred (images)."""
         if self.kind == "triton":
@@ -149,19 +143,6 @@ class Server:
                 if line.startswith(f'upgrader_images_served_total{{model="{model}"}}'):
                     return int(float(line.split()[-1]))
         return 0
-
-    def __exit__(self, *exc) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.resume()
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.log.close()
 
 
 def start_triton(root: Path, repo: Path, args) -> Server:
@@ -320,7 +301,7 @@ def main() -> None:
             servers.append(stack.enter_context(start_upgrader(root, store, args)))
         for server in servers:
             started = time.monotonic()
-            server.wait_ready(args.models, args.ready_timeout)
+            server.wait_for_models(args.models, args.ready_timeout)
             print(f"{server.kind}: ready after {time.monotonic() - started:.1f}s on :{server.port}", flush=True)
             server.pause()
         for round_index in range(args.rounds):
