@@ -117,8 +117,16 @@ class Admission:
                 granted.set_result(None)
 
     @contextlib.asynccontextmanager
-    async def slot(self, weight: int, wait_s: float) -> AsyncIterator[None]:
-        """Hold `weight` images of the budget for the block; wait in line at most `wait_s` (then 503), or 503 at once if the line is full."""
+    async def slot(self, scope: dict, content_length: str | None, max_images: int, wait_s: float) -> AsyncIterator[None]:
+        """Hold the request's share of the budget for the block; wait in line at most `wait_s` (then 503), or 503 at once if the line is full.
+
+        The share is the one the request was let in with from its headers (service.server), which stops
+        counting as arriving here, or else estimated now from its Content-Length."""
+        if (arrival := scope.pop(ARRIVAL, None)) is not None:
+            self.arrived(arrival)
+            weight = arrival[0]
+        else:
+            weight = self.weight(content_length, max_images)
         if not self._line and self.in_use + weight <= self.budget:
             self.in_use += weight
         else:

@@ -78,8 +78,9 @@ def refusal_app(admission: Admission, metrics: Metrics, settings: Settings) -> A
 
     async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
         refused.inc()
-        note("overloaded", busy=admission.busy())
-        body = json.dumps({"error": {"code": "overloaded", "message": f"{admission.busy()}; retry later", "item": None}}).encode()
+        busy = admission.busy()
+        note("overloaded", busy=busy)
+        body = json.dumps({"error": {"code": "overloaded", "message": f"{busy}; retry later", "item": None}}).encode()
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", retry_after), (b"x-request-id", new_request_id().encode())]})

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from service import codec, multipart, tiling
 from service.deps import StateDep, require_api_key
 from service.errors import ApiError, echo, unavailable
-from service.limits import ARRIVAL, Admission
+from service.limits import Admission
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager, Served
 from service.schemas import (
@@ -133,10 +133,8 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
             label = served.name
             if not served.batcher.has_room():
                 raise unavailable("queue_full", f"{served.batcher.label} queue is full", settings.retry_after_s)
-            weight = admission.weight(request.headers.get("content-length"), settings.max_images_per_request)
-            if (arrival := request.scope.pop(ARRIVAL, None)) is not None:  # let in from its headers (service.server)
-                admission.arrived(arrival)
-            async with admission.slot(weight, wait_s=settings.request_timeout_s):
+            async with admission.slot(request.scope, request.headers.get("content-length"), settings.max_images_per_request,
+                                      wait_s=settings.request_timeout_s):
                 body = await read_body(request, settings, tile)
                 check_acceptable(request, len(body.images))
                 if tile:
