@@ -12,8 +12,11 @@ picks) and adds, per connection:
 * a connection cap: a connection beyond `max_connections` open on this worker gets 503 and is
   closed before anything is parsed;
 * admission: while the worker's admission budget and line are full (service.limits.Admission),
-  POST /upscale is answered 503 + Retry-After from its headers, by `refusal_app`, without entering
-  the app (its body is read and dropped by uvicorn, the connection stays open).
+  POST /upscale is answered 503 + Retry-After from its headers, without entering the app: written
+  straight to the socket with no request cycle or task at all when nothing else is in flight on the
+  connection (the common case), else by `Refusal.app` in a cycle of its own, queued behind the one
+  in flight so answers keep their order. Either way its body is read and dropped, and the connection
+  stays open.
 
 Each trigger is counted in `upgrader_connections_refused_total{reason}` and logged (at most one line
 per reason per second, with how many happened since the last line).
@@ -65,28 +68,56 @@ class _RateLimitedLog:
         self.suppressed[reason] = 0
 
 
-def refusal_app(admission: Admission, metrics: Metrics, settings: Settings) -> ASGIApp:
-    """The ASGI app a request refused for overload gets instead of the service: a 503 from prepared bytes.
+class Refusal:
+    """The 503 + Retry-After of a request refused for overload: counted, logged at most once a second, its body and headers built here.
 
-    It runs in uvicorn's own request cycle (which reads and drops the body, and keeps the connection
-    alive), but skips every layer of the app: under overload most requests are refusals, and each
-    one's cost is taken from the requests being served (bench/overload.py).
+    Under overload most requests are refusals, and each one's cost is taken from the requests being
+    served (bench/overload.py), so none of them enters the app: `raw` is written to the socket by the
+    protocol itself, `app` is the same answer for a request that must wait its turn in a request cycle.
     """
-    refused = metrics.requests.labels(UNKNOWN_MODEL, "503")
-    note = _RateLimitedLog("request refused")
-    retry_after = str(settings.retry_after_s).encode()
 
-    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
-        refused.inc()
-        busy = admission.busy()
-        note("overloaded", busy=busy)
+    def __init__(self, admission: Admission, metrics: Metrics, settings: Settings) -> None:
+        self.admission = admission
+        self.counter = metrics.requests.labels(UNKNOWN_MODEL, "503")
+        self.note = _RateLimitedLog("request refused")
+        self.retry_after = str(settings.retry_after_s).encode()
+
+    def body(self) -> tuple[bytes, bytes]:
+        """-> (JSON body, request id), counting and logging the refusal."""
+        self.counter.inc()
+        busy = self.admission.busy()
+        self.note("overloaded", busy=busy)
         body = json.dumps({"error": {"code": "overloaded", "message": f"{busy}; retry later", "item": None}}).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", retry_after), (b"x-request-id", new_request_id().encode())]})
+        return body, new_request_id().encode()
+
+    def headers(self, body: bytes, request_id: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", self.retry_after), (b"x-request-id", request_id)]
+
+    def raw(self, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+        """The whole answer as bytes, with uvicorn's default headers (date, server) as its own answers have."""
+        body, request_id = self.body()
+        headers = [*default_headers, *self.headers(body, request_id), *([] if keep_alive else [(b"connection", b"close")])]
+        return b"".join([b"HTTP/1.1 503 Service Unavailable\r\n", *(name + b": " + value + b"\r\n" for name, value in headers), b"\r\n", body])
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body, request_id = self.body()
+        await send({"type": "http.response.start", "status": 503, "headers": self.headers(body, request_id)})
         await send({"type": "http.response.body", "body": body})
 
-    return refuse
+
+class _Answered:
+    """Stands where uvicorn keeps a request's cycle, for a request answered from its headers by the protocol.
+
+    It is finished (`response_complete`), so uvicorn drops the request's body as it arrives and starts
+    the next request on the connection as usual (after this one's, whose answer is already written)."""
+
+    response_started = response_complete = True
+    disconnected = False
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.message_event = asyncio.Event()
 
 
 def arriving_app(admission: Admission):
@@ -106,7 +137,7 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
     """uvicorn's httptools protocol with header/body deadlines, a connection cap and admission from `settings`."""
     refused = {reason: metrics.connections_refused.labels(reason) for reason in REASONS}
     note = _RateLimitedLog("connection refused")
-    overloaded = refusal_app(admission, metrics, settings)
+    refusal = Refusal(admission, metrics, settings)
     arriving = arriving_app(admission)
     retry_after = str(settings.retry_after_s)
 
@@ -182,13 +213,31 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
                 self._header_timer = None
             if self.parser.get_method() == b"POST" and self.url.partition(b"?")[0] == ADMITTED_PATH:
                 if admission.full():
-                    self._run_instead(overloaded)  # a prepared 503 instead of the service
+                    if self.cycle is None or self.cycle.response_complete:
+                        self._refuse_now()
+                    else:  # an answer is still being made on this connection: this one goes out after it
+                        self._run_instead(refusal.app)
                 else:
                     weight = admission.weight(dict(self.headers).get(b"content-length", b"").decode("latin-1"), settings.max_images_per_request)
                     self.scope[ARRIVAL] = admission.arrive(weight)  # the route's admission takes it over (service.routers.upscale)
                     self._run_instead(arriving(self.app))
             else:
                 super().on_headers_complete()
+
+        def _refuse_now(self) -> None:
+            """The 503 written at once, with no request cycle or task: the protocol's whole cost of a refusal.
+
+            A client that waits for `100 Continue` never sends its body after a final answer, so its
+            connection is closed (as is one whose request asked for that)."""
+            keep_alive = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                          and not any(name.lower() == b"expect" for name, _ in self.headers))
+            self.transport.write(refusal.raw(self.server_state.default_headers, keep_alive))
+            self.cycle = _Answered(keep_alive)  # type: ignore[assignment]
+            if keep_alive:
+                self._arm_body_timer()  # the rest of the body is dropped as it comes; on_message_complete ends the request
+            else:
+                self.server_state.total_requests += 1
+                self.transport.close()
 
         def _run_instead(self, app: ASGIApp) -> None:
             """super().on_headers_complete(), with this one request cycle running `app`."""
@@ -197,6 +246,9 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
                 super().on_headers_complete()
             finally:
                 self.app = own
+            self._arm_body_timer()
+
+        def _arm_body_timer(self) -> None:
             if self._body_timer is None and not self.transport.is_closing():
                 self._body_timer = self.loop.call_later(settings.body_timeout_s, self._body_timeout)
 
@@ -204,6 +256,10 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None
+            if isinstance(self.cycle, _Answered) and not self.transport.is_closing():
+                # A request answered from its headers is over once its body is in: as uvicorn after an
+                # answer, count it and arm the keep-alive timer (the body's arrival had disarmed it).
+                self.on_response_complete()
             super().on_message_complete()
 
     return GuardedHttpToolsProtocol

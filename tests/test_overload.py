@@ -62,6 +62,17 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """`count` pipelined responses (status, body) from a raw socket, in the order they came."""
+    stream = sock.makefile("rb")
+    answers = []
+    for _ in range(count):
+        status = int(stream.readline().split()[1])
+        headers = dict(line.decode("latin-1").lower().split(":", 1) for line in iter(stream.readline, b"\r\n"))
+        answers.append((status, stream.read(int(headers["content-length"]))))
+    return answers
+
+
 def closed_by_server(sock: socket.socket) -> bool:
     try:
         return sock.recv(65536) == b""
@@ -116,6 +127,49 @@ def test_overload_is_refused_before_the_body_is_read_and_waiting_requests_are_se
         # Health checks were never behind the line, and the refusal is counted.
         assert httpx.get(f"{live.url}/healthz").status_code == 200
         assert metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_requests_total", model="-", status="503") >= 1
+
+
+def test_a_refusal_from_the_headers_keeps_the_connection_in_step(store, pngs):
+    """Refused from its headers, a request's body is still read and dropped: the same connection serves the next request;
+    an answer still being made on the connection goes out first; a client waiting for 100 Continue is closed."""
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=1) as live:
+        body = multipart_body(pngs[:4])
+        a = connect(live.url)  # takes the only slot, then stalls halfway through its body
+        a.sendall(multipart_head(live.url, body) + body[: len(body) // 2])
+        time.sleep(0.3)
+        b = connect(live.url)  # waits in line
+        b.sendall(multipart_head(live.url, body) + body)
+        time.sleep(0.3)
+        # C: refused with its whole body sent; then sends the rest of its body in a second write.
+        c = connect(live.url)
+        c.sendall(multipart_head(live.url, body) + body[:10])
+        status, headers, answer = read_response(c)
+        assert status == 503 and headers["retry-after"] == "1" and "date" in headers and "connection" not in headers
+        assert json.loads(answer)["error"]["code"] == "overloaded"
+        c.sendall(body[10:])
+        # D: a pipelined pair, a /bicubic request (not under admission) then an /upscale one: answers in request order.
+        d = connect(live.url)
+        bicubic = (f"POST /bicubic HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        d.sendall(bicubic + multipart_head(live.url, body) + body)
+        (first, first_body), (second, second_body) = read_responses(d, 2)
+        assert (first, second) == (200, 503), (first_body, second_body)
+        assert len(json.loads(first_body)["images"]) == 4 and json.loads(second_body)["error"]["code"] == "overloaded"
+        # E: waits for 100 Continue before its body; it gets the 503 instead, and the connection is closed.
+        e = connect(live.url)
+        e.sendall(multipart_head(live.url, body).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+        status, headers, _ = read_response(e)
+        assert status == 503 and headers["connection"] == "close" and closed_by_server(e)
+        a.sendall(body[len(body) // 2 :])
+        for sock in (a, b):
+            assert read_response(sock)[0] == 200
+        # The refused connection C is still in step: its next request is served.
+        c.sendall(multipart_head(live.url, body) + body)
+        status, _, answer = read_response(c)
+        assert status == 200, answer
+        assert len(json.loads(answer)["images"]) == 4
+        for sock in (a, b, c, d):
+            sock.close()
 
 
 def test_a_requests_share_of_the_admission_budget_is_estimated_from_its_length(pngs):
