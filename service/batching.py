@@ -128,6 +128,7 @@ class Batcher:
         job = Job(images, ensemble, loop.create_future(), bulk, png)
         self._queue.append(_Slice(job, 0, n))
         self._queued_changed(n)
+        self._queue_gauge.set(self.queued_images)
         self._arrived.set()
         if self.queued_images >= self.max_batch_images:
             self._batch_full.set()
@@ -144,8 +145,9 @@ class Batcher:
                                               f"{timeout_s:g}s on {self.label}"))
 
     def _queued_changed(self, delta: int) -> None:
+        # The gauge is set on arrival (submit) and once per batch formed (_run), not per slice taken:
+        # with several workers each set is a locked write to a shared file.
         self.queued_images += delta
-        self._queue_gauge.set(self.queued_images)
 
     # ---- batcher side -------------------------------------------------------------
     async def _run(self) -> None:
@@ -163,6 +165,7 @@ class Batcher:
                 await self._gather_more()
             arrived_idle = False
             batch = self._take_batch()
+            self._queue_gauge.set(self.queued_images)
             if not batch:
                 continue
             images = np.concatenate([s.job.images[s.start : s.stop] for s in batch]) if len(batch) > 1 else batch[0].job.images[batch[0].start : batch[0].stop]

@@ -9,7 +9,9 @@ decoding, batching and answering it together, and the event loop is what a worke
 `FastLane` sits in front of FastAPI's stack and calls the same endpoint functions directly, doing
 here, once, what FastAPI did for them: match the path, check the API key (`deps.check_api_key`),
 validate the query into its pydantic model, inject `app.state`, and answer errors in the service's
-shapes (`errors.py`). Everything else goes on to FastAPI. Outside both sit the middlewares every
+shapes (`errors.py`). Everything else goes on to FastAPI. (Most /v2 infer requests never get here:
+the HTTP protocol answers plain ones itself, service.infer_lane; the rest, e.g. with a query string
+or `Expect: 100-continue`, come this way to the same `run_infer`.) Outside both sit the middlewares every
 request passes: request id and access log, admission, body size (`app.create_app`).
 """
 

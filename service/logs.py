@@ -24,6 +24,11 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 log = logging.getLogger("service.access")
 
 
+def valid_request_id(given: str) -> bool:
+    """A client's X-Request-ID is kept (and logged) only if it is short and plain."""
+    return bool(_VALID_ID.match(given))
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
@@ -110,7 +115,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _VALID_ID.match(given) else new_request_id()
+        rid = given if valid_request_id(given) else new_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500

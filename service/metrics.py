@@ -39,6 +39,22 @@ class Metrics:
         self.loaded_versions = Gauge("upgrader_loaded_versions", "Versions loaded in memory, per model.", ["model"], registry=r,
                                      multiprocess_mode="livemax")
 
+        # Children of the per-request series, looked up once: labels() validates and locks on every call,
+        # and every inference request updates three of them (bench/RESULTS.md, "The protocol's own lane").
+        self._request_series: dict[tuple[str, int], tuple] = {}
+
+    def request_done(self, model: str, status: int, seconds: float, images: int = 0) -> None:
+        """One inference request answered: counted by model and status, its latency observed, its images counted."""
+        series = self._request_series.get((model, status))
+        if series is None:
+            series = self._request_series[(model, status)] = (
+                self.requests.labels(model, str(status)), self.latency.labels(model), self.images.labels(model))
+        requests, latency, served = series
+        requests.inc()
+        latency.observe(seconds)
+        if images:
+            served.inc(images)
+
     @staticmethod
     def multiprocess() -> bool:
         return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

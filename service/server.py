@@ -9,8 +9,14 @@ picks) and adds, per connection:
   or after the first byte of the next keep-alive request; else 408 and close;
 * a body deadline: the whole body must have arrived `body_timeout_s` after the headers; else 408
   (or, if the answer already went out, just close) and the request sees a disconnect;
+* one send per answer: uvicorn writes an answer's head and body with two `transport.write` calls, so
+  two send() syscalls, two TCP segments (TCP_NODELAY) and two wake-ups of the client. A connection's
+  writes made in one event-loop turn are sent together instead (`CoalescingTransport`); a py-spy
+  profile under perf_analyzer put a third of the event loop's time in those writes;
 * a connection cap: a connection beyond `max_connections` open on this worker gets 503 and is
   closed before anything is parsed;
+* the inference lane: a plain POST /v2/.../infer is answered by the protocol itself, from its
+  parser callbacks (service.infer_lane), without uvicorn's request cycle or the ASGI layers;
 * admission: while the worker's admission budget and line are full (service.limits.Admission),
   POST /upscale is answered 503 + Retry-After from its headers, without entering the app: written
   straight to the socket with no request cycle or task at all when nothing else is in flight on the
@@ -30,9 +36,12 @@ import logging
 import time
 
 import uvicorn
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.infer_lane import InferRequest
+from service.infer_lane import answer as infer_answer
 from service.limits import ARRIVAL, Admission
 from service.logs import new_request_id
 from service.metrics import UNKNOWN_MODEL, Metrics
@@ -106,6 +115,37 @@ class Refusal:
         await send({"type": "http.response.body", "body": body})
 
 
+class CoalescingTransport:
+    """A transport whose writes in one event-loop turn leave as one writev (uvloop's writelines) at the end of the turn.
+
+    Everything but write and close is the wrapped transport's. close() sends what is pending first, as
+    the transport itself would have had it in its buffer."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            if not self._transport.is_closing():
+                self._transport.writelines(self._pending)
+            self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 class _Answered:
     """Stands where uvicorn keeps a request's cycle, for a request answered from its headers by the protocol.
 
@@ -133,8 +173,11 @@ def arriving_app(admission: Admission):
     return arriving
 
 
-def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with header/body deadlines, a connection cap and admission from `settings`."""
+def guarded_protocol(state: State) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with header/body deadlines, a connection cap, admission and the inference lane, for the app whose `state` it is."""
+    settings: Settings = state.settings
+    metrics: Metrics = state.metrics
+    admission: Admission = state.admission
     refused = {reason: metrics.connections_refused.labels(reason) for reason in REASONS}
     note = _RateLimitedLog("connection refused")
     refusal = Refusal(admission, metrics, settings)
@@ -147,6 +190,7 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
             if len(self.connections) > settings.max_connections:
                 refused["too_many_connections"].inc()
                 note("too_many_connections", open=len(self.connections), limit=settings.max_connections)
@@ -221,20 +265,40 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
                     weight = admission.weight(dict(self.headers).get(b"content-length", b"").decode("latin-1"), settings.max_images_per_request)
                     self.scope[ARRIVAL] = admission.arrive(weight)  # the route's admission takes it over (service.routers.upscale)
                     self._run_instead(arriving(self.app))
+            elif (self.parser.get_method() == b"POST" and self._plain()
+                  and (request := InferRequest.take(self.url, self.headers, settings.max_body_bytes)) is not None):
+                self.cycle = request  # type: ignore[assignment]  # service.infer_lane serves it from on_message_complete
+                self._arm_body_timer()
             else:
                 super().on_headers_complete()
+
+        def _plain(self) -> bool:
+            """Nothing in flight on the connection, HTTP/1.1 keep-alive and no Expect: a request the protocol may answer itself."""
+            return ((self.cycle is None or self.cycle.response_complete) and self.parser.get_http_version() == "1.1"
+                    and self.parser.should_keep_alive() and not self.expect_100_continue)
 
         def _refuse_now(self) -> None:
             """The 503 written at once, with no request cycle or task: the protocol's whole cost of a refusal.
 
             A client that waits for `100 Continue` never sends its body after a final answer, so its
             connection is closed (as is one whose request asked for that)."""
-            keep_alive = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-                          and not any(name.lower() == b"expect" for name, _ in self.headers))
+            keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not self.expect_100_continue
             self.transport.write(refusal.raw(self.server_state.default_headers, keep_alive))
             self.cycle = _Answered(keep_alive)  # type: ignore[assignment]
             if keep_alive:
                 self._arm_body_timer()  # the rest of the body is dropped as it comes; on_message_complete ends the request
+            else:
+                self.server_state.total_requests += 1
+                self.transport.close()
+
+        async def _answer(self, request: InferRequest) -> None:
+            data = await infer_answer(request, state, self.server_state.default_headers)
+            request.response_started = request.response_complete = True
+            if self.transport.is_closing():  # the client left, or the connection was closed meanwhile
+                return
+            self.transport.write(data)
+            if request.keep_alive:
+                self.on_response_complete()  # as uvicorn after an answer: count it, resume reading, start a pipelined request
             else:
                 self.server_state.total_requests += 1
                 self.transport.close()
@@ -252,10 +316,21 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
             if self._body_timer is None and not self.transport.is_closing():
                 self._body_timer = self.loop.call_later(settings.body_timeout_s, self._body_timeout)
 
+        def on_body(self, body: bytes) -> None:
+            if isinstance(self.cycle, InferRequest):
+                self.cycle.chunks.append(body)  # at most Content-Length bytes, within the body limit (InferRequest.take)
+            else:
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None
+            if isinstance(self.cycle, InferRequest):
+                task = self.loop.create_task(self._answer(self.cycle))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)  # uvicorn's shutdown waits for it
+                return
             if isinstance(self.cycle, _Answered) and not self.transport.is_closing():
                 # A request answered from its headers is over once its body is in: as uvicorn after an
                 # answer, count it and arm the keep-alive timer (the body's arrival had disarmed it).
@@ -267,5 +342,4 @@ def guarded_protocol(settings: Settings, metrics: Metrics, admission: Admission)
 
 def uvicorn_config(app, host: str, port: int, **options) -> uvicorn.Config:
     """uvicorn.Config for the app built by create_app, with the guarded protocol and its settings."""
-    settings: Settings = app.state.settings
-    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(settings, app.state.metrics, app.state.admission), **options)
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(app.state), **options)

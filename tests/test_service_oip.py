@@ -316,3 +316,57 @@ def test_a_compressed_body_never_inflates_past_the_body_limit(live):
     assert response.status_code == 413 and "inflates past the body limit" in response.json()["error"]
     response = httpx.post(live.url + "/v2/models/conv/infer", content=bomb[:-20], headers={"Content-Encoding": "gzip"})
     assert response.status_code in (400, 413) and set(response.json()) == {"error"}
+
+
+# ---- the protocol's own lane (service.infer_lane) ------------------------------------------------------------
+def v2_request(path: str, images: np.ndarray, extra_headers: str = "") -> bytes:
+    """A raw binary-tensor inference request, as tritonclient sends it."""
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(images.shape),
+                                     "parameters": {"binary_data_size": images.nbytes}}],
+                         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
+    body = header + images.tobytes()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra_headers}\r\n").encode() + body
+
+
+def read_answers(sock, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    stream = sock.makefile("rb")
+    answers = []
+    for _ in range(count):
+        status = int(stream.readline().split()[1])
+        headers = dict(line.decode("latin-1").strip().lower().split(": ", 1) for line in iter(stream.readline, b"\r\n"))
+        answers.append((status, headers, stream.read(int(headers["content-length"]))))
+    return answers
+
+
+def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, models):
+    """Plain keep-alive requests are answered by the protocol (service.infer_lane), others through ASGI: the same
+    bytes either way; pipelined requests are answered in order; a client that leaves does not upset the server."""
+    import socket
+
+    images = inputs[:3].numpy()
+    host, port = live.url.removeprefix("http://").split(":")
+    expected = expected_outputs(models[2], inputs[:3])
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(v2_request("/v2/models/conv/infer", images, "X-Request-ID: lane-1\r\n")  # the lane
+                     + v2_request("/v2/models/conv/infer?via=asgi", images)  # a query string: the ASGI way (pipelined behind the first)
+                     + v2_request("/v2/models/conv/versions/stable/infer", images)  # the lane again, once the second is answered
+                     + v2_request("/v2/models/nope/infer", images))  # an error, in the protocol's form
+        (lane, lane_headers, lane_body), (asgi, asgi_headers, asgi_body), (stable, stable_headers, stable_body), (missing, _, missing_body) = read_answers(sock, 4)
+    assert (lane, asgi, stable, missing) == (200, 200, 200, 404)
+    assert lane_headers["x-request-id"] == "lane-1" and asgi_headers["x-request-id"] != "lane-1"
+    assert lane_body == asgi_body  # the same answer, byte for byte
+    for headers in (lane_headers, asgi_headers):
+        assert headers["content-type"] == "application/octet-stream" and "date" in headers
+    length = int(lane_headers["inference-header-content-length"])
+    document = json.loads(lane_body[:length])
+    assert document["model_version"] == "2" and document["outputs"][0]["shape"] == [3, 3, 32, 32]
+    assert_close_to(torch_of(np.frombuffer(lane_body[length:], np.uint8).reshape(3, 3, 32, 32)), expected)
+    assert json.loads(stable_body[: int(stable_headers["inference-header-content-length"])])["model_version"] == "1"
+    assert "nope" in json.loads(missing_body)["error"]
+    # A client that sends its request and leaves before the answer: the server carries on.
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(v2_request("/v2/models/conv/infer", images))
+    with triton.InferenceServerClient(live.url.removeprefix("http://")) as client:
+        result = client.infer("conv", [pixels_input(images)], outputs=outputs("output"))
+        assert_close_to(torch_of(result.as_numpy("output")), expected)

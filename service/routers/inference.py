@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -186,26 +188,50 @@ async def infer_version(name: NameParam, version: VersionParam, request: Request
     return await infer(request, state, name, version)
 
 
+@dataclass(frozen=True)
+class InferAnswer:
+    """An inference response's bytes: JSON, or JSON followed by binary outputs (`header_length` is then the JSON's length)."""
+
+    body: bytes
+    header_length: int | None = None
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.header_length is None else "application/octet-stream"
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.header_length is None else {"Inference-Header-Content-Length": str(self.header_length)}
+
+
 async def infer(request: Request, state: State, name: str, version: str = LATEST) -> Response:
+    answer = await run_infer(state, name, version, request.headers.get, request.body)
+    return Response(answer.body, media_type=answer.media_type, headers=answer.headers())
+
+
+async def run_infer(state: State, name: str, version: str, header: Callable[[str], str | None],
+                    read_body: Callable[[], Awaitable[bytes]]) -> InferAnswer:
+    """One inference request, from its headers (`header(lowercase name)`) and body to its answer; errors raise ApiError.
+
+    Called by `infer` (FastAPI's route and service.fastlane) and by the protocol's own lane (service.infer_lane)."""
     manager: ModelManager = state.manager
     metrics: Metrics = state.metrics
     settings: Settings = state.settings
     started = time.perf_counter()
-    label, status = UNKNOWN_MODEL, 500
+    label, status, images_served = UNKNOWN_MODEL, 500, 0
     try:
-        body = decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-        header, tail = split_body(body, request.headers.get(HEADER_LENGTH))
-        payload = _parse_header(header)
+        body = decompress(await read_body(), header("content-encoding"), settings.max_body_bytes)
+        head, tail = split_body(body, header(HEADER_LENGTH))
+        payload = _parse_header(head)
         wanted = _wanted_outputs(payload)
         async with manager.lease(name, version) as served:
             label = served.name
             images = await _read_input(payload, tail, settings)
             timeout = settings.request_timeout_s - (time.perf_counter() - started)
             result = await served.batcher.submit(images, 1, timeout, png=PNG_OUT in wanted)
-        response = _answer(served.name, served.version, payload.id, wanted, result.images, result.pngs)
-        metrics.images.labels(label).inc(len(result.pngs))
+        answer = _answer(served.name, served.version, payload.id, wanted, result.images, result.pngs)
+        images_served = len(result.pngs)
         status = 200
-        return response
+        return answer
     except TensorError as exc:
         status = exc.status
         raise ApiError(exc.status, "invalid_tensor", str(exc)) from None
@@ -213,8 +239,7 @@ async def infer(request: Request, state: State, name: str, version: str = LATEST
         status = exc.status
         raise
     finally:
-        metrics.requests.labels(label, str(status)).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - started)
+        metrics.request_done(label, status, time.perf_counter() - started, images_served)
 
 
 def _parse_header(header: bytes) -> InferenceRequest:
@@ -294,7 +319,7 @@ def _check_count(count: int, limit: int) -> None:
         raise TensorError(f"{count} images in one request; the limit is {limit}", 413)
 
 
-def _answer(name: str, version: int, request_id: str | None, wanted: dict[str, bool], pixels: np.ndarray, pngs: list[bytes]) -> Response:
+def _answer(name: str, version: int, request_id: str | None, wanted: dict[str, bool], pixels: np.ndarray, pngs: list[bytes]) -> InferAnswer:
     """The inference response: JSON, then the binary outputs in the order the JSON lists them."""
     outputs, binary = [], []
     for output, as_binary in wanted.items():
@@ -313,6 +338,5 @@ def _answer(name: str, version: int, request_id: str | None, wanted: dict[str, b
     document = {"model_name": name, "model_version": str(version), **({"id": request_id} if request_id is not None else {}), "outputs": outputs}
     header = json.dumps(document, separators=(",", ":")).encode()
     if not binary:
-        return Response(header, media_type="application/json")
-    return Response(b"".join([header, *binary]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header))})
+        return InferAnswer(header)
+    return InferAnswer(b"".join([header, *binary]), len(header))

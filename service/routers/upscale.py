@@ -125,7 +125,7 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
     admission: Admission = state.admission
     model, version, ensemble, tile = query.model, query.version, query.ensemble, query.tile
     started = time.perf_counter()
-    label, status = UNKNOWN_MODEL, 500
+    label, status, images_served = UNKNOWN_MODEL, 500, 0
     try:
         # Admission, before a byte of the body is read: which version serves it, whether its queue has
         # room at all, and a slot on this worker (or a place in line). A refusal costs microseconds.
@@ -147,7 +147,7 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
                              inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
         answer = (request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs])
         response = make_response(*answer) if len(done.pngs) <= INLINE_DECODE_LIMIT else await run_in_threadpool(make_response, *answer)
-        metrics.images.labels(label).inc(len(done.pngs))
+        images_served = len(done.pngs)
         status = response.status_code
         return response
     except ApiError as exc:
@@ -157,8 +157,7 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
         status = 499  # the client left (or its body deadline passed) before sending its body: no answer goes out
         raise
     finally:
-        metrics.requests.labels(label, str(status)).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - started)
+        metrics.request_done(label, status, time.perf_counter() - started, images_served)
 
 
 @dataclass
