@@ -14,7 +14,7 @@ from service.deps import require_api_key
 from service.errors import install_error_handlers
 from service.fastlane import FastLane, FastRoute
 from service.limits import Admission, BodySizeLimitMiddleware
-from service.logs import RequestContextMiddleware
+from service.logs import RequestContextMiddleware, flush_access_log
 from service.metrics import Metrics
 from service.registry import ModelManager
 from service.routers import baseline, inference, models, ops, page, upscale
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.manager.close()  # requests already queued are answered first
             app.state.metrics.process_exited()
+            flush_access_log()
 
     # The docs are routes of our own (below), so that API keys guard them like every other endpoint.
     app = UpgraderAPI(title="Upgrader", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,

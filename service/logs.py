@@ -114,6 +114,12 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True  # the middleware below logs every request, with its id
 
 
+def flush_access_log() -> None:
+    """Write the access lines still batched. At shutdown: uvicorn ends a worker by re-raising SIGTERM, so logging's atexit flush never runs."""
+    for handler in log.handlers:
+        handler.flush()
+
+
 class RequestContextMiddleware:
     """X-Request-ID in (if sane) or a new one, on the response and on every log line; one access log line per request."""
 
