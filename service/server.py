@@ -10,9 +10,8 @@ picks) and adds, per connection:
 * a body deadline: the whole body must have arrived `body_timeout_s` after the headers; else 408
   (or, if the answer already went out, just close) and the request sees a disconnect;
 * one send per answer: uvicorn writes an answer's head and body with two `transport.write` calls, so
-  two send() syscalls, two TCP segments (TCP_NODELAY) and two wake-ups of the client. A connection's
-  writes made in one event-loop turn are sent together instead (`CoalescingTransport`); a py-spy
-  profile under perf_analyzer put a third of the event loop's time in those writes;
+  two send() syscalls, two TCP segments (TCP_NODELAY) and two wake-ups of the client. The head is
+  held until the body's write and both go out together (`CoalescingTransport`);
 * a connection cap: a connection beyond `max_connections` open on this worker gets 503 and is
   closed before anything is parsed;
 * the inference lane: a plain POST /v2/.../infer is answered by the protocol itself, from its
@@ -40,7 +39,7 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.infer_lane import InferRequest
+from service.infer_lane import InferRequest, http_response
 from service.infer_lane import answer as infer_answer
 from service.limits import ARRIVAL, Admission
 from service.logs import new_request_id
@@ -53,12 +52,11 @@ REASONS = ("too_many_connections", "header_timeout", "body_timeout")
 ADMITTED_PATH = b"/upscale"  # the requests that take an admission slot (service.limits.Admission)
 
 
-def raw_response(status: int, reason: str, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
-    """A complete HTTP/1.1 error answer in the service's JSON shape, written straight to the socket (no request cycle exists)."""
+def error_answer(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+    """A complete HTTP/1.1 error answer in the service's JSON shape that closes the connection, written straight to the socket (no request cycle exists)."""
     body = json.dumps({"error": {"code": code, "message": message, "item": None}}).encode()
-    lines = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}", "connection: close",
-             *(f"{k}: {v}" for k, v in (headers or {}).items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
+    return http_response(status, [(b"content-type", b"application/json"), *extra], body, keep_alive=False)
 
 
 class _RateLimitedLog:
@@ -99,27 +97,28 @@ class Refusal:
         body = json.dumps({"error": {"code": "overloaded", "message": f"{busy}; retry later", "item": None}}).encode()
         return body, new_request_id().encode()
 
-    def headers(self, body: bytes, request_id: bytes) -> list[tuple[bytes, bytes]]:
-        return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"retry-after", self.retry_after), (b"x-request-id", request_id)]
+    def headers(self, request_id: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", b"application/json"), (b"retry-after", self.retry_after), (b"x-request-id", request_id)]
 
     def raw(self, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
         """The whole answer as bytes, with uvicorn's default headers (date, server) as its own answers have."""
         body, request_id = self.body()
-        headers = [*default_headers, *self.headers(body, request_id), *([] if keep_alive else [(b"connection", b"close")])]
-        return b"".join([b"HTTP/1.1 503 Service Unavailable\r\n", *(name + b": " + value + b"\r\n" for name, value in headers), b"\r\n", body])
+        return http_response(503, [*default_headers, *self.headers(request_id)], body, keep_alive)
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         body, request_id = self.body()
-        await send({"type": "http.response.start", "status": 503, "headers": self.headers(body, request_id)})
+        headers = [*self.headers(request_id), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
 class CoalescingTransport:
-    """A transport whose writes in one event-loop turn leave as one writev (uvloop's writelines) at the end of the turn.
+    """A transport that holds a write until the next one, so an answer's head and body leave as one writev.
 
-    Everything but write and close is the wrapped transport's. close() sends what is pending first, as
-    the transport itself would have had it in its buffer."""
+    uvicorn writes the head, then the body at once (in the same task step): the body's write sends both
+    (uvloop's writelines). A head whose body is not written in the same event-loop turn (a streamed answer)
+    leaves at the end of the turn. `send` writes whole answers at once (the protocol's own). Everything
+    but writing and close is the wrapped transport's; close() sends what is held first."""
 
     __slots__ = ("_transport", "_loop", "_pending")
 
@@ -128,9 +127,16 @@ class CoalescingTransport:
         self._pending: list[bytes] = []
 
     def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self.flush)
         self._pending.append(data)
+        if len(self._pending) == 1:
+            self._loop.call_soon(self.flush)  # held: the body is on its way
+        else:
+            self.flush()
+
+    def send(self, data: bytes) -> None:
+        """`data` now (after anything held): a whole answer."""
+        self._pending.append(data)
+        self.flush()
 
     def flush(self) -> None:
         if self._pending:
@@ -194,7 +200,7 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
             if len(self.connections) > settings.max_connections:
                 refused["too_many_connections"].inc()
                 note("too_many_connections", open=len(self.connections), limit=settings.max_connections)
-                transport.write(raw_response(503, "Service Unavailable", "too_many_connections",
+                transport.write(error_answer(503, "too_many_connections",
                                              f"this worker has {settings.max_connections} connections open; retry later",
                                              {"retry-after": retry_after}))
                 transport.close()
@@ -222,7 +228,7 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
                 return
             refused["header_timeout"].inc()
             note("header_timeout", client=self.client, timeout_s=settings.header_timeout_s)
-            self.transport.write(raw_response(408, "Request Timeout", "header_timeout",
+            self.transport.write(error_answer(408, "header_timeout",
                                               f"request headers not received within {settings.header_timeout_s:g}s"))
             self.transport.close()
 
@@ -239,7 +245,7 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
             refused["body_timeout"].inc()
             note("body_timeout", client=self.client, timeout_s=settings.body_timeout_s, path=self.scope.get("path", "")[:100])
             if not cycle.response_started:
-                self.transport.write(raw_response(408, "Request Timeout", "body_timeout",
+                self.transport.write(error_answer(408, "body_timeout",
                                                   f"request body not received within {settings.body_timeout_s:g}s"))
             # The app's next receive() returns http.disconnect; what it sends from now on is dropped.
             cycle.disconnected = True
@@ -283,7 +289,7 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
             A client that waits for `100 Continue` never sends its body after a final answer, so its
             connection is closed (as is one whose request asked for that)."""
             keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not self.expect_100_continue
-            self.transport.write(refusal.raw(self.server_state.default_headers, keep_alive))
+            self.transport.send(refusal.raw(self.server_state.default_headers, keep_alive))
             self.cycle = _Answered(keep_alive)  # type: ignore[assignment]
             if keep_alive:
                 self._arm_body_timer()  # the rest of the body is dropped as it comes; on_message_complete ends the request
@@ -296,7 +302,7 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
             request.response_started = request.response_complete = True
             if self.transport.is_closing():  # the client left, or the connection was closed meanwhile
                 return
-            self.transport.write(data)
+            self.transport.send(data)
             if request.keep_alive:
                 self.on_response_complete()  # as uvicorn after an answer: count it, resume reading, start a pipelined request
             else:
