@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from service.deps import require_api_key
 from service.errors import install_error_handlers
+from service import priority
 from service.fastlane import FastLane, FastRoute
 from service.limits import Admission, BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware, flush_access_log
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # turn behind each of them after every system call, and under overload a refusal took
         # 100-300 ms to go out (bench/overload.py).
         to_thread.current_default_thread_limiter().total_tokens = 1
+        priority.configure(app.state.settings.thread_nice)  # those threads run below the event loop (service.priority)
         await app.state.manager.start()
         try:
             yield

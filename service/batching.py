@@ -41,6 +41,7 @@ import numpy as np
 
 from service.errors import ApiError, unavailable
 from service.metrics import Metrics
+from service.priority import lower_this_thread
 from service.upscaler import BatchOutput
 
 log = logging.getLogger("service.batching")
@@ -110,7 +111,7 @@ class Batcher:
         self._arrived = asyncio.Event()  # the queue is no longer empty
         self._batch_full = asyncio.Event()  # max_batch_images are queued (or closing): stop waiting for more
         self._closing = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}", initializer=lower_this_thread)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{label}")
 
     # ---- request side -------------------------------------------------------------

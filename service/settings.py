@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     extra_loaded_versions: int = Field(2, ge=0, description="Versions besides the serving and aliased ones kept loaded for requests naming them (least recently used unloaded first).")
     workers: int | None = Field(None, ge=1, description="Server processes on the port (one SO_REUSEPORT socket each), each with its own batcher and copy of the models; unset: 2 on a CPU with 2+ cores (one Python process tops out near one core of HTTP work and starves its inference thread of the GIL), 1 on CUDA (one process keeps the GPU's batches whole).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads per worker (torch.set_num_threads); unset: (CPU count - 1) / workers (at least 1), leaving a core to HTTP, decoding and encoding.")
+    thread_nice: int = Field(10, ge=0, le=19, description="How much lower than its event loop a worker's helper and inference threads run (Linux nice, per thread): the loop admits or refuses an overload herd first. 0: the same.")
     png_compression: int = Field(0, ge=0, le=9, description="zlib level of the returned PNGs: 0 stores the pixels (fastest; a 32x32 PNG is ~3.1 KB), 1-9 deflate them (~10% smaller, ~20x slower to encode).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
     amp_bf16: bool = Field(False, description="On CUDA, run the forward pass under bf16 autocast.")

@@ -404,3 +404,20 @@ def test_a_huge_unknown_path_gets_a_short_answer(store):
         response = client.get("/models/" + "b" * 65_000)
         assert_error(response, 404, "model_not_found")
         assert len(response.content) < 1000
+
+
+def test_helper_and_inference_threads_run_below_the_event_loop(store, pngs):
+    """In an overload herd the event loop admits or refuses; the threads doing admitted work yield it the CPU."""
+    import os
+    import threading
+
+    # The default setting: every server of this test process uses it, and their threads are all in the list below.
+    with LiveServer(store=store.root, poll_interval_s=60) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        answer = client.post("/upscale", files=multipart(pngs[:32]))  # a body over 4 KB: parsed and decoded on the helper thread
+        assert answer.status_code == 200
+        loop_nice = os.getpriority(os.PRIO_PROCESS, live.thread.native_id)
+        helpers = [t for t in threading.enumerate() if t.name.startswith("AnyIO worker thread")]
+        inference = [t for t in threading.enumerate() if t.name.startswith("infer-conv:1")]
+        assert helpers and inference
+        for thread in helpers + inference:
+            assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == loop_nice + live.app.state.settings.thread_nice == loop_nice + 10, thread.name

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from service import codec
+from service.priority import off_loop
 from service.deps import SettingsDep, require_api_key
 from service.routers.upscale import (
     _RESPONSES,
@@ -61,9 +61,9 @@ async def upscale_bicubic(request: Request, settings: SettingsDep, tile: TilePar
         images = list(await decode_all(Upscaler.decode, body.images, settings))
         references = await decode_all(decode_reference, body.references, settings) if body.references else None
     began = time.perf_counter()
-    outputs, pngs = await run_in_threadpool(resize_and_encode, images, settings.png_compression)
+    outputs, pngs = await off_loop(resize_and_encode, images, settings.png_compression)
     inference_s = time.perf_counter() - began
-    scores = await run_in_threadpool(score_each, outputs if tile else np.stack(outputs), references) if references is not None else None
+    scores = await off_loop(score_each, outputs if tile else np.stack(outputs), references) if references is not None else None
     run = UpscaleMetrics(images=len(pngs), batch_size=len(pngs), queue_ms=0.0, inference_ms=round(inference_s * 1000, 3),
                          total_ms=round((time.perf_counter() - started) * 1000, 3), device="cpu")
     return make_response(request, NAME, VERSION, pngs, scores, run, [o.shape[-2:] for o in outputs])

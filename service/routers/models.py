@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from model_store import StoreError, StoreUnavailable
+from service.priority import off_loop
 from service.deps import ManagerDep, require_admin, require_api_key
 from service.errors import ApiError, unavailable
 from service.redact import public, scrub_text
@@ -77,7 +77,7 @@ async def get_picture(name: NameParam, version: VersionParam, picture: Literal["
     state = await manager.model_state(name)
     number = await manager.version_number(state, version)
     try:
-        data = await run_in_threadpool(manager.store.read_file, name, number, picture)
+        data = await off_loop(manager.store.read_file, name, number, picture)
     except StoreUnavailable:
         raise unavailable("store_unavailable", "the model store cannot be read right now", manager.settings.retry_after_s) from None
     except StoreError:

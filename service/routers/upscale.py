@@ -11,11 +11,11 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from service import codec, multipart, tiling
+from service.priority import off_loop
 from service.deps import StateDep, require_api_key
 from service.errors import ApiError, echo, unavailable
 from service.limits import Admission
@@ -141,12 +141,12 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
                     check_pixels(body.images, settings)
                 upscale_images = upscale_tiled if tile else upscale_small
                 done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings)
-                scores = await run_in_threadpool(score_each, done.outputs, done.references) if done.references is not None else None
+                scores = await off_loop(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
         run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
                              inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
         answer = (request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs])
-        response = make_response(*answer) if len(done.pngs) <= INLINE_DECODE_LIMIT else await run_in_threadpool(make_response, *answer)
+        response = make_response(*answer) if len(done.pngs) <= INLINE_DECODE_LIMIT else await off_loop(make_response, *answer)
         images_served = len(done.pngs)
         status = response.status_code
         return response
@@ -184,7 +184,7 @@ async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadli
     images, references = await decode_tiled(body, settings)
     overlapping = fully_convolutional(served.manifest.get("architecture", {}).get("name", ""))
     tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images)
-    pngs = await run_in_threadpool(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
+    pngs = await off_loop(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
     return Upscaled(tiled.images, pngs, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
 
 
@@ -199,7 +199,7 @@ async def read_body(request: Request, settings: Settings, tile: bool = False) ->
         body = await read_multipart(request, settings, image_bytes)
     elif media_type == "application/json" or media_type.endswith("+json"):
         raw = await read_json_bytes(request, settings)
-        body = read_json(raw) if len(raw) <= INLINE_JSON_LIMIT else await run_in_threadpool(read_json, raw)
+        body = read_json(raw) if len(raw) <= INLINE_JSON_LIMIT else await off_loop(read_json, raw)
     elif media_type.startswith("image/"):
         body = UpscaleBody([await read_limited(request, image_bytes, 0)], None)
     else:
@@ -229,7 +229,7 @@ async def read_multipart(request: Request, settings: Settings, max_part_bytes: i
             raise ApiError(413, "too_many_images", f"more than {parts_limit} parts; the limit is {settings.max_images_per_request} images "
                            "and as many references", settings.max_images_per_request) from None
 
-    parts = parse() if len(body) <= INLINE_BODY_LIMIT else await run_in_threadpool(parse)
+    parts = parse() if len(body) <= INLINE_BODY_LIMIT else await off_loop(parse)
     fields: dict[str, list[bytes]] = {IMAGE_FIELD: [], REFERENCE_FIELD: []}
     for part in parts:
         if part.name not in fields:
@@ -308,7 +308,7 @@ async def decode_all(decode, blobs: list[bytes], settings: Settings) -> np.ndarr
     def run() -> np.ndarray:
         return codec.stack_images([decode(data, item, settings.max_image_bytes) for item, data in enumerate(blobs)])
 
-    return run() if len(blobs) <= INLINE_DECODE_LIMIT else await run_in_threadpool(run)
+    return run() if len(blobs) <= INLINE_DECODE_LIMIT else await off_loop(run)
 
 
 def score(outputs: np.ndarray, references: np.ndarray) -> list[tuple[float, float]]:
@@ -352,7 +352,7 @@ async def decode_tiled(body: UpscaleBody, settings: Settings) -> tuple[list[np.n
             references = [np.ascontiguousarray(r.transpose(2, 0, 1)) for r in references]
         return [np.ascontiguousarray(i.transpose(2, 0, 1)) for i in images], references
 
-    return await run_in_threadpool(run)
+    return await off_loop(run)
 
 
 def wants_png(request: Request, count: int) -> bool:
