@@ -30,10 +30,9 @@ from starlette.datastructures import State
 from model_store import LATEST
 from service.deps import check_api_key
 from service.errors import ApiError
-from service.logs import new_request_id, request_id, valid_request_id
+from service.logs import log_access, new_request_id, request_id, valid_request_id
 from service.routers.inference import InferAnswer, run_infer
 
-log = logging.getLogger("service.access")
 errors_log = logging.getLogger("service.errors")
 
 # The paths of service.routers.inference's infer routes, in plain ASCII (a name needing %-escapes goes the ASGI way).
@@ -91,8 +90,7 @@ async def answer(request: InferRequest, state: State, default_headers: list[tupl
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 in the protocol's shape, with the traceback in the log
             errors_log.error("unhandled error on POST %s", path, exc_info=exc)
             status, body, headers = _error(500, f"internal error ({type(exc).__name__}); see the service log", None)
-        log.info("request", extra={"method": "POST", "path": path, "status": status,
-                                   "ms": round((time.perf_counter() - request.received_at) * 1000, 2)})
+        log_access("POST", path, status, request.received_at)
     finally:
         request_id.reset(token)
     return http_response(status, [*default_headers, *headers, (b"x-request-id", rid.encode())], body, request.keep_alive)

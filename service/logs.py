@@ -114,6 +114,11 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True  # the middleware below logs every request, with its id
 
 
+def log_access(method: str, path: str, status: int, started: float) -> None:
+    """The access line of one request (RequestContextMiddleware's, and service.infer_lane's for the requests it answers)."""
+    log.info("request", extra={"method": method, "path": path, "status": status, "ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
 def flush_access_log() -> None:
     """Write the access lines still batched. At shutdown: uvicorn ends a worker by re-raising SIGTERM, so logging's atexit flush never runs."""
     for handler in log.handlers:
@@ -145,6 +150,5 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
-                                       "ms": round((time.perf_counter() - started) * 1000, 2)})
+            log_access(scope["method"], scope["path"], status, started)
             request_id.reset(token)

@@ -339,11 +339,17 @@ def read_answers(sock, count: int) -> list[tuple[int, dict[str, str], bytes]]:
     return answers
 
 
-def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, models):
+def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, models, caplog):
     """Plain keep-alive requests are answered by the protocol (service.infer_lane), others through ASGI: the same
     bytes either way; pipelined requests are answered in order; a client that leaves does not upset the server."""
     import socket
 
+    import logging
+
+    access_log = logging.getLogger("service.access")
+    access_log.addHandler(caplog.handler)  # it may not propagate to the root (service.logs.configure_logging)
+    caplog.handler.setLevel(logging.INFO)
+    level, access_log.level = access_log.level, logging.INFO
     images = inputs[:3].numpy()
     host, port = live.url.removeprefix("http://").split(":")
     expected = expected_outputs(models[2], inputs[:3])
@@ -364,6 +370,12 @@ def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, mode
     assert_close_to(torch_of(np.frombuffer(lane_body[length:], np.uint8).reshape(3, 3, 32, 32)), expected)
     assert json.loads(stable_body[: int(stable_headers["inference-header-content-length"])])["model_version"] == "1"
     assert "nope" in json.loads(missing_body)["error"]
+    access_log.removeHandler(caplog.handler)
+    access_log.level = level
+    records = {id(r): r for r in caplog.records}.values()  # a record can reach the handler twice (here and via the root)
+    access = [(r.path, r.status) for r in records if r.name == "service.access"]
+    # An access line each: the first request (the lane) and the second (ASGI) log the same path and status.
+    assert access.count(("/v2/models/conv/infer", 200)) == 2 and ("/v2/models/nope/infer", 404) in access
     # A client that sends its request and leaves before the answer: the server carries on.
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(v2_request("/v2/models/conv/infer", images))
