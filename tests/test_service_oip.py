@@ -349,7 +349,9 @@ def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, mode
     access_log = logging.getLogger("service.access")
     access_log.addHandler(caplog.handler)  # it may not propagate to the root (service.logs.configure_logging)
     caplog.handler.setLevel(logging.INFO)
-    level, access_log.level = access_log.level, logging.INFO
+    level = access_log.level
+    access_log.setLevel(logging.INFO)  # setLevel, not .level =: it clears the logger's cached isEnabledFor answers
+    disabled, access_log.disabled = access_log.disabled, False  # a logging.config call elsewhere in the suite may have disabled it
     images = inputs[:3].numpy()
     host, port = live.url.removeprefix("http://").split(":")
     expected = expected_outputs(models[2], inputs[:3])
@@ -371,7 +373,8 @@ def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, mode
     assert json.loads(stable_body[: int(stable_headers["inference-header-content-length"])])["model_version"] == "1"
     assert "nope" in json.loads(missing_body)["error"]
     access_log.removeHandler(caplog.handler)
-    access_log.level = level
+    access_log.setLevel(level)
+    access_log.disabled = disabled
     records = {id(r): r for r in caplog.records}.values()  # a record can reach the handler twice (here and via the root)
     access = [(r.path, r.status) for r in records if r.name == "service.access"]
     # An access line each: the first request (the lane) and the second (ASGI) log the same path and status.
