@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_triton.py --store STORE --triton-python /tmp/tv/bin/python --perf-analyzer /tmp/tv/bin/perf_analyzer
     .venv/bin/python bench/bench_triton.py --store STORE ... --models conv --concurrency 32 --rounds 3
+    .venv/bin/python bench/bench_triton.py --store STORE ... --baseline-ref HEAD~3   # also this tree vs an earlier one
 
 Setup (bench-only, nothing of it is a project dependency; see bench/RESULTS.md and the README):
 
@@ -23,6 +24,10 @@ output (UINT8 [1, 3, 32, 32], binary). Both servers stay up; the one not measure
 cells alternate between them. CPU seconds per 1,000 inferences: the server's whole process tree
 (Triton: tritonserver and its stubs; Upgrader: supervisor and workers) over the cell, divided by the
 inferences the server itself counted over the same span.
+
+`--baseline-ref REF` adds a third server, Upgrader as of git REF (checked out with `git worktree add
+--detach` into the temporary directory, same settings), measured in the same rotation, and a second
+table: this tree against it, cell by cell.
 """
 
 from __future__ import annotations
@@ -171,12 +176,24 @@ def start_triton(root: Path, repo: Path, args) -> Server:
     return Server("triton", command, env, port, root / "triton.log")
 
 
-def start_upgrader(root: Path, store: ModelStore, args) -> Server:
+def start_upgrader(root: Path, store: ModelStore, args, tree: Path = PROJECT_ROOT, kind: str = "upgrader") -> Server:
     port = free_port()
     env = {"UPGRADER_STORE": str(store.root), "UPGRADER_WORKERS": str(args.instances), "UPGRADER_TORCH_THREADS": str(args.threads),
-           "UPGRADER_MAX_BATCH_IMAGES": "64", "UPGRADER_MAX_WAIT_MS": str(args.max_queue_delay_us / 1000), "PYTHONPATH": str(PROJECT_ROOT)}
-    return Server("upgrader", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env, port,
-                  root / "upgrader.log")
+           "UPGRADER_MAX_BATCH_IMAGES": "64", "UPGRADER_MAX_WAIT_MS": str(args.max_queue_delay_us / 1000), "PYTHONPATH": str(tree)}
+    return Server(kind, [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env, port,
+                  root / f"{kind}.log")
+
+
+@contextlib.contextmanager
+def baseline_tree(root: Path, ref: str):
+    """`ref` checked out (detached) under `root`, removed afterwards; yields (path, short commit)."""
+    path = root / "baseline"
+    subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", str(path), ref], check=True, capture_output=True)
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        yield path, commit
+    finally:
+        subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", str(path)], check=False, capture_output=True)
 
 
 def write_input_data(root: Path, images: np.ndarray) -> Path:
@@ -254,6 +271,20 @@ def print_table(cells: list[Cell], models: list[str], concurrencies: list[int]) 
     return verdicts
 
 
+def print_baseline_table(cells: list[Cell], models: list[str], concurrencies: list[int], baseline: str) -> None:
+    summary = median_cells(cells)
+    print(f"\n{'model':<18} {'c':>4} | {'this tree req/s':>15} {'p99':>7} {'cpu-s/1k':>8} | {baseline + ' req/s':>22} {'p99':>7} "
+          f"{'cpu-s/1k':>8} | {'ratio':>5}")
+    for model in models:
+        for c in concurrencies:
+            ours, theirs = summary.get((model, c, "upgrader")), summary.get((model, c, baseline))
+            if ours is None or theirs is None:
+                continue
+            ratio = ours.rps / theirs.rps if ours.rps and theirs.rps else None
+            print(f"{model:<18} {c:>4} | {fmt(ours.rps):>15} {fmt(ours.p99_ms, 2):>7} {fmt(ours.cpu_s_per_1000, 2):>8} | "
+                  f"{fmt(theirs.rps):>22} {fmt(theirs.p99_ms, 2):>7} {fmt(theirs.cpu_s_per_1000, 2):>8} | {fmt(ratio, 2):>5}")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, required=True, help="model store with the models to serve (latest versions)")
@@ -272,6 +303,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--perf-analyzer", default=shutil.which("perf_analyzer") or "perf_analyzer")
     parser.add_argument("--perf-lib-path", default="", help="LD_LIBRARY_PATH additions for perf_analyzer (libcudart.so.12)")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--baseline-ref", default=None, help="also serve Upgrader as of this git ref, measured in the same rotation")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
@@ -299,6 +331,11 @@ def main() -> None:
             servers.append(stack.enter_context(start_triton(root, write_repository(root, store, args.models, args), args)))
         if "upgrader" in args.servers:
             servers.append(stack.enter_context(start_upgrader(root, store, args)))
+        baseline = None
+        if args.baseline_ref:
+            tree, commit = stack.enter_context(baseline_tree(root, args.baseline_ref))
+            baseline = f"upgrader@{commit}"
+            servers.append(stack.enter_context(start_upgrader(root, store, args, tree, baseline)))
         for server in servers:
             started = time.monotonic()
             server.wait_for_models(args.models, args.ready_timeout)
@@ -307,7 +344,8 @@ def main() -> None:
         for round_index in range(args.rounds):
             for model in args.models:
                 for concurrency in args.concurrency:
-                    order = servers if (round_index + concurrency) % 2 == 0 else servers[::-1]
+                    shift = (round_index + concurrency) % len(servers)  # who goes first rotates
+                    order = servers[shift:] + servers[:shift]
                     for server in order:
                         server.resume()
                         try:
@@ -322,6 +360,8 @@ def main() -> None:
         for server in servers:
             server.resume()
     verdicts = print_table(cells, args.models, args.concurrency)
+    if baseline:
+        print_baseline_table(cells, args.models, args.concurrency, baseline)
     print(f"\nmedians of {args.rounds} round(s); load average now {os.getloadavg()} (2 shared cores: other tenants' load is in it)")
     if args.json:
         args.json.write_text(json.dumps({"cells": [asdict(c) for c in cells], "verdicts": verdicts}, indent=2))
