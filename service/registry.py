@@ -266,11 +266,12 @@ class ModelManager:
             state.loading.pop(version, None)
         batcher = Batcher(f"{state.name}:{version}", upscaler.run_batch, max_batch_images=s.max_batch_images, max_wait_ms=s.max_wait_ms, idle_dispatch=s.idle_dispatch,
                           max_queue_images=s.max_queue_images, retry_after_s=s.retry_after_s, metrics=self.metrics,
-                          model=state.name, version=version)
+                          model=state.name, version=version, fixed_cost_s=upscaler.fixed_cost_s)
         served = state.loaded[version] = Served(state.name, version, upscaler.manifest, batcher)
         state.manifests[version] = upscaler.manifest
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
-                                          "seconds": round(time.perf_counter() - started, 3)})
+                                          "seconds": round(time.perf_counter() - started, 3),
+                                          "fixed_cost_ms": round(upscaler.fixed_cost_s * 1000, 3)})
         self._update_gauges(state)
         # A loaded model is thousands of long-lived objects: move them out of the collector's
         # reach, or every full collection walks them (measured: ~200 ms pauses -> ~2 ms).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -29,6 +30,9 @@ from test_service_support import (
 
 from model_store import ModelStore
 from service import Settings, create_app
+from service.batching import Batcher
+from service.metrics import Metrics
+from service.upscaler import BatchOutput
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
 
@@ -401,3 +405,51 @@ def test_an_idle_worker_runs_a_request_at_once_instead_of_waiting_out_the_window
 
     assert asyncio.run(one()) < 500  # typically well under 1 ms
     assert asyncio.run(one(idle_dispatch=False)) >= 990
+
+
+async def _closed_loop(fixed_cost_s: float, think_s: float = 0.02) -> tuple[list[int], Batcher]:
+    """Two closed-loop clients against a model whose pass takes 0.2 s: each sends its next request `think_s` after its answer.
+
+    The first request runs alone (the worker was idle) and the second queues behind it, past its 150 ms window by the
+    time the worker frees. Returns every batch's size, and the batcher."""
+    sizes: list[int] = []
+
+    def run_batch(images, ensemble, png):
+        sizes.append(len(images))
+        time.sleep(0.2)
+        return BatchOutput(np.zeros((len(images), 3, 32, 32), np.uint8), [None] * len(images))
+
+    batcher = Batcher("slow:1", run_batch, max_batch_images=8, max_wait_ms=150, max_queue_images=64, retry_after_s=1,
+                      metrics=Metrics(), model="slow", version=1, fixed_cost_s=fixed_cost_s)
+    image = np.zeros((1, 3, 8, 8), np.uint8)
+
+    async def client(start_after_s: float) -> None:
+        await asyncio.sleep(start_after_s)
+        for _ in range(3):
+            await batcher.submit(image, 1, 30)
+            await asyncio.sleep(think_s)
+
+    try:
+        await asyncio.gather(client(0), client(0.01))
+    finally:
+        await batcher.close()
+    return sizes, batcher
+
+
+def test_a_model_with_a_large_fixed_cost_waits_for_the_clients_just_answered(served):
+    """Closed-loop clients split into groups that alternate half batches; the batcher merges them when a pass's fixed cost pays for the wait."""
+    alone, batcher = asyncio.run(_closed_loop(fixed_cost_s=0.0))
+    assert alone[:2] == [1, 1] and sum(alone) == 6 and batcher.regroup_waits == 0  # no fixed cost: the queued request runs at once
+    # 0.5 s of fixed cost (the wait capped at max_wait_ms, 0.15 s): the queued request waits 20 ms for the one just answered.
+    merged, batcher = asyncio.run(_closed_loop(fixed_cost_s=0.5))
+    assert merged[:2] == [1, 2] and sum(merged) == 6 and batcher.regroup_waits >= 1
+    assert 0.01 < batcher.turnaround_s < 0.1  # learnt from the arrivals: ~20 ms
+    # Clients that take 0.3 s to come back, longer than the wait may be: learnt, and then not waited for.
+    slow, batcher = asyncio.run(_closed_loop(fixed_cost_s=0.5, think_s=0.3))
+    assert sum(slow) == 6 and max(slow) == 1 and batcher.turnaround_s > 0.15
+    now = time.perf_counter()
+    batcher._answered = 1
+    batcher._answered, batcher._returned, batcher._delivered_at = 1, 0, now  # one image just answered
+    assert batcher.window(now, oldest=now - 1) == (1, now, False)  # an old queue runs at once
+    batcher.turnaround_s = 0.05
+    assert batcher.window(now, oldest=now - 1) == (1, now + 0.15, True)  # clients that come back fast are waited for
