@@ -22,6 +22,7 @@ _id_counter = itertools.count(1)
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
 log = logging.getLogger("service.access")
+_access_handler: BatchedStreamHandler | None = None  # the access log's handler, once configure_logging has set it
 
 
 def valid_request_id(given: str) -> bool:
@@ -54,6 +55,18 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
+    def access_line(self, method: str, path: str, status: int, ms: float, created: float) -> str:
+        """The line `format` writes for log_access's record, built directly: a third of the cost (~3 against ~11 µs
+        through Logger.info, LogRecord and format), on the event loop once per request."""
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        rid = request_id.get()
+        rid_field = "" if rid is None else f', "request_id": {json.dumps(rid)}'
+        return (f'{{"ts": "{self._stamp}.{int((created - second) * 1000):03d}Z", "level": "INFO", "logger": "{log.name}", '
+                f'"message": "request", "pid": {os.getpid()}{rid_field}, "method": {json.dumps(method)}, "path": {json.dumps(path)}, '
+                f'"status": {status}, "ms": {ms!r}}}')
+
 
 class BatchedStreamHandler(logging.StreamHandler):
     """A StreamHandler that writes its lines in batches: every `interval_s` (from a thread of its own),
@@ -73,14 +86,16 @@ class BatchedStreamHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
-            with self.lock:
-                self.lines.append(line)
-                full = len(self.lines) >= self.max_lines
-            if full or record.levelno >= logging.WARNING:
-                self.flush()
+            self.add(self.format(record), record.levelno >= logging.WARNING)
         except Exception:  # noqa: BLE001 - logging's own contract: report, never raise into the caller
             self.handleError(record)
+
+    def add(self, line: str, urgent: bool = False) -> None:
+        with self.lock:
+            self.lines.append(line)
+            full = len(self.lines) >= self.max_lines
+        if full or urgent:
+            self.flush()
 
     def flush(self) -> None:
         with self.lock:
@@ -107,7 +122,8 @@ def configure_logging(level: str) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
-    batched = BatchedStreamHandler(sys.stderr)  # one line per request: written in batches
+    global _access_handler
+    batched = _access_handler = BatchedStreamHandler(sys.stderr)  # one line per request: written in batches
     batched.setFormatter(JsonFormatter())
     log.handlers[:] = [batched]
     log.propagate = False
@@ -115,8 +131,17 @@ def configure_logging(level: str) -> None:
 
 
 def log_access(method: str, path: str, status: int, started: float) -> None:
-    """The access line of one request (RequestContextMiddleware's, and service.infer_lane's for the requests it answers)."""
-    log.info("request", extra={"method": method, "path": path, "status": status, "ms": round((time.perf_counter() - started) * 1000, 2)})
+    """The access line of one request (RequestContextMiddleware's, and service.infer_lane's for the requests it answers).
+
+    While the access logger is as configure_logging left it (its one batched handler, no filters), the line goes
+    straight to that handler; otherwise (a test's capturing handler, say) through logging as usual."""
+    ms = round((time.perf_counter() - started) * 1000, 2)
+    handler = _access_handler
+    if (handler is not None and len(log.handlers) == 1 and log.handlers[0] is handler and not log.filters and not handler.filters
+            and not log.disabled and log.isEnabledFor(logging.INFO)):
+        handler.add(handler.formatter.access_line(method, path, status, ms, time.time()))  # type: ignore[union-attr]
+        return
+    log.info("request", extra={"method": method, "path": path, "status": status, "ms": ms})
 
 
 def flush_access_log() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import time
 from contextlib import asynccontextmanager
@@ -453,3 +454,26 @@ def test_a_model_with_a_large_fixed_cost_waits_for_the_clients_just_answered(ser
     assert batcher.window(now, oldest=now - 1) == (1, now, False)  # an old queue runs at once
     batcher.turnaround_s = 0.05
     assert batcher.window(now, oldest=now - 1) == (1, now + 0.15, True)  # clients that come back fast are waited for
+
+
+def test_the_access_line_written_directly_is_the_formatters_line():
+    """log_access's direct path (service.logs.JsonFormatter.access_line) writes what Logger.info + JsonFormatter would."""
+    import logging
+
+    from service.logs import JsonFormatter, request_id
+
+    formatter = JsonFormatter()
+    created = 1_790_000_000.0427
+    for rid in (None, "req-7"):
+        token = request_id.set(rid)
+        try:
+            for path in ("/v2/models/conv/infer", '/a "quoted" \\ path/é\u2028'):
+                record = logging.getLogger("service.access").makeRecord(
+                    "service.access", logging.INFO, "", 0, "request", (), None,
+                    extra={"method": "POST", "path": path, "status": 404, "ms": 12.5})
+                record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+                assert formatter.access_line("POST", path, 404, 12.5, created) == formatter.format(record)
+                assert json.loads(formatter.access_line("POST", path, 404, 12.5, created))["path"] == path
+        finally:
+            request_id.reset(token)
+
