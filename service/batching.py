@@ -215,12 +215,13 @@ class Batcher:
 
         While the oldest queued image (queued at `oldest`) is within max_wait_ms: a full batch. After that,
         the images queued plus those just answered, for `regroup_s`, when they come back faster than that."""
-        regroup = self.regroup_s if self.turnaround_s is None or self.turnaround_s < self.regroup_s else 0.0
+        coming = max(0, self._answered - self._returned) if self._delivered_at is not None else 0
+        fast = self.turnaround_s is None or self.turnaround_s < self.regroup_s
+        regroup = self.regroup_s if coming and fast else 0.0
         young_until = oldest + self.max_wait_s
         if now < young_until:
             return self.max_batch_images, max(young_until, now + regroup), False
-        coming = max(0, self._answered - self._returned) if self._delivered_at is not None else 0
-        return min(self.max_batch_images, self.queued_images + coming), now + regroup, regroup > 0 and coming > 0
+        return min(self.max_batch_images, self.queued_images + coming), now + regroup, regroup > 0
 
     async def _gather_more(self) -> None:
         """Wait until `window`'s images are queued or its time is up (one timer, not one wake-up per arrival)."""

@@ -454,6 +454,8 @@ def test_a_model_with_a_large_fixed_cost_waits_for_the_clients_just_answered(ser
     assert batcher.window(now, oldest=now - 1) == (1, now, False)  # an old queue runs at once
     batcher.turnaround_s = 0.05
     assert batcher.window(now, oldest=now - 1) == (1, now + 0.15, True)  # clients that come back fast are waited for
+    batcher._delivered_at = None  # all of them are back: a young queue waits out its own window, no longer
+    assert batcher.window(now, oldest=now - 0.1) == (8, now - 0.1 + 0.15, False)
 
 
 def test_the_access_line_written_directly_is_the_formatters_line():
