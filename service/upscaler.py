@@ -92,7 +92,7 @@ class Upscaler:
         """Seconds of a forward pass that do not grow with its batch: t(1) - (t(max) - t(1)) / (max - 1), best of a few runs.
 
         The batcher waits up to this long to merge two partial batches (service.batching). Measured
-        here: conv ~0.08 ms, subpixel_residual ~0.85 ms, resnet18 ~6.6 ms (its 56 MB of weights are
+        here, one thread: conv ~0.15-0.21 ms, subpixel_residual ~0.6-0.95 ms, resnet18 ~6.2-6.8 ms (its 56 MB of weights are
         read once per pass, whatever the batch)."""
         largest = max(2, self.max_batch_images)
 
