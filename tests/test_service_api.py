@@ -33,7 +33,7 @@ from model_store import ModelStore
 from service import Settings, create_app
 from service.batching import Batcher
 from service.metrics import Metrics
-from service.upscaler import BatchOutput
+from service.upscaler import BatchOutput, Upscaler, fastest_cpu_trace
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
 
@@ -479,3 +479,19 @@ def test_the_access_line_written_directly_is_the_formatters_line():
         finally:
             request_id.reset(token)
 
+
+
+@pytest.mark.parametrize("arch", ["conv", "subpixel_residual"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format_it_runs_in(tmp_path, real_images, arch, memory_format):
+    store = ModelStore(tmp_path / "store")
+    _, model = publish(store, arch, arch, seed=3)
+    upscaler = Upscaler(store, arch, 1, torch.device("cpu"), 64)
+    upscaler.setup()  # picks the faster format by timing; here both are forced in turn
+    with torch.inference_mode():
+        upscaler.model, upscaler.memory_format = fastest_cpu_trace(model, formats=(memory_format,))
+    inputs = small_inputs(real_images[:16])
+    out = upscaler.run_batch(inputs.numpy())
+    assert out.images.shape == (16, 3, 32, 32) and out.images.flags.c_contiguous
+    assert_close_to(torch.from_numpy(out.images), expected_outputs(model, inputs))
+    assert all(torch.equal(decode_png(png), torch.from_numpy(image)) for png, image in zip(out.pngs, out.images, strict=True))
