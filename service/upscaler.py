@@ -65,16 +65,20 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
         for size in batch_sizes:
             batch = torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
             traced(batch)  # oneDNN picks and caches its kernels on the first call of a shape
-            seconds += min(_timed(traced, batch) for _ in range(3)) / size
+            seconds += best_seconds(lambda: traced(batch), runs=3) / size  # noqa: B023 - called before the loop moves on
         candidates[memory_format] = (seconds, traced)
     memory_format = min(candidates, key=lambda key: candidates[key][0])
     return candidates[memory_format][1], memory_format
 
 
-def _timed(model: torch.nn.Module, batch: torch.Tensor) -> float:
-    started = time.perf_counter()
-    model(batch)
-    return time.perf_counter() - started
+def best_seconds(call, runs: int) -> float:
+    """The shortest wall time of `runs` calls of `call()`: the least disturbed by whatever else runs."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -132,12 +136,7 @@ class Upscaler:
 
         def best(count: int, runs: int) -> float:
             images = np.zeros((count, *INPUT_SHAPE), dtype=np.uint8)
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                self.run_batch(images, png=[False] * count)
-                times.append(time.perf_counter() - started)
-            return min(times)
+            return best_seconds(lambda: self.run_batch(images, png=[False] * count), runs)
 
         one, full = best(1, 3), best(largest, 2)
         return max(0.0, one - (full - one) / (largest - 1))
