@@ -10,6 +10,12 @@ encoding is on the inference thread's critical path (decoded by any PNG reader, 
 The zlib level defaults to 0 (stored): deflate shrinks a 32 x 32 output by only ~10%
 (3.1 -> 2.8 KB) and costs ~20x the rest of the encoding.
 
+The common input, an 8-bit PNG of the right size, is decoded by libpng through TorchCodec
+(`_decode_png`), which releases the GIL: PIL's Python around each tiny image held it for ~25 us an
+image, and a worker's event loop waited up to the 5-ms switch interval behind a 64-image request's
+decoding every time it woke (bench/RESULTS.md, issue 10, session 8). Anything else (other formats,
+16-bit or interlaced PNGs, wrong sizes, corrupt data) takes PIL's path, which names what is wrong.
+
 Pixels travel as numpy arrays, not tensors, between the HTTP side and the worker thread:
 a numpy call on a small array is ~10x cheaper than a torch op and, unlike one, does not
 release the GIL (each release invites the worker thread in and the event loop then waits
@@ -25,6 +31,7 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchcodec.decoders import decode_png
 
 from service.errors import ApiError
 
@@ -65,8 +72,31 @@ def _load(image: Image.Image, item: int, what: str) -> np.ndarray:
         raise ApiError(400, "corrupt_image", f"{what} {item} is truncated or corrupt ({exc})", item) from None
 
 
+def _png_header(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """(width, height, bit depth, colour type, interlace) from the IHDR chunk every PNG starts with, or None."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    return width, height, depth, colour, interlace
+
+
+def _decode_png(data: bytes, size: int) -> np.ndarray | None:
+    """A well-formed 8-bit, non-interlaced size x size PNG -> uint8 H x W x 3 by libpng (grey, palette and
+    alpha converted as PIL converts them), or None for anything else: the caller's PIL path decides."""
+    header = _png_header(data)
+    if header is None or header[:3] != (size, size, 8) or header[3] not in (0, 2, 3, 4, 6) or header[4] != 0:
+        return None
+    try:
+        decoded = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+    except RuntimeError:  # corrupt or truncated: PIL's path says how
+        return None
+    return decoded.permute(1, 2, 0).numpy()
+
+
 def decode_image(data: bytes, size: int, item: int, what: str = "image", max_bytes: int | None = None) -> np.ndarray:
     """Encoded bytes -> uint8 array size x size x 3, or ApiError naming the item and what is wrong."""
+    if (max_bytes is None or len(data) <= max_bytes) and (decoded := _decode_png(data, size)) is not None:
+        return decoded
     with _open(data, item, what, max_bytes) as image:
         width, height = image.size
         if max(width, height) > MAX_DECLARED_SIDE:
@@ -122,9 +152,19 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 
 def encode_png(image: np.ndarray | torch.Tensor, level: int = 0) -> bytes:
     """uint8 3 x H x W (numpy or CPU tensor) -> PNG bytes (8-bit RGB, filter type 0 on every scanline, zlib `level`)."""
-    pixels = np.asarray(image)
-    channels, height, width = pixels.shape
-    rows = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # column 0: the filter byte
-    rows[:, 1:] = pixels.transpose(1, 2, 0).reshape(height, width * channels)
+    return encode_pngs(np.asarray(image)[None], level)[0]
+
+
+def encode_pngs(images: np.ndarray, level: int = 0) -> list[bytes]:
+    """uint8 N x 3 x H x W -> one PNG each, as encode_png. The scanlines of the whole batch are laid out by one
+    numpy copy and the constant chunks are built once: per image only zlib and the CRC run (~7 us, GIL held)."""
+    count, channels, height, width = images.shape
+    rows = np.zeros((count, height, 1 + width * channels), dtype=np.uint8)  # column 0: each scanline's filter byte
+    rows[:, :, 1:] = images.transpose(0, 2, 3, 1).reshape(count, height, width * channels)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no interlace
-    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + _chunk(b"IEND", b"")
+    start, end, idat_crc = _PNG_SIGNATURE + _chunk(b"IHDR", header), _chunk(b"IEND", b""), zlib.crc32(b"IDAT")
+    pngs = []
+    for scanlines in rows:
+        data = zlib.compress(scanlines.tobytes(), level)
+        pngs.append(b"".join((start, struct.pack(">I", len(data)), b"IDAT", data, struct.pack(">I", zlib.crc32(data, idat_crc)), end)))
+    return pngs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import struct
 import zlib
 
@@ -14,6 +15,7 @@ from PIL import Image
 from test_service_support import png_bytes, small_inputs
 
 from service import Settings
+from service import codec
 from service.codec import decode_image, encode_png
 from service.errors import ApiError
 
@@ -77,6 +79,42 @@ def test_bad_inputs_are_refused_with_a_code(real_images):
     assert (wrong.status, wrong.code) == (422, "wrong_size") and "9x8" in wrong.message
 
 
+def pillow_rgb(data: bytes) -> np.ndarray | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except Exception:  # noqa: BLE001 - any refusal: the codec must refuse it too
+        return None
+
+
+def test_pngs_decode_through_libpng_and_corrupt_ones_are_judged_as_pillow_judges_them(real_images):
+    """8-bit PNGs go through libpng (codec._decode_png, GIL released); every truncation and 400 random byte
+    flips of a real PNG are accepted with Pillow's pixels or refused with a 4xx, as Pillow accepts or refuses them."""
+    good = png_bytes(small_inputs(real_images)[0])
+    assert np.array_equal(codec._decode_png(good, 8), pillow_rgb(good))  # the fast path, not the fallback
+    assert codec._decode_png(png_bytes(np.zeros((8, 9, 3), np.uint8)), 8) is None  # wrong size: Pillow's path names it
+    rng = random.Random(0)
+    cases = [good[:n] for n in range(len(good))]
+    for _ in range(400):
+        flipped = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+        cases.append(bytes(flipped))
+    fast = 0
+    for data in cases:
+        expected = pillow_rgb(data)
+        fast += codec._decode_png(data, 8) is not None
+        try:
+            decoded = decode_image(data, 8, item=5, max_bytes=64 * 1024)
+        except ApiError as error:
+            assert 400 <= error.status < 500 and error.item == 5
+            assert expected is None or expected.shape != (8, 8, 3), f"refused ({error.code}) what Pillow decodes"
+        else:
+            assert expected is not None and np.array_equal(decoded, expected)
+    assert fast > 10  # the corrupt-but-decodable cases also took the libpng path
+
+
 def test_huge_declared_dimensions_are_refused_from_the_header():
     for width, height in [(100_000, 100_000), (2048, 2048), (1_000_000, 1)]:
         error = decode_error(png_with_declared_size(width, height))
@@ -119,3 +157,53 @@ def test_default_workers_two_on_a_multicore_cpu_one_on_cuda_or_one_core(monkeypa
     assert default_workers(Settings(store=tmp_path, device="cpu")) == 1
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert Settings(store=tmp_path, workers=3).inference_threads() == 5 and Settings(store=tmp_path).inference_threads() == 15
+
+
+def random_multipart(rng: random.Random, boundary: bytes) -> bytes:
+    """A multipart body as some client might write it: mostly the plain shape, sometimes not (a preamble, odd headers,
+    escaped or unquoted names, a part without a disposition, data that almost holds the delimiter)."""
+    def maybe(p: float) -> bool:
+        return rng.random() < p
+
+    out = b"preamble\r\n" if maybe(0.05) else b""
+    for _ in range(rng.randint(1, 4)):
+        name = rng.choice([b"images", b"images", b"references", b"other", "bild\u00e9".encode(), b"a;b", b"x\\\"y"])
+        disposition = b'form-data; name="' + name + b'"'
+        if maybe(0.7):
+            disposition += b'; filename="' + rng.choice([b"0.png", b"0.png", b"a;b.png", b"", b"q\\\"uote.png"]) + b'"'
+        if maybe(0.05):
+            disposition = disposition.replace(b'"', b"")  # unquoted
+        lines = [rng.choice([b"Content-Disposition", b"content-disposition", b"CONTENT-DISPOSITION"]) + b": " + disposition]
+        if maybe(0.5):
+            lines.append(b"Content-Type: image/png")
+        if maybe(0.1):
+            lines.insert(0, b"X-Extra: 1")
+        if maybe(0.03):
+            lines = lines[1:]  # no disposition
+        data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
+        if maybe(0.2):
+            data += b"\r\n--" + boundary[: rng.randint(0, len(boundary) - 1)] + b"\r\n"  # almost the delimiter
+        out += b"--" + boundary + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + data + b"\r\n"
+    return out + b"--" + boundary + rng.choice([b"--\r\n", b"--", b"--\r\nepilogue"])
+
+
+def test_plain_multipart_bodies_are_split_exactly_as_python_multipart_parses_them():
+    """service.multipart cuts the plain shape with bytes.split (no Python per header, so no GIL held for long) and
+    leaves the rest to python-multipart: on 600 random bodies (about a quarter plain, a third refused) both give the
+    same parts, and nothing python-multipart refuses is taken by the short cut."""
+    from service import multipart
+
+    rng, boundary, plain, refused = random.Random(1), b"b0undary", 0, 0
+    for _ in range(600):
+        body = random_multipart(rng, boundary)
+        split = multipart._split(body, boundary, max_parts=3, max_part_bytes=40)
+        try:
+            parsed = [(p.name, p.filename, bytes(p.data)) for p in multipart._parse_any(body, boundary, max_parts=3, max_part_bytes=40)]
+        except (ApiError, multipart.TooManyParts):
+            assert split is None, body
+            refused += 1
+            continue
+        if split is not None:
+            plain += 1
+            assert [(p.name, p.filename, bytes(p.data)) for p in split] == parsed, body
+    assert plain > 100 and refused > 100 and 600 - plain - refused > 100  # all three kinds were tried
