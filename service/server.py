@@ -2,8 +2,9 @@
 
 uvicorn times out idle keep-alive connections, but a client that sends its headers or body a byte
 at a time (slowloris) holds a connection, a parser and a request task forever, and there is no cap
-on open connections. `guarded_protocol` subclasses uvicorn's httptools protocol (the one `http="auto"`
-picks) and adds, per connection:
+on open connections. Every connection starts at service.front_door's protocol, which answers plain
+overload refusals itself and hands anything else to `GuardedHttpToolsProtocol`: uvicorn's httptools
+protocol (the one `http="auto"` picks) with, per connection:
 
 * a header deadline: the headers must be complete `header_timeout_s` after the connection opens
   or after the first byte of the next keep-alive request; else 408 and close;
@@ -15,15 +16,16 @@ picks) and adds, per connection:
   two send() syscalls, two TCP segments (TCP_NODELAY) and two wake-ups of the client. The head is
   held until the body's write and both go out together (`CoalescingTransport`);
 * a connection cap: a connection beyond `max_connections` open on this worker gets 503 and is
-  closed before anything is parsed;
+  closed before anything is parsed (by the front door, which every connection passes);
 * the inference lane: a plain POST /v2/.../infer is answered by the protocol itself, from its
   parser callbacks (service.infer_lane), without uvicorn's request cycle or the ASGI layers;
 * admission: while the worker's admission budget and line are full (service.limits.Admission),
-  POST /upscale is answered 503 + Retry-After from its headers, without entering the app: written
-  straight to the socket with no request cycle or task at all when nothing else is in flight on the
-  connection (the common case), else by `Refusal.app` in a cycle of its own, queued behind the one
-  in flight so answers keep their order. Either way its body is read and dropped, and the connection
-  stays open.
+  POST /upscale is answered 503 + Retry-After from its headers, without entering the app. On a
+  connection still at the front door (the common case under overload: new clients, and clients
+  refused before) the door writes it; here it is written straight to the socket with no request
+  cycle or task when nothing else is in flight on the connection, else by `Refusal.app` in a cycle
+  of its own, queued behind the one in flight so answers keep their order. Either way its body is
+  read and dropped, and the connection stays open.
 
 Each trigger is counted in `upgrader_connections_refused_total{reason}` and logged (at most one line
 per reason per second, with how many happened since the last line).
@@ -41,6 +43,7 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.front_door import front_door
 from service.infer_lane import InferRequest, http_response
 from service.infer_lane import answer as infer_answer
 from service.limits import ARRIVAL, Admission
@@ -184,7 +187,9 @@ def arriving_app(admission: Admission):
 
 
 def guarded_protocol(state: State) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with header/body deadlines, a connection cap, admission and the inference lane, for the app whose `state` it is."""
+    """The protocol for the app whose `state` it is: service.front_door's, which refuses overload itself and hands
+    every other request's connection to uvicorn's httptools protocol with header/body deadlines, admission and the
+    inference lane (GuardedHttpToolsProtocol below)."""
     settings: Settings = state.settings
     metrics: Metrics = state.metrics
     admission: Admission = state.admission
@@ -202,29 +207,49 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
     def sweep(loop: asyncio.AbstractEventLoop, connections: set) -> None:
         now = loop.time()
         for protocol in list(connections):
-            if isinstance(protocol, GuardedHttpToolsProtocol):
+            if isinstance(protocol, (GuardedHttpToolsProtocol, FrontDoor)):
                 protocol.check_deadlines(now)
         loop.call_later(tick, sweep, loop, connections)
+
+    def watch(loop: asyncio.AbstractEventLoop, connections: set) -> None:
+        """Start the sweep on the first connection's loop."""
+        if loop not in swept:
+            swept[:] = [loop]
+            loop.call_later(tick, sweep, loop, connections)
+
+    def too_many(transport: asyncio.Transport, open_count: int) -> None:
+        refused["too_many_connections"].inc()
+        note("too_many_connections", open=open_count, limit=settings.max_connections)
+        transport.write(error_answer(503, "too_many_connections", f"this worker has {settings.max_connections} connections open; retry later",
+                                     {"retry-after": retry_after}))
+        transport.close()
+
+    def timed_out(reason: str, transport: asyncio.Transport, answered: bool, **fields) -> None:
+        """A connection past its header or body deadline: 408 (unless its answer already went out), counted, logged, closed."""
+        if transport.is_closing():
+            return
+        refused[reason].inc()
+        timeout_s = settings.header_timeout_s if reason == "header_timeout" else settings.body_timeout_s
+        note(reason, timeout_s=timeout_s, **fields)
+        if not answered:
+            what = "headers" if reason == "header_timeout" else "body"
+            transport.write(error_answer(408, reason, f"request {what} not received within {timeout_s:g}s"))
+        transport.close()
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_deadline: float | None = None  # loop.time() by which the headers must be in
         _body_deadline: float | None = None  # ... and the body
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            """Handed over by the front door (which counted the connection against the cap)."""
             super().connection_made(transport)
-            if self.loop not in swept:
-                swept[:] = [self.loop]
-                self.loop.call_later(tick, sweep, self.loop, self.connections)
             self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
-            if len(self.connections) > settings.max_connections:
-                refused["too_many_connections"].inc()
-                note("too_many_connections", open=len(self.connections), limit=settings.max_connections)
-                transport.write(error_answer(503, "too_many_connections",
-                                             f"this worker has {settings.max_connections} connections open; retry later",
-                                             {"retry-after": retry_after}))
-                transport.close()
-                return
             self._arm_header_timer()
+
+        def carry_header_deadline(self, deadline: float | None) -> None:
+            """The head being read began at the front door: its clock started there."""
+            if deadline is not None:
+                self._header_deadline = deadline
 
         # ---- deadlines ------------------------------------------------------------
         def check_deadlines(self, now: float) -> None:
@@ -239,13 +264,7 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
 
         def _header_timeout(self) -> None:
             self._header_deadline = None
-            if self.transport.is_closing():
-                return
-            refused["header_timeout"].inc()
-            note("header_timeout", client=self.client, timeout_s=settings.header_timeout_s)
-            self.transport.write(error_answer(408, "header_timeout",
-                                              f"request headers not received within {settings.header_timeout_s:g}s"))
-            self.transport.close()
+            timed_out("header_timeout", self.transport, False, client=self.client)
 
         def _body_timeout(self) -> None:
             self._body_deadline = None
@@ -257,15 +276,10 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
                 # admission): the client is not the slow one. Its clock restarts when it can send again.
                 self._body_deadline = self.loop.time() + settings.body_timeout_s
                 return
-            refused["body_timeout"].inc()
-            note("body_timeout", client=self.client, timeout_s=settings.body_timeout_s, path=self.scope.get("path", "")[:100])
-            if not cycle.response_started:
-                self.transport.write(error_answer(408, "body_timeout",
-                                                  f"request body not received within {settings.body_timeout_s:g}s"))
             # The app's next receive() returns http.disconnect; what it sends from now on is dropped.
             cycle.disconnected = True
             cycle.message_event.set()
-            self.transport.close()
+            timed_out("body_timeout", self.transport, cycle.response_started, client=self.client, path=self.scope.get("path", "")[:100])
 
         # ---- parser callbacks -----------------------------------------------------
         def on_message_begin(self) -> None:
@@ -354,7 +368,8 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
                 self.on_response_complete()
             super().on_message_complete()
 
-    return GuardedHttpToolsProtocol
+    FrontDoor = front_door(GuardedHttpToolsProtocol, refusal, admission, settings, watch, too_many, timed_out)
+    return FrontDoor
 
 
 def uvicorn_config(app, host: str, port: int, **options) -> uvicorn.Config:

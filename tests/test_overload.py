@@ -172,6 +172,57 @@ def test_a_refusal_from_the_headers_keeps_the_connection_in_step(store, pngs):
             sock.close()
 
 
+def test_the_front_door_refuses_pipelined_requests_in_order_and_hands_anything_unusual_to_httptools(store, pngs):
+    """service.front_door answers plain refusals itself (no uvicorn protocol); everything else goes to the guarded
+    uvicorn protocol with the bytes read so far: answers keep their order, odd requests are judged by httptools, and a
+    refused body that never ends, or a connection left idle after its refusal, is closed on the usual deadlines."""
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=0, max_wait_ms=5000,
+                    idle_dispatch=False, body_timeout_s=0.5, uvicorn_options={"timeout_keep_alive": 1}) as live:
+        body = multipart_body(pngs[:4])
+        holder = connect(live.url)  # takes the only slot for the 5-s batching window: admission is full meanwhile
+        holder.sendall(multipart_head(live.url, body) + body)
+        time.sleep(0.3)
+        # Two refusable requests and a health check, pipelined in one write, the second split across two writes.
+        pipelined = connect(live.url)
+        stream = multipart_head(live.url, body) + body + multipart_head(live.url, body) + body + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        pipelined.sendall(stream[:len(stream) // 2 + 7])
+        time.sleep(0.1)
+        pipelined.sendall(stream[len(stream) // 2 + 7:])
+        answers = read_responses(pipelined, 3)
+        assert [status for status, _ in answers] == [503, 503, 200]
+        assert [json.loads(answer)["error"]["code"] for _, answer in answers[:2]] == ["overloaded", "overloaded"]
+        # A chunked body is not the door's to drop: handed over, refused by the guarded protocol, the connection in step.
+        chunked = connect(live.url)
+        head = multipart_head(live.url, body).replace(f"Content-Length: {len(body)}".encode(), b"Transfer-Encoding: chunked")
+        chunked.sendall(head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert [status for status, _ in read_responses(chunked, 2)] == [503, 200]
+        # Two Content-Lengths (request smuggling): httptools refuses it, the door never guesses.
+        smuggled = connect(live.url)
+        smuggled.sendall(multipart_head(live.url, body).replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n") + body)
+        assert read_response(smuggled)[0] == 400
+        # A refused body that stops halfway is closed at the body deadline (its 503 already went out: no 408).
+        stalled = connect(live.url)
+        stalled.sendall(multipart_head(live.url, body) + body[:10])
+        assert read_response(stalled)[0] == 503
+        time.sleep(1.2)
+        assert closed_by_server(stalled)
+        # A refused connection left idle is closed after the keep-alive timeout, as uvicorn closes its own.
+        idle = connect(live.url)
+        idle.sendall(multipart_head(live.url, body) + body)
+        assert read_response(idle)[0] == 503
+        # ... which only the door has held (served connections are the guarded protocol's).
+        kinds = {type(connection).__name__ for connection in list(live.server.server_state.connections)}
+        assert kinds == {"FrontDoor", "GuardedHttpToolsProtocol"}, kinds
+        time.sleep(1.8)
+        assert closed_by_server(idle)
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert metric_value(metrics, "upgrader_connections_refused_total", reason="body_timeout") == 1
+        assert metric_value(metrics, "upgrader_requests_total", model="-", status="503") == 5
+        assert read_response(holder)[0] == 200
+        for sock in (holder, pipelined, chunked, smuggled, stalled, idle):
+            sock.close()
+
+
 def test_a_requests_share_of_the_admission_budget_is_estimated_from_its_length(pngs):
     admission = Admission(512, 32, 1)
     sixty_four = admission.weight(str(len(multipart_body(pngs[:64]))), 256)

@@ -175,9 +175,9 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 class LiveServer:
     """The real app under a real uvicorn on a free loopback port, in a background thread."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, uvicorn_options: dict | None = None, **settings) -> None:
         self.app = create_app(Settings(**settings))
-        config = uvicorn_config(self.app, "127.0.0.1", 0, log_config=None, access_log=False, lifespan="on")
+        config = uvicorn_config(self.app, "127.0.0.1", 0, log_config=None, access_log=False, lifespan="on", **(uvicorn_options or {}))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 
