@@ -14,7 +14,8 @@ The common input, an 8-bit PNG of the right size, is decoded by libpng through T
 (`_decode_png`), which releases the GIL: PIL's Python around each tiny image held it for ~25 us an
 image, and a worker's event loop waited up to the 5-ms switch interval behind a 64-image request's
 decoding every time it woke (bench/RESULTS.md, issue 10, session 8). Anything else (other formats,
-16-bit or interlaced PNGs, wrong sizes, corrupt data) takes PIL's path, which names what is wrong.
+16-bit or interlaced PNGs, wrong sizes, corrupt data) takes PIL's path, which names what is wrong,
+and so does everything where TorchCodec does not load (it needs torch >= 2.11).
 
 Pixels travel as numpy arrays, not tensors, between the HTTP side and the worker thread:
 a numpy call on a small array is ~10x cheaper than a torch op and, unlike one, does not
@@ -24,16 +25,19 @@ to get the GIL back).
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import struct
 import zlib
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchcodec.decoders import decode_png
 
 from service.errors import ApiError
+
+log = logging.getLogger("service.codec")
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 # Wider or taller than this, an image is refused as too large rather than as the wrong
@@ -80,15 +84,33 @@ def _png_header(data: bytes) -> tuple[int, int, int, int, int] | None:
     return width, height, depth, colour, interlace
 
 
+@functools.cache
+def _libpng():
+    """TorchCodec's decode_png if it loads and decodes a probe image exactly here, else None (PIL decodes everything)."""
+    probe = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
+    try:
+        from torchcodec.decoders import decode_png
+
+        decoded = decode_png(torch.frombuffer(bytearray(encode_png(probe)), dtype=torch.uint8), mode="RGB")
+        if not np.array_equal(decoded.numpy(), probe):
+            raise ValueError("the probe image decoded to other pixels")
+    except Exception as exc:  # noqa: BLE001 - not installed, built for another torch, or wrong: PIL is always there
+        log.warning("PNG inputs decoded by PIL: TorchCodec's libpng decoder is unavailable", extra={"reason": repr(exc)[:300]})
+        return None
+    return decode_png
+
+
 def _decode_png(data: bytes, size: int) -> np.ndarray | None:
     """A well-formed 8-bit, non-interlaced size x size PNG -> uint8 H x W x 3 by libpng (grey, palette and
     alpha converted as PIL converts them), or None for anything else: the caller's PIL path decides."""
     header = _png_header(data)
     if header is None or header[:3] != (size, size, 8) or header[3] not in (0, 2, 3, 4, 6) or header[4] != 0:
         return None
+    if (decode_png := _libpng()) is None:
+        return None
     try:
         decoded = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
-    except RuntimeError:  # corrupt or truncated: PIL's path says how
+    except (RuntimeError, ValueError):  # corrupt or truncated: PIL's path says how
         return None
     return decoded.permute(1, 2, 0).numpy()
 

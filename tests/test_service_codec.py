@@ -6,7 +6,10 @@ import io
 import os
 import random
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +17,7 @@ import torch
 from PIL import Image
 from test_service_support import png_bytes, small_inputs
 
-from service import Settings
-from service import codec
+from service import Settings, codec
 from service.codec import decode_image, encode_png
 from service.errors import ApiError
 
@@ -113,6 +115,22 @@ def test_pngs_decode_through_libpng_and_corrupt_ones_are_judged_as_pillow_judges
         else:
             assert expected is not None and np.array_equal(decoded, expected)
     assert fast > 10  # the corrupt-but-decodable cases also took the libpng path
+
+
+def test_without_torchcodec_every_png_is_decoded_by_pillow(real_images, tmp_path):
+    """Where TorchCodec does not load (not installed, or built for another torch), PIL decodes everything, the same pixels."""
+    good = png_bytes(small_inputs(real_images)[0])
+    (tmp_path / "good.png").write_bytes(good)
+    script = (
+        "import sys; sys.modules['torchcodec'] = None\n"  # `import torchcodec` now raises ImportError
+        "import numpy as np; from pathlib import Path\n"
+        "from service import codec\n"
+        f"data = Path({str(tmp_path / 'good.png')!r}).read_bytes()\n"
+        "assert codec._libpng() is None and codec._decode_png(data, 8) is None\n"
+        "np.save(sys.argv[1], codec.decode_image(data, 8, 0))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], check=True, cwd=Path(__file__).parents[1])
+    assert np.array_equal(np.load(tmp_path / "out.npy"), decode_image(good, 8, item=0))
 
 
 def test_huge_declared_dimensions_are_refused_from_the_header():
