@@ -72,7 +72,7 @@ def front_door(inner: type[asyncio.Protocol], refusal, admission: Admission, set
             self.loop = _loop or asyncio.get_event_loop()
             self.keep_alive_s = config.timeout_keep_alive
             self.transport: asyncio.Transport | None = None
-            self.buffer = b""
+            self.buffer = bytearray()  # the request being read (appended in place: a head may come a byte at a time)
             self.dropping = 0  # bytes of a refused request's body still to come, read and dropped
             self.header_deadline: float | None = None  # loop.time() by which the head being read must be complete
             self.body_deadline: float | None = None  # ... the refused body dropped
@@ -118,9 +118,11 @@ def front_door(inner: type[asyncio.Protocol], refusal, admission: Admission, set
                 self.idle_deadline = None
                 if self.header_deadline is None:
                     self.header_deadline = self.loop.time() + settings.header_timeout_s
+            scanned = max(0, len(self.buffer) - 3)  # the blank line is searched for in the new bytes only
             self.buffer += data
-            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-                plain = refusable(self.buffer[:end])
+            while (end := self.buffer.find(b"\r\n\r\n", scanned)) >= 0:
+                scanned = 0
+                plain = refusable(bytes(self.buffer[:end]))
                 if plain is None or not admission.full():
                     return self.hand_over()
                 length, keep_alive = plain
@@ -130,7 +132,7 @@ def front_door(inner: type[asyncio.Protocol], refusal, admission: Admission, set
                 if not keep_alive:
                     self.transport.close()
                     return
-                rest, self.buffer = self.buffer[end + 4:], b""
+                rest, self.buffer = self.buffer[end + 4:], bytearray()
                 if len(rest) < length:
                     self.dropping = length - len(rest)
                     self.body_deadline = self.loop.time() + settings.body_timeout_s
@@ -151,6 +153,6 @@ def front_door(inner: type[asyncio.Protocol], refusal, admission: Admission, set
             protocol.connection_made(self.transport)
             protocol.carry_header_deadline(self.header_deadline)
             if self.buffer:
-                protocol.data_received(self.buffer)
+                protocol.data_received(bytes(self.buffer))
 
     return FrontDoor

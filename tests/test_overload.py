@@ -191,6 +191,15 @@ def test_the_front_door_refuses_pipelined_requests_in_order_and_hands_anything_u
         answers = read_responses(pipelined, 3)
         assert [status for status, _ in answers] == [503, 503, 200]
         assert [json.loads(answer)["error"]["code"] for _, answer in answers[:2]] == ["overloaded", "overloaded"]
+        # A head that comes a byte at a time is still read (the blank line may straddle two reads).
+        dribbled = connect(live.url)
+        dribbled.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in multipart_head(live.url, body):
+            dribbled.send(bytes([byte]))
+            time.sleep(0.0005)
+        assert read_response(dribbled)[0] == 503
+        dribbled.sendall(body + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(dribbled)[0] == 200
         # A chunked body is not the door's to drop: handed over, refused by the guarded protocol, the connection in step.
         chunked = connect(live.url)
         head = multipart_head(live.url, body).replace(f"Content-Length: {len(body)}".encode(), b"Transfer-Encoding: chunked")
@@ -217,9 +226,9 @@ def test_the_front_door_refuses_pipelined_requests_in_order_and_hands_anything_u
         assert closed_by_server(idle)
         metrics = httpx.get(f"{live.url}/metrics").text
         assert metric_value(metrics, "upgrader_connections_refused_total", reason="body_timeout") == 1
-        assert metric_value(metrics, "upgrader_requests_total", model="-", status="503") == 5
+        assert metric_value(metrics, "upgrader_requests_total", model="-", status="503") == 6
         assert read_response(holder)[0] == 200
-        for sock in (holder, pipelined, chunked, smuggled, stalled, idle):
+        for sock in (holder, pipelined, dribbled, chunked, smuggled, stalled, idle):
             sock.close()
 
 
