@@ -176,8 +176,10 @@ class Upscaler:
                 pixels = host.numpy().copy()  # the buffer is reused by the next batch
             else:
                 pixels = outputs.numpy()
-        wanted = list(range(len(pixels))) if png is None else [i for i, want in enumerate(png) if want]
+        if png is None or all(png):
+            return BatchOutput(pixels, self.encode(pixels))
         pngs: list[bytes | None] = [None] * len(pixels)
-        for i, data in zip(wanted, self.encode(pixels[wanted]) if wanted else [], strict=True):
-            pngs[i] = data
+        if wanted := [i for i, want in enumerate(png) if want]:  # a batch shared by PNG and pixel answers
+            for i, data in zip(wanted, self.encode(pixels[wanted]), strict=True):
+                pngs[i] = data
         return BatchOutput(pixels, pngs)

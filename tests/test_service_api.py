@@ -495,3 +495,16 @@ def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format
     assert out.images.shape == (16, 3, 32, 32) and out.images.flags.c_contiguous
     assert_close_to(torch.from_numpy(out.images), expected_outputs(model, inputs))
     assert all(torch.equal(decode_png(png), torch.from_numpy(image)) for png, image in zip(out.pngs, out.images, strict=True))
+
+
+def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs_in_their_places(tmp_path, real_images):
+    """V2 tensors and /upscale images can ride in one batch: each output marked for a PNG gets its own, the rest none."""
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", "conv", seed=4)
+    upscaler = Upscaler(store, "conv", 1, torch.device("cpu"), 64)
+    upscaler.setup()
+    marks = [True, False, False, True, True, False, True, False]
+    out = upscaler.run_batch(small_inputs(real_images[:8]).numpy(), png=marks)
+    assert [png is not None for png in out.pngs] == marks
+    assert all(torch.equal(decode_png(png), torch.from_numpy(image)) for png, image in zip(out.pngs, out.images, strict=True) if png)
+    assert all(png is None for png in upscaler.run_batch(small_inputs(real_images[:3]).numpy(), png=[False] * 3).pngs)
