@@ -132,7 +132,9 @@ class Upscaler:
         The batcher waits up to this long to merge two partial batches (service.batching). Measured
         here, one thread: conv ~0.15-0.21 ms, subpixel_residual ~0.6-0.95 ms, resnet18 ~6.2-6.8 ms (its 56 MB of weights are
         read once per pass, whatever the batch)."""
-        largest = max(2, self.max_batch_images)
+        if self.max_batch_images < 2:  # one image a batch: there is nothing to merge (and no room for two images)
+            return 0.0
+        largest = self.max_batch_images
 
         def best(count: int, runs: int) -> float:
             images = np.zeros((count, *INPUT_SHAPE), dtype=np.uint8)
@@ -162,6 +164,9 @@ class Upscaler:
 
         Encoding holds the GIL (~7 us an image, codec.encode_pngs): it is skipped for outputs that leave
         as pixels (V2 tensors, tiles of a larger image)."""
+        if len(images) > self.max_batch_images:  # on CUDA the pinned buffers hold max_batch_images: say so on every device
+            raise ValueError(f"{self.name}:{self.version}: a batch of {len(images)} images; this upscaler takes at most "
+                             f"{self.max_batch_images} (max_batch_images)")
         with torch.inference_mode():
             batch = torch.from_numpy(images)
             if self.device.type == "cuda":

@@ -81,3 +81,19 @@ def test_service_pinned_buffers_are_allocated_once_and_reused(store, real_images
     for result, expected in [(first, on_cpu.run_batch(inputs[:half])), (second, on_cpu.run_batch(inputs[half:]))]:
         difference = np.abs(result.images.astype(int) - expected.images.astype(int))
         assert difference.max() <= 1  # uint8 rounding of float outputs that differ by TF32 noise
+
+
+def test_service_without_batching_sets_up_on_cuda(store, real_images):
+    """UPGRADER_MAX_BATCH_IMAGES=1 on CUDA: pinned buffers of one image. Its setup once ran two images through them
+    (the fixed-cost probe), so the service never became ready (found by the first bench/gpu_check.sh run)."""
+    torch.manual_seed(0)
+    model = build_model("conv")
+    manifest = {"architecture": {"name": "conv", "params": {}}, "metrics": {"model": {"psnr": 20.0}, "bicubic": {"psnr": 19.0}}}
+    version = store.publish("one", model.state_dict(), manifest)
+    on_cuda = Upscaler(store, "one", version, torch.device("cuda"), max_batch_images=1)
+    on_cuda.setup()
+    inputs = (downsample(to_float(real_images[:1])) * 255).round().to(torch.uint8).numpy()
+    with torch.inference_mode():
+        expected = model(to_float(torch.from_numpy(inputs)))
+    difference = np.abs(on_cuda.run_batch(inputs).images.astype(float) - (expected.clamp(0, 1) * 255).numpy())
+    assert difference.max() <= 1.01

@@ -508,3 +508,17 @@ def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs
     assert [png is not None for png in out.pngs] == marks
     assert all(torch.equal(decode_png(png), torch.from_numpy(image)) for png, image in zip(out.pngs, out.images, strict=True) if png)
     assert all(png is None for png in upscaler.run_batch(small_inputs(real_images[:3]).numpy(), png=[False] * 3).pngs)
+
+
+def test_a_one_image_upscaler_sets_up_and_refuses_a_larger_batch_by_name(tmp_path, real_images):
+    """UPGRADER_MAX_BATCH_IMAGES=1 (no batching): setup must not run two images through it. On CUDA its pinned
+    buffers hold one image, and the first GPU run found setup's fixed-cost probe failing there (bench/gpu_check.sh)."""
+    store = ModelStore(tmp_path / "store")
+    _, model = publish(store, "conv", "conv", seed=5)
+    upscaler = Upscaler(store, "conv", 1, torch.device("cpu"), 1)
+    upscaler.setup()
+    assert upscaler.fixed_cost_s == 0.0
+    inputs = small_inputs(real_images[:2])
+    assert_close_to(torch.from_numpy(upscaler.run_batch(inputs[:1].numpy()).images), expected_outputs(model, inputs[:1]))
+    with pytest.raises(ValueError, match=r"conv:1: a batch of 2 images; this upscaler takes at most 1"):
+        upscaler.run_batch(inputs.numpy())
