@@ -9,15 +9,24 @@
 #      image) is used as is: the venv sees it (--system-site-packages), and pip only adds what is
 #      missing, so the machine needs no internet when the image has torch and the deps.
 #   2. the test suite's CUDA-marked tests (pytest -m cuda)
-#   3. every architecture trained for one epoch with --amp bf16, then again with --compile (small --limit-train)
+#   3. every architecture trained for one epoch with --amp bf16 (small --limit-train), and the issue-12 recipe
+#      (64x8 + channel attention, natural photos) for 3 epochs with bf16 and --compile: its speed per epoch
 #   4. a 1-GPU torchrun job (NCCL), which publishes
 #   5. the service on CUDA: /upscale benchmarked (bench/bench_service.py) on the published models
 #   6. in-process throughput on CUDA next to the CPU (bench/gpu_throughput.py)
+#   7. every architecture trained for one epoch with --compile (last: the slowest step); then a table of
+#      every published version (device, epoch time, training images/s, PSNR against bicubic)
 # Without CUDA it says so and exits 1; it exits 2 when any step failed, 0 when all passed.
 #
 # Settings (environment): UPGRADER_DATA (CIFAR-10 copy; default ../shared/datasets/cifar10-jpeg;
 # if absent a small synthetic ImageFolder is made so the GPU path still runs, and the report says
-# its PSNRs mean nothing), PYTHON (default python3), LIMIT_TRAIN (default 4096), VENV (default .venv-gpu).
+# its PSNRs mean nothing), UPGRADER_NATURAL_DATA (sr-natural; default ../shared/datasets/sr-natural),
+# PYTHON (default python3), LIMIT_TRAIN (default 8192), VENV (default .venv-gpu), WHEELS (a folder
+# of wheels installed first, with no index: for a machine that cannot reach PyPI; default ./.whl if
+# it exists), STEP_TIMEOUT (seconds any one step may run, default 600; a leased GPU is time-boxed),
+# DEADLINE (seconds from the start by which every step must have ended, so the report's tables are
+# still written when a time-boxed lease runs short; default none), BENCH_SECONDS (measured seconds per
+# service-benchmark cell and per throughput figure, default 3).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,20 +41,35 @@ STORE="$WORK/store"
 LIMIT_TRAIN="${LIMIT_TRAIN:-8192}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-$ROOT/.venv-gpu}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-600}"
+DEADLINE="${DEADLINE:-}"
+BENCH_SECONDS="${BENCH_SECONDS:-3}"
+WHEELS="${WHEELS:-$ROOT/.whl}"
+# pip must fail fast on a machine with no route to an index, not retry for minutes
+export PIP_DEFAULT_TIMEOUT="${PIP_DEFAULT_TIMEOUT:-5}" PIP_RETRIES="${PIP_RETRIES:-0}" PIP_DISABLE_PIP_VERSION_CHECK=1
 FAILED=()
 
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 section() { printf '\n## %s\n\n' "$1" >> "$REPORT"; }
 
-# step NAME COMMAND...: runs it, logs to $LOGS/NAME.log, records status, time and the log's tail in the report.
+# step NAME COMMAND...: runs it (at most $STEP_TIMEOUT s), logs to $LOGS/NAME.log, records status, time and the
+# log's tail in the report.
 step() {
   local name="$1"; shift
   log "step $name: $*"
-  local start=$SECONDS status
-  "$@" > "$LOGS/$name.log" 2>&1
+  local start=$SECONDS status limit="$STEP_TIMEOUT"
+  if [ -n "$DEADLINE" ] && [ $((DEADLINE - SECONDS)) -lt "$limit" ]; then limit=$((DEADLINE - SECONDS)); fi
+  if [ "$limit" -le 0 ]; then
+    section "$name: SKIPPED (DEADLINE=${DEADLINE}s reached)"; log "step $name: skipped at the deadline"; FAILED+=("$name"); return 1
+  fi
+  timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   status=$?
   local took=$((SECONDS - start))
-  section "$name: $([ $status -eq 0 ] && echo ok || echo "FAILED (exit $status)") in ${took}s"
+  local verdict="FAILED (exit $status)"
+  [ $status -eq 0 ] && verdict=ok
+  [ $status -eq 124 ] && verdict="FAILED (stopped after ${limit}s: STEP_TIMEOUT or DEADLINE)"
+  section "$name: $verdict in ${took}s"
+  log "step $name: $verdict in ${took}s"
   { printf '```\n$ %s\n' "$*"; tail -n 40 "$LOGS/$name.log"; printf '```\n'; } >> "$REPORT"
   [ $status -eq 0 ] || FAILED+=("$name")
   return $status
@@ -74,16 +98,22 @@ if [ -z "$PY" ] && ! nvidia-smi > /dev/null 2>&1; then
   echo "no CUDA GPU here: no torch is importable and nvidia-smi finds no GPU" | tee -a "$REPORT" >&2
   exit 1
 fi
-if [ "$PY" != "$ROOT/.venv/bin/python" ]; then
-  # A venv that sees an importable (image/system) torch; pip then adds only what pyproject needs besides it.
-  # Offline, the second form installs the project alone, and the module check below says what is missing.
-  if [ ! -x "$VENV/bin/python" ]; then
-    "${PY:-$PYTHON}" -m venv --system-site-packages "$VENV" || { echo "cannot create a venv at $VENV" >&2; exit 1; }
+if [ -n "$PY" ] && [ "$PY" != "$ROOT/.venv/bin/python" ]; then
+  # An importable torch (the image's; often itself a venv, whose packages a nested venv would not see): keep that
+  # interpreter and add what is missing into a target folder on PYTHONPATH. The wheels first, with no index.
+  SITE="$VENV-site"
+  mkdir -p "$SITE"
+  if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl > "$LOGS/wheels.log" 2>&1 \
+      || log "the wheels in $WHEELS did not install (see $LOGS/wheels.log)"
   fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+elif [ -z "$PY" ]; then
+  # No torch anywhere: a venv, and pip installs the project with its dependencies (needs an index).
+  "$PYTHON" -m venv "$VENV" || { echo "cannot create a venv at $VENV" >&2; exit 1; }
   PY="$VENV/bin/python"
   "$PY" -m pip install -q -e "$ROOT[test,bench]" > "$LOGS/install.log" 2>&1 \
-    || "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >> "$LOGS/install.log" 2>&1 \
-    || log "pip could not install the project; going on with what is importable (see $LOGS/install.log)"
+    || log "pip could not install the project (see $LOGS/install.log)"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 MISSING="$("$PY" - <<'EOF'
@@ -140,13 +170,13 @@ COMMON=(--data "$DATA" --store "$STORE" --limit-train "$LIMIT_TRAIN" --limit-val
 # ---- 2. CUDA-marked tests ------------------------------------------------------------------------
 step cuda-tests "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py
 
-# ---- 3. every architecture, one epoch with bf16 autocast, then with torch.compile ------------------
+# ---- 3. every architecture, one epoch with bf16 autocast (with torch.compile: step 7) ---------------
 ALL_MODELS="$("$PY" -c 'from upgrader.architectures import ARCHITECTURES; print(",".join(sorted(ARCHITECTURES)))')"
 step train-amp-bf16 "$PY" -m trainer "${COMMON[@]}" --models "$ALL_MODELS" --amp bf16
-step train-compile "$PY" -m trainer "${COMMON[@]}" --models "$ALL_MODELS" --compile
-# the issue-12 long-run recipe (64x8, channel attention, batch 64, natural share 0.5) for one epoch, bf16 + compile:
-# its images/s in the table below against the CPU's (bench/RESULTS.md, "The long run") is the GPU speed-up per epoch
-step train-new-default "$PY" -m trainer "${COMMON[@]}" --models subpixel_residual --publish-as subpixel_residual_64x8ca \
+# the issue-12 long-run recipe (64x8, channel attention, batch 64, natural share 0.5) for 3 epochs, bf16 + compile:
+# its training images/s in the table below (last of 3 epochs: the first one compiles) against the CPU's for the same
+# recipe (bench/RESULTS.md, "The GPU path") is the GPU speed-up per epoch
+step train-new-default "$PY" -m trainer "${COMMON[@]}" --epochs 3 --models subpixel_residual --publish-as subpixel_residual_64x8ca \
   --arch-params '{"width": 64, "depth": 8, "attention": 16}' --amp bf16 --compile --loss l1 --lr 2e-3 --batch-size 64 \
   --augment dihedral --ema 0.999 "${NATURAL_ARGS[@]}"
 
@@ -158,41 +188,47 @@ if ! grep -q "world_size=1 backend=nccl" "$LOGS/torchrun-nccl.log" 2>/dev/null; 
 fi
 "$PY" -c 'import torch.distributed as d; print("NCCL available:", d.is_nccl_available())' >> "$REPORT" 2>&1
 
-# ---- per-epoch times and metrics of what was published ---------------------------------------------
-section "published versions (one epoch each; device, seconds per epoch, PSNR vs bicubic)"
-"$PY" - "$STORE" >> "$REPORT" 2>&1 <<'EOF'
-import sys
-from model_store import ModelStore
-store = ModelStore(sys.argv[1])
-print("| model | version | arch params | batch | amp | compile | device | epoch images | epoch s (with eval) | images/s | PSNR | bicubic | natural PSNR (bicubic) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for name in store.models():
-    for version in store.versions(name):
-        m = store.manifest(name, version)
-        natural = m["metrics"].get("natural")
-        images = m["args"].get("epoch_size") or m["dataset"]["train_size"]
-        seconds = m["history"][-1]["seconds"]
-        print(f"| {name} | {version} | {m['architecture'].get('params') or ''} | {m['recipe']['batch_size']} | {m['recipe'].get('amp')} | "
-              f"{m['args'].get('compile')} | {m.get('device_name', m['device'])} | {images:,} | {seconds:.1f} | {images / seconds:,.0f} | "
-              f"{m['metrics']['model']['psnr']:.3f} | "
-              f"{m['metrics']['bicubic']['psnr']:.3f} | "
-              + (f"{natural['model']['psnr']:.3f} ({natural['bicubic']['psnr']:.3f})" if natural else "-") + " |")
-EOF
-step store-verify "$PY" -m model_store --store "$STORE" verify conv
-
 # ---- 5. the service on CUDA, benchmarked over HTTP --------------------------------------------------
 BENCH_MODELS="$("$PY" -c "
 from model_store import ModelStore; names = ModelStore('$STORE').models()
 print(','.join(n for n in ('subpixel_residual', 'subpixel_residual_64x8ca', 'conv', 'resnet18') if n in names))")"
 step serve-cuda-bench env UPGRADER_DEVICE=cuda "$PY" bench/bench_service.py --store "$STORE" --models "$BENCH_MODELS" \
-  --servers batched,batch1 --concurrency 1,32,128 --duration 5 --data "$DATA" --ceiling-seconds 0 --json "$LOGS/bench_service.json"
+  --servers batched,batch1 --concurrency 1,64 --duration "$BENCH_SECONDS" --data "$DATA" --ceiling-seconds 0 \
+  --json "$LOGS/bench_service.json"
 if ! grep -q '"device": "cuda"' "$LOGS/bench_service.json" 2>/dev/null && ! grep -q "cuda" "$LOGS/serve-cuda-bench.log"; then
   echo "warning: the service benchmark log never mentions cuda" >> "$REPORT"
 fi
 
 # ---- 6. in-process throughput, CUDA next to CPU ----------------------------------------------------
-step throughput "$PY" bench/gpu_throughput.py --store "$STORE"
+step throughput "$PY" bench/gpu_throughput.py --store "$STORE" --models "$BENCH_MODELS" --seconds "$BENCH_SECONDS"
 { section "in-process throughput (images/s)"; sed -n '/^GPU:/,$p' "$LOGS/throughput.log"; } >> "$REPORT"
+
+# ---- 7. every architecture with torch.compile (last: the slowest step, and step 3's recipe run compiles already)
+step train-compile "$PY" -m trainer "${COMMON[@]}" --models "$ALL_MODELS" --compile
+# ---- per-epoch times and metrics of what was published ---------------------------------------------
+section "published versions (device; last epoch's seconds and training images/s; PSNR vs bicubic)"
+"$PY" - "$STORE" >> "$REPORT" 2>&1 <<'EOF'
+import sys
+from model_store import ModelStore
+store = ModelStore(sys.argv[1])
+print("| model | version | arch params | batch | amp | compile | device | epochs | epoch images | last epoch s (with eval) | "
+      "training images/s | PSNR | bicubic | natural PSNR (bicubic) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for name in store.models():
+    for version in store.versions(name):
+        m = store.manifest(name, version)
+        natural = m["metrics"].get("natural")
+        images = m["args"].get("epoch_size") or m["dataset"]["train_size"]
+        last = m["history"][-1]
+        seconds, train_seconds = last["seconds"], last.get("train_seconds", last["seconds"])
+        print(f"| {name} | {version} | {m['architecture'].get('params') or ''} | {m['recipe']['batch_size']} | {m['recipe'].get('amp')} | "
+              f"{m['args'].get('compile')} | {m.get('device_name', m['device'])} | {len(m['history'])} | {images:,} | {seconds:.1f} | "
+              f"{images / train_seconds:,.0f} | "
+              f"{m['metrics']['model']['psnr']:.3f} | "
+              f"{m['metrics']['bicubic']['psnr']:.3f} | "
+              + (f"{natural['model']['psnr']:.3f} ({natural['bicubic']['psnr']:.3f})" if natural else "-") + " |")
+EOF
+step store-verify "$PY" -m model_store --store "$STORE" verify conv
 
 section "result"
 if [ ${#FAILED[@]} -eq 0 ]; then

@@ -409,6 +409,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         images = epoch_images(train, natural, args.natural_share, epoch=epoch, seed=args.seed, size=epoch_size)
         train_loss, step = train_one_epoch(trained, optimizer, images, epoch, step, total_steps, args, runtime, ema, name,
                                            spent_s=sum(h["seconds"] for h in history))
+        train_seconds = time.perf_counter() - started  # the loss is a host float by now: the GPU's work is done
         del images
         if not runtime.is_main:
             continue
@@ -418,7 +419,8 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
             natural_psnr["val_natural_psnr"] = evaluate(evaluated, epoch_natural_val, runtime.device, loss_name=args.loss)["model"]["psnr"]
         history.append({
             "epoch": epoch, "train_loss": train_loss, "val_loss": val_metrics["loss"], "val_psnr": val_metrics["model"]["psnr"],
-            **natural_psnr, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+            **natural_psnr, "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - started,
         })
         log.info("event=epoch model=%s %s", name, logfmt(history[-1]))
         if checkpoint_dir is not None:
