@@ -114,16 +114,20 @@ def front_door(inner: type[asyncio.Protocol], refusal, admission: Admission, set
                 self.body_deadline, self.idle_deadline = None, self.loop.time() + self.keep_alive_s
                 if not data:
                     return
-            if not self.buffer:  # the first bytes of a request: its head's clock starts (as the guarded protocol's)
+            if self.buffer:  # a head that came in pieces: appended in place, the blank line searched in the new bytes only
+                scanned = max(0, len(self.buffer) - 3)
+                self.buffer += data
+                pending: bytes | bytearray = self.buffer
+            else:  # the first bytes of a request: its head's clock starts (as the guarded protocol's)
                 self.idle_deadline = None
                 if self.header_deadline is None:
                     self.header_deadline = self.loop.time() + settings.header_timeout_s
-            scanned = max(0, len(self.buffer) - 3)  # the blank line is searched for in the new bytes only
-            self.buffer += data
-            while (end := self.buffer.find(b"\r\n\r\n", scanned)) >= 0:
-                scanned = 0
-                plain = refusable(bytes(self.buffer[:end]))
+                scanned, pending = 0, data  # read in place: a refused body is never copied
+            start = 0  # where the request being read begins in `pending`
+            while (end := pending.find(b"\r\n\r\n", max(scanned, start))) >= 0:
+                plain = refusable(bytes(pending[start:end]))
                 if plain is None or not admission.full():
+                    self.buffer = bytearray(pending[start:])
                     return self.hand_over()
                 length, keep_alive = plain
                 self.transport.write(refusal.raw(self.server_state.default_headers, keep_alive))
@@ -132,16 +136,20 @@ def front_door(inner: type[asyncio.Protocol], refusal, admission: Admission, set
                 if not keep_alive:
                     self.transport.close()
                     return
-                rest, self.buffer = self.buffer[end + 4:], bytearray()
-                if len(rest) < length:
-                    self.dropping = length - len(rest)
+                body_start = end + 4
+                if len(pending) - body_start < length:
+                    self.dropping = length - (len(pending) - body_start)
+                    self.buffer = bytearray()
                     self.body_deadline = self.loop.time() + settings.body_timeout_s
                     return
-                self.buffer = rest[length:]
-                if not self.buffer:
+                start = body_start + length
+                if start == len(pending):
+                    self.buffer = bytearray()
                     self.idle_deadline = self.loop.time() + self.keep_alive_s
                     return
                 self.header_deadline = self.loop.time() + settings.header_timeout_s  # a pipelined request
+            if start or pending is not self.buffer:
+                self.buffer = bytearray(pending[start:])
             if len(self.buffer) > HEAD_LIMIT:
                 self.hand_over()
 

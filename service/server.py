@@ -93,22 +93,38 @@ class Refusal:
         self.counter = metrics.requests.labels(UNKNOWN_MODEL, "503")
         self.note = _RateLimitedLog("request refused")
         self.retry_after = str(settings.retry_after_s).encode()
+        # In a herd every refusal has the same body (the worker's state does not change between them) and
+        # the same headers but its request id: both are built once and reused while they hold
+        # (json.dumps and the header lines were ~10% of a worker's time per refused connection).
+        self._busy, self._body = "", b""
+        self._framed: tuple = (None, None, False, b"", b"")  # (default headers, body, keep-alive, head up to the id, the rest)
 
     def body(self) -> tuple[bytes, bytes]:
         """-> (JSON body, request id), counting and logging the refusal."""
         self.counter.inc()
         busy = self.admission.busy()
         self.note("overloaded", busy=busy)
-        body = json.dumps({"error": {"code": "overloaded", "message": f"{busy}; retry later", "item": None}}).encode()
-        return body, new_request_id().encode()
+        if busy != self._busy:
+            self._busy = busy
+            self._body = json.dumps({"error": {"code": "overloaded", "message": f"{busy}; retry later", "item": None}}).encode()
+        return self._body, new_request_id().encode()
 
     def headers(self, request_id: bytes) -> list[tuple[bytes, bytes]]:
         return [(b"content-type", b"application/json"), (b"retry-after", self.retry_after), (b"x-request-id", request_id)]
 
     def raw(self, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
-        """The whole answer as bytes, with uvicorn's default headers (date, server) as its own answers have."""
+        """The whole answer as bytes, with uvicorn's default headers (date, server) as its own answers have.
+
+        uvicorn replaces its default-headers list once a second (the date): the framing around the
+        request id is rebuilt when the list, the body or keep-alive changes."""
         body, request_id = self.body()
-        return http_response(503, [*default_headers, *self.headers(request_id)], body, keep_alive)
+        headers, framed_body, framed_keep_alive, head, rest = self._framed
+        if headers is not default_headers or framed_body is not body or framed_keep_alive != keep_alive:
+            marker = b"\0request-id\0"
+            whole = http_response(503, [*default_headers, *self.headers(marker)], body, keep_alive)
+            head, _, rest = whole.partition(marker)
+            self._framed = (default_headers, body, keep_alive, head, rest)
+        return b"".join((head, request_id, rest))
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         body, request_id = self.body()

@@ -481,3 +481,34 @@ def test_helper_and_inference_threads_run_below_the_event_loop(store, pngs):
         assert helpers and inference
         for thread in helpers + inference:
             assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == loop_nice + live.app.state.settings.thread_nice == loop_nice + 10, thread.name
+
+
+def test_a_refusal_built_from_its_cached_framing_is_the_full_answer_with_its_own_request_id():
+    """Refusal.raw reuses the body and the header lines around the request id while they hold (service.server): each
+    answer still has its own id, today's default headers (uvicorn swaps the list each second) and the current state."""
+    from service.metrics import Metrics
+    from service.server import Refusal
+    from service.settings import Settings
+
+    admission = Admission(max_images=64, max_waiting=0, retry_after_s=3)
+    refusal = Refusal(admission, Metrics(), Settings(retry_after_s=3))
+
+    def parse(raw: bytes) -> tuple[str, dict[str, str], dict]:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status, *lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines)
+        assert int(headers["content-length"]) == len(body)
+        return status, headers, json.loads(body)
+
+    monday = [(b"date", b"Mon, 23 Nov 2026 10:00:00 GMT"), (b"server", b"uvicorn")]
+    first, second = (parse(refusal.raw(monday, True)) for _ in range(2))
+    assert first[0] == second[0] == "HTTP/1.1 503 Service Unavailable"
+    assert first[1]["x-request-id"] != second[1]["x-request-id"]
+    assert first[1]["retry-after"] == "3" and first[1]["date"] == "Mon, 23 Nov 2026 10:00:00 GMT" and "connection" not in first[1]
+    assert first[2] == second[2] and first[2]["error"]["message"] == "0 of 64 images at work and 0 requests waiting on this worker; retry later"
+    later = [(b"date", b"Mon, 23 Nov 2026 10:00:01 GMT"), (b"server", b"uvicorn")]
+    admission.in_use = 64  # the worker's state changes: a full budget at work
+    status, headers, body = parse(refusal.raw(later, False))
+    assert headers["date"] == "Mon, 23 Nov 2026 10:00:01 GMT" and headers["connection"] == "close"
+    assert body["error"]["message"].startswith("64 of 64 images at work")
+    assert parse(refusal.raw(later, True))[1].keys() == first[1].keys()
