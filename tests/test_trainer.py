@@ -375,3 +375,15 @@ def test_checkpoint_round_trip_restores_adam_exactly_without_pickle(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0004.safetensors", "state.json"]  # old epoch cleaned up
     assert load_checkpoint(tmp_path).ema is None
     assert load_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_ema_follows_weights_loaded_in_place_after_it_was_made():
+    """The EMA pairs tensors once: a checkpoint or DDP broadcast loaded into the live model later must still be followed."""
+    torch.manual_seed(0)
+    model = build_model("conv")
+    ema = EMA(model, decay=0.0)  # no averaging past the warm-up: the average becomes the live weights
+    other = build_model("conv")
+    model.load_state_dict(other.state_dict())  # in place, as resume and --init-from do
+    ema.update(step=10**9)
+    for key, value in ema.averaged.state_dict().items():
+        torch.testing.assert_close(value, other.state_dict()[key])
