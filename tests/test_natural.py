@@ -162,3 +162,50 @@ def test_cli_rejects_bad_natural_and_schedule_flags(argv, message, tmp_path, cap
         main(["--data", str(tmp_path), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_folder_may_name_its_held_out_files(natural_dir, tmp_path):
+    """validation.txt replaces the index rule: exactly the named files are held out, and a name that is not there is refused."""
+    import shutil
+
+    root = tmp_path / "named"
+    shutil.copytree(natural_dir, root)
+    (root / "validation.txt").write_text("bsd200/img03.png\n\nyang91/t4.bmp\n")
+    named = load_natural_data(root, cache_dir=tmp_path / "cache", progress=False)
+    assert named.val_files == ["bsd200/img03.png", "yang91/t4.bmp"]
+    assert len(named.train_files) == BSD + YANG - 2 and not set(named.train_files) & set(named.val_files)
+    assert named.val[:, 0].unique().tolist() == [30, (BSD + 4) * 10]  # red = image number * 10: only those two images' tiles
+    (root / "validation.txt").write_text("bsd200/img03.png\nbsd200/gone.png\n")
+    with pytest.raises(FileNotFoundError, match="names 1 file.*bsd200/gone.png"):
+        load_natural_data(root, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_data_packed_for_a_gpu_keeps_the_whole_sets_validation_within_its_budget(data_dir, tmp_path):
+    """bench/gpu_data.py: the 30 held-out photographs of all of sr-natural, losslessly, named for the trainer; all of
+    CIFAR-10's test split; equal training images per class; the bytes within the budget."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu_data
+    from trainer.natural import SUBSETS, is_validation
+
+    source = data_dir.parent / "sr-natural"
+    if not (source / "bsd200").is_dir():
+        pytest.fail(f"sr-natural not found at {source}")
+    out = tmp_path / "packed"
+    packed = gpu_data.main(["--out", str(out), "--budget-mb", "20", "--natural-share-mb", "8", "--cifar", str(data_dir), "--natural", str(source)])
+    expected = []
+    for subset, extensions in SUBSETS.items():
+        names = sorted(p.name for p in (source / subset).iterdir() if p.name.lower().endswith(extensions))
+        expected += [f"{subset}/{Path(n).stem}.png" for i, n in enumerate(names) if is_validation(subset, i)]
+    natural = load_natural_data(out / "natural", cache_dir=tmp_path / "cache", progress=False)
+    assert natural.val_files == expected and len(expected) == 30
+    assert 0 < len(natural.train_files) == packed["natural"]["training_images"]
+    bmp = next(n for n in expected if n.startswith("yang91/"))
+    original = next((source / "yang91").glob(Path(bmp).stem + ".*"))
+    assert np.array_equal(np.asarray(Image.open(original).convert("RGB")), np.asarray(Image.open(out / "natural" / bmp)))  # lossless
+    counts = {c.name: len(list(c.iterdir())) for c in (out / "cifar" / "train").iterdir()}
+    assert len(counts) == 10 and len(set(counts.values())) == 1 and packed["cifar"]["train_per_class"] > 0
+    assert sum(1 for f in (out / "cifar" / "test").rglob("*.jpg")) == packed["cifar"]["test_images"] == 10_000
+    on_disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix != ".json" and f.name != "validation.txt")
+    assert on_disk == packed["bytes"] <= 20e6

@@ -11,6 +11,10 @@ A fixed part is held out and never trained on (`is_validation`): in sorted file 
 image of bsd200 (20 images: 0, 10, ..., 190) and every 9th of yang91 up to the 10th (10 images:
 0, 9, ..., 81). The validation set is every non-overlapping 32x32 tile of those 30 images on a grid
 from the top-left corner: the same crops on every run.
+
+A folder may instead name its held-out files in `validation.txt` (one `subset/file` per line). This is
+how a part of sr-natural packed for a machine that cannot hold all of it (bench/gpu_data.py) keeps
+exactly the 30 validation photographs of the whole set, which the index rule would not.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 SUBSETS = {"bsd200": (".png",), "yang91": (".bmp", ".png")}
 # Held out for validation: file index i (sorted) with i % every == 0 and i < every * count.
 VALIDATION = {"bsd200": (10, 20), "yang91": (9, 10)}
+VALIDATION_LIST = "validation.txt"  # optional, in the folder: the held-out files by name, instead of the rule above
 CROP = OUTPUT_SIZE
 
 
@@ -97,6 +102,19 @@ def _list_files(root: Path) -> dict[str, list[str]]:
     return files
 
 
+def _validation_list(root: Path, relative: list[str]) -> set[str] | None:
+    """The held-out files named in `root/validation.txt`, each checked to be there; None without that file."""
+    listing = root / VALIDATION_LIST
+    if not listing.is_file():
+        return None
+    named = {line.strip() for line in listing.read_text().splitlines() if line.strip()}
+    if missing := sorted(named - set(relative)):
+        raise DatasetNotFound(f"{listing} names {len(missing)} file(s) that are not images here, e.g. {missing[0]}")
+    if not named:
+        raise DatasetNotFound(f"{listing} names no files: a validation set is needed")
+    return named
+
+
 def _decode(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
         pixels = np.array(image.convert("RGB"))
@@ -131,10 +149,11 @@ def load_natural_data(root: str | os.PathLike, *, cache_dir: str | os.PathLike |
             _write_tensors(path, {f"{i:05d}": image for i, image in enumerate(images)})
         else:
             log.info("event=dataset_cache_hit dataset=%s images=%d path=%s", root.name, len(images), path)
+    held_out = _validation_list(root, relative)
     train_images, train_files, val_files, val_tiles = [], [], [], []
     for name, image in zip(relative, images):
         subset, _ = name.split("/", 1)
-        if is_validation(subset, files[subset].index(name)):
+        if name in held_out if held_out is not None else is_validation(subset, files[subset].index(name)):
             val_files.append(name)
             val_tiles.append(_grid_tiles(image))
         else:
