@@ -5,9 +5,9 @@
 #   OUT=/some/dir bash bench/gpu_check.sh  # the report goes to $OUT/gpu_check_report.md (else ./gpu_check_report.md)
 #
 # Steps (each logged; a failed step is reported and the others still run):
-#   1. environment: a venv from pyproject.toml. A CUDA torch that is already importable (system or
-#      image) is used as is: the venv sees it (--system-site-packages), and pip only adds what is
-#      missing, so the machine needs no internet when the image has torch and the deps.
+#   1. environment: a CUDA torch that is already importable (system or image, often itself a venv) is
+#      used as is, with the wheels in $WHEELS installed (no index) into a folder on PYTHONPATH, so an
+#      offline image works; only where no torch exists is a venv made and the project pip-installed.
 #   2. the test suite's CUDA-marked tests (pytest -m cuda)
 #   3. every architecture trained for one epoch with --amp bf16 (small --limit-train), and the issue-12 recipe
 #      (64x8 + channel attention, natural photos) for 3 epochs with bf16 and --compile: its speed per epoch
@@ -21,7 +21,8 @@
 # Settings (environment): UPGRADER_DATA (CIFAR-10 copy; default ../shared/datasets/cifar10-jpeg;
 # if absent a small synthetic ImageFolder is made so the GPU path still runs, and the report says
 # its PSNRs mean nothing), UPGRADER_NATURAL_DATA (sr-natural; default ../shared/datasets/sr-natural),
-# PYTHON (default python3), LIMIT_TRAIN (default 8192), VENV (default .venv-gpu), WHEELS (a folder
+# PYTHON (default python3), LIMIT_TRAIN (default 8192), VENV (default .venv-gpu; its -site folder takes
+# the wheels), WHEELS (a folder
 # of wheels installed first, with no index: for a machine that cannot reach PyPI; default ./.whl if
 # it exists), STEP_TIMEOUT (seconds any one step may run, default 600; a leased GPU is time-boxed),
 # DEADLINE (seconds from the start by which every step must have ended, so the report's tables are
