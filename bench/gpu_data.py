@@ -44,13 +44,12 @@ def as_png(path: Path) -> bytes:
 
 def pack_natural(source: Path, out: Path, budget: int) -> dict:
     """The validation photographs, then training photographs until `budget` bytes; -> what was written."""
-    from trainer.natural import SUBSETS, is_validation
+    from trainer.natural import _list_files, is_validation  # the trainer's own listing and split, not a copy of them
 
     chosen: list[tuple[str, bytes, bool]] = []
-    for subset, extensions in SUBSETS.items():
-        names = sorted(n for n in (p.name for p in (source / subset).iterdir()) if n.lower().endswith(extensions))
+    for subset, names in _list_files(source).items():
         for index, name in enumerate(names):
-            chosen.append((f"{subset}/{name}", as_png(source / subset / name), is_validation(subset, index)))
+            chosen.append((name, as_png(source / name), is_validation(subset, index)))
     validation = [(name, data) for name, data, held in chosen if held]
     training = sorted(((name, data) for name, data, held in chosen if not held), key=lambda item: not item[0].startswith("yang91/"))
     used = sum(len(data) for _, data in validation)
