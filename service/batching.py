@@ -30,6 +30,9 @@ Per loaded (model, version) one `Batcher`:
   next batch instead of after all of its tiles;
 * outputs are routed back by (request, offset), so each request gets exactly its own
   images, in order, however they were split and merged.
+* a request that will not take its answer (its client left, its deadline passed, its awaiting
+  task was cancelled) is dropped from the queue: its images still waiting are never computed
+  (counted in `upgrader_images_dropped_total{reason}`).
 
 Everything but the forward pass runs on the event loop, so the queue needs no locks.
 """
@@ -46,8 +49,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError, unavailable
+from service.limits import ClientGone
 from service.metrics import Metrics
 from service.priority import lower_this_thread
 from service.upscaler import BatchOutput
@@ -76,11 +81,17 @@ class Job:
     started_at: float | None = None
     inference_s: float = 0.0
     batch_size: int = 0
-    abandoned: bool = False
+    abandoned: str = ""  # why its answer is no longer wanted (client_gone, deadline, cancelled, failed): its queued images are dropped
 
     def __post_init__(self) -> None:
         n = len(self.images)
         self.pngs, self.remaining = [None] * n, n
+
+    def client_left(self) -> None:
+        """The request's connection closed (ClientGone): its images still queued are dropped."""
+        if not self.future.done():
+            self.abandoned = "client_gone"
+            self.future.set_exception(ClientDisconnect())
 
     def outputs(self) -> np.ndarray:
         chunks = [chunk for _, chunk in sorted(self.chunks, key=lambda c: c[0])]
@@ -122,6 +133,7 @@ class Batcher:
         self._queue_gauge = metrics.queue_images.labels(*self._version_labels)
         self._batch_sizes = metrics.batch_size.labels(model)
         self._batch_seconds = metrics.inference_seconds.labels(model)
+        self._dropped = {reason: metrics.images_dropped.labels(model, reason) for reason in ("client_gone", "deadline", "cancelled", "failed")}
         self._queue: deque[_Slice] = deque()
         self.queued_images = 0
         self._arrived = asyncio.Event()  # the queue is no longer empty
@@ -136,8 +148,12 @@ class Batcher:
         """Whether `images` more would be queued now: the router asks before it reads a body (submit still decides)."""
         return not self._closing and self.queued_images + images <= self.max_queue_images
 
-    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False, png: bool = True) -> JobResult:
+    async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False, png: bool = True,
+                     gone: ClientGone | None = None) -> JobResult:
+        """The upscales of `images`; raises ClientDisconnect (nothing computed from then on) if `gone` fires first."""
         n = len(images)
+        if gone is not None and gone.fired:
+            raise ClientDisconnect()
         if self._closing:
             raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
         if self.queued_images + n > self.max_queue_images:
@@ -155,14 +171,21 @@ class Batcher:
         if self.queued_images >= self._wake_at:
             self._batch_full.set()
         expiry = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        if gone is not None:
+            gone.add(job.client_left)
         try:
             return await job.future
         finally:
             expiry.cancel()
+            if gone is not None:
+                gone.discard(job.client_left)
+            if not job.future.done() or job.future.cancelled():  # the awaiting task was cancelled (shutdown, a failed sibling tile chunk)
+                job.abandoned = "cancelled"
+                job.future.cancel()
 
     def _expire(self, job: Job, timeout_s: float) -> None:
         if not job.future.done():
-            job.abandoned = True  # its queued slices are dropped, not computed
+            job.abandoned = "deadline"  # its queued slices are dropped, not computed
             job.future.set_exception(ApiError(504, "deadline_exceeded", f"{len(job.images)} image(s) not inferred within "
                                               f"{timeout_s:g}s on {self.label}"))
 
@@ -204,7 +227,7 @@ class Batcher:
             except Exception as exc:  # a model failure fails the requests in this batch, not the service
                 log.exception("batch of %d images failed on %s", len(images), self.label)
                 for s in batch:
-                    s.job.abandoned = True  # the rest of its images are not computed either
+                    s.job.abandoned = "failed"  # the rest of its images are not computed either
                     if not s.job.future.done():
                         s.job.future.set_exception(unavailable("inference_failed", f"inference failed on {self.label}: {exc}", self.retry_after_s))
                 continue
@@ -263,6 +286,7 @@ class Batcher:
             s = self._queue.popleft()
             if s.job.abandoned:
                 self._queued_changed(-(s.stop - s.start))
+                self._dropped[s.job.abandoned].inc(s.stop - s.start)
                 continue
             ensemble = s.job.ensemble if ensemble is None else ensemble
             if s.job.ensemble != ensemble or (s.job.bulk and not bulk_room):

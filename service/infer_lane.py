@@ -26,6 +26,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 
 from starlette.datastructures import State
+from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
 from service.deps import check_api_key
@@ -51,6 +52,7 @@ class InferRequest:
     """One request in the lane; it stands where uvicorn keeps a request's cycle (the protocol reads the flags below)."""
 
     response_started = response_complete = disconnected = False
+    gone = None  # the connection's ClientGone (service.limits), set by the protocol
 
     def __init__(self, name: str, version: str, headers: list[tuple[bytes, bytes]]) -> None:
         self.name, self.version, self.headers = name, version, headers
@@ -81,18 +83,22 @@ async def answer(request: InferRequest, state: State, default_headers: list[tupl
     try:
         try:
             check_api_key(state.settings, header_values.get("authorization"), header_values.get("x-api-key"))
-            result: InferAnswer = await run_infer(state, request.name, request.version, header_values.get, _body_of(request))
+            result: InferAnswer = await run_infer(state, request.name, request.version, header_values.get, _body_of(request), request.gone)
             status, body, headers = 200, result.body, [(b"content-type", result.media_type.encode())]
             if result.header_length is not None:
                 headers.append((b"inference-header-content-length", str(result.header_length).encode()))
         except ApiError as exc:
             status, body, headers = _error(exc.status, exc.message, exc.headers)
+        except ClientDisconnect:  # the client left while its images waited: nobody reads an answer
+            status, body, headers = 499, b"", []
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 in the protocol's shape, with the traceback in the log
             errors_log.error("unhandled error on POST %s", path, exc_info=exc)
             status, body, headers = _error(500, f"internal error ({type(exc).__name__}); see the service log", None)
         log_access("POST", path, status, request.received_at)
     finally:
         request_id.reset(token)
+    if status == 499:
+        return b""  # the connection is closed: no answer goes out
     return http_response(status, [*default_headers, *headers, (b"x-request-id", rid.encode())], body, request.keep_alive)
 
 

@@ -15,6 +15,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_response, unavailable
@@ -50,6 +51,43 @@ class BodySizeLimitMiddleware:
 
 
 ARRIVAL = "upgrader.arrival"  # ASGI scope key: the weight a request was let in with (service.server), until its route takes it over
+CLIENT_GONE = "upgrader.client_gone"  # ASGI scope key: the ClientGone of the request's connection (service.server)
+
+
+class ClientGone:
+    """Fires once, when a connection closes: what its requests still wait for (a place in line, queued images) is dropped.
+
+    A client that gives up (a timeout, a cut load) leaves work behind it: images queued for a batch, a
+    place in the admission line. Computing answers nobody reads takes the CPU from the requests that
+    arrive next: the first clients of an overload found each worker still busy with the abandoned
+    requests of the load before it (bench/RESULTS.md, issue 10, session 10). The server's protocol
+    (service.server) gives each connection one of these and fires it from `connection_lost`; the
+    admission line and the batcher register what to drop while a request waits. HTTP/1.1 has no other
+    way to say "cancel"; an answer already being computed (a running batch) is finished and dropped.
+    """
+
+    __slots__ = ("fired", "_callbacks")
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._callbacks: set = set()
+
+    def add(self, callback) -> None:
+        """Call `callback()` when the connection closes (at once if it already has)."""
+        if self.fired:
+            callback()
+        else:
+            self._callbacks.add(callback)
+
+    def discard(self, callback) -> None:
+        self._callbacks.discard(callback)
+
+    def fire(self) -> None:
+        if not self.fired:
+            self.fired = True
+            callbacks, self._callbacks = self._callbacks, set()
+            for callback in callbacks:
+                callback()
 
 
 class Admission:
@@ -121,7 +159,8 @@ class Admission:
         """Hold the request's share of the budget for the block; wait in line at most `wait_s` (then 503), or 503 at once if the line is full.
 
         The share is the one the request was let in with from its headers (service.server), which stops
-        counting as arriving here, or else estimated now from its Content-Length."""
+        counting as arriving here, or else estimated now from its Content-Length. A request whose client
+        leaves while it waits (the scope's ClientGone fires) leaves the line with ClientDisconnect."""
         if (arrival := scope.pop(ARRIVAL, None)) is not None:
             self.arrived(arrival)
             weight = arrival[0]
@@ -135,10 +174,19 @@ class Admission:
             granted = asyncio.get_running_loop().create_future()
             entry = (weight, granted)
             self._line.append(entry)
+            gone: ClientGone | None = scope.get(CLIENT_GONE)
+            left = granted.cancel  # the client left: `await granted` raises CancelledError, turned into ClientDisconnect below
+            if gone is not None:
+                gone.add(left)
             try:
                 async with asyncio.timeout(wait_s):
                     await granted
-            except BaseException as exc:  # timed out or cancelled: leave the line, or give back what was granted meanwhile
+            except BaseException as exc:  # timed out, cancelled or the client left: leave the line, or give back what was granted meanwhile
+                if gone is not None and gone.fired and isinstance(exc, asyncio.CancelledError) and granted.cancelled():
+                    with contextlib.suppress(ValueError):
+                        self._line.remove(entry)
+                    self._wake()
+                    raise ClientDisconnect() from None
                 if granted.done() and not granted.cancelled():
                     self.in_use -= weight
                     self._wake()
@@ -150,6 +198,9 @@ class Admission:
                 if isinstance(exc, TimeoutError):
                     raise self.refuse(f"no room within {wait_s:.3g}s ({self.busy()})") from None
                 raise
+            finally:
+                if gone is not None:
+                    gone.discard(left)
         try:
             yield
         finally:

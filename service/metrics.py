@@ -27,6 +27,8 @@ class Metrics:
                                            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.queue_images = Gauge("upgrader_queue_images", "Images waiting for a batch, per loaded version.", ["model", "version"], registry=r,
                                   multiprocess_mode="livesum")
+        self.images_dropped = Counter("upgrader_images_dropped", "Queued images dropped before their forward pass, by why their answer was no longer "
+                                      "wanted: client_gone, deadline, cancelled, failed (an earlier batch of the request failed).", ["model", "reason"], registry=r)
         self.images = Counter("upgrader_images_served", "Images upscaled and returned.", ["model"], registry=r)
         self.load_failures = Counter("upgrader_model_load_failures", "Versions that failed verification or loading.", ["model", "version"], registry=r)
         self.serving_version = Gauge("upgrader_serving_version", "Version answering version=latest, per model.", ["model"], registry=r,

@@ -19,6 +19,9 @@ protocol (the one `http="auto"` picks) with, per connection:
   closed before anything is parsed (by the front door, which every connection passes);
 * the inference lane: a plain POST /v2/.../infer is answered by the protocol itself, from its
   parser callbacks (service.infer_lane), without uvicorn's request cycle or the ASGI layers;
+* a client that leaves is let go: when a connection closes, its `ClientGone` fires (service.limits)
+  and the requests on it still waiting (for a place in line, or for a batch) are dropped, not
+  computed for nobody (admitted POST /upscale and the inference lane; other requests run to the end);
 * admission: while the worker's admission budget and line are full (service.limits.Admission),
   POST /upscale is answered 503 + Retry-After from its headers, without entering the app. On a
   connection still at the front door (the common case under overload: new clients, and clients
@@ -46,7 +49,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.front_door import front_door
 from service.infer_lane import InferRequest, http_response
 from service.infer_lane import answer as infer_answer
-from service.limits import ARRIVAL, Admission
+from service.limits import ARRIVAL, CLIENT_GONE, Admission, ClientGone
 from service.logs import new_request_id
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.settings import Settings
@@ -255,12 +258,23 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_deadline: float | None = None  # loop.time() by which the headers must be in
         _body_deadline: float | None = None  # ... and the body
+        _gone: ClientGone | None = None  # fired when the connection closes (made for its first request that can wait)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             """Handed over by the front door (which counted the connection against the cap)."""
             super().connection_made(transport)
             self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
             self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self._gone is not None:
+                self._gone.fire()
+
+        def client_gone(self) -> ClientGone:
+            if self._gone is None:
+                self._gone = ClientGone()
+            return self._gone
 
         def carry_header_deadline(self, deadline: float | None) -> None:
             """The head being read began at the front door: its clock started there."""
@@ -313,10 +327,12 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
                 else:
                     weight = admission.weight(dict(self.headers).get(b"content-length", b"").decode("latin-1"), settings.max_images_per_request)
                     self.scope[ARRIVAL] = admission.arrive(weight)  # the route's admission takes it over (service.routers.upscale)
+                    self.scope[CLIENT_GONE] = self.client_gone()
                     self._run_instead(arriving(self.app))
             elif (self.parser.get_method() == b"POST" and self._plain()
                   and (request := InferRequest.take(self.url, self.headers, settings.max_body_bytes)) is not None):
                 self.cycle = request  # type: ignore[assignment]  # service.infer_lane serves it from on_message_complete
+                request.gone = self.client_gone()
                 self._arm_body_timer()
             else:
                 super().on_headers_complete()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batching import Batcher
+from service.limits import ClientGone
 from upgrader.architectures import INPUT_SIZE, OUTPUT_SIZE
 
 TILE = INPUT_SIZE
@@ -127,8 +128,8 @@ class TiledResult:
 
 
 async def upscale_tiles(batcher: Batcher, images: list[np.ndarray], overlapping: bool, ensemble: int,
-                        timeout_s: float, chunk: int) -> TiledResult:
-    """uint8 3 x H x W images -> their 4x upscales, every tile through `batcher`, `chunk` tiles per job."""
+                        timeout_s: float, chunk: int, gone: ClientGone | None = None) -> TiledResult:
+    """uint8 3 x H x W images -> their 4x upscales, every tile through `batcher`, `chunk` tiles per job (dropped when `gone` fires)."""
     started = time.perf_counter()
     plans = [layout(image.shape[1], image.shape[2], overlapping) for image in images]
     # Cutting and stitching a large image is milliseconds of numpy: off the event loop (numpy releases the GIL).
@@ -143,7 +144,7 @@ async def upscale_tiles(batcher: Batcher, images: list[np.ndarray], overlapping:
         nonlocal first_start
         async with gate:
             queued = time.perf_counter()
-            result = await batcher.submit(tiles[start : start + chunk], ensemble, deadline - queued, bulk=bulk, png=False)
+            result = await batcher.submit(tiles[start : start + chunk], ensemble, deadline - queued, bulk=bulk, png=False, gone=gone)
             first_start = min(first_start, queued + result.queue_s)
             return result
 
@@ -152,7 +153,7 @@ async def upscale_tiles(batcher: Batcher, images: list[np.ndarray], overlapping:
         results = await asyncio.gather(*tasks)
     except BaseException:
         for task in tasks:
-            task.cancel()  # chunks not yet queued are never queued; queued ones expire with their deadline
+            task.cancel()  # chunks not yet queued are never queued; queued ones are dropped (Batcher.submit)
         raise
     finished = time.perf_counter()
     outputs = np.concatenate([r.images for r in results]) if len(results) > 1 else results[0].images

@@ -23,10 +23,12 @@ from test_service_support import (
     png_list,
     publish,
     small_inputs,
+    v2_request,
+    wait_for,
 )
 
 from model_store import WEIGHTS_FILE, ModelStore
-from service.limits import Admission
+from service.limits import CLIENT_GONE, Admission, ClientGone
 
 inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)
 pngs = pytest.fixture(scope="module", name="pngs")(png_list)
@@ -285,6 +287,70 @@ def test_requests_that_end_before_their_route_stop_counting_as_arriving(store, p
         answer = client.post("/upscale", content=body, headers=headers)
         assert answer.status_code == 200 and len(answer.json()["images"]) == 2
         assert (admission.arriving, admission.arriving_weight, admission.in_use) == (0, 0, 0)
+
+
+def test_a_client_that_leaves_has_its_queued_images_dropped_not_computed(store, pngs, inputs):
+    """Images queued for clients that have closed their connection are never computed: not those of an /upscale
+    request, nor those of a request in the protocol's own /v2 lane. The request that stays is served in full."""
+    with LiveServer(store=store.root, poll_interval_s=60, max_batch_images=1) as live:
+        def batches() -> float:
+            return metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_batch_images_count", model="conv")
+
+        before = batches()
+        body = multipart_body(pngs * 4)  # 256 images, one forward pass (x8 with ensemble=8) each
+        stays = connect(live.url)
+        stays.sendall(multipart_head(live.url, body).replace(b"/upscale", b"/upscale?ensemble=8") + body)
+        started = wait_for(lambda: (count := batches()) > before and count, "the first batch")
+        leaver = connect(live.url)  # 16 images queued behind the 256, then the client leaves
+        leaver.sendall(multipart_head(live.url, multipart_body(pngs[:16])) + multipart_body(pngs[:16]))
+        v2_leaver = connect(live.url)  # 8 images through the protocol's own lane, then the client leaves
+        v2_leaver.sendall(v2_request("/v2/models/conv/infer", inputs[:8].numpy()))
+        wait_for(lambda: batches() >= started + 20, "20 more batches")  # long enough for both to be decoded and queued
+        leaver.close()
+        v2_leaver.close()
+        status, _, answer = read_response(stays)
+        assert status == 200 and len(json.loads(answer)["images"]) == 256
+        stays.close()
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert metric_value(metrics, "upgrader_images_dropped_total", model="conv", reason="client_gone") == 16 + 8
+        assert metric_value(metrics, "upgrader_requests_total", model="conv", status="499") == 2
+        assert batches() - before == 256  # the 256 only: none of the 24 went through the model
+
+
+def test_a_request_waiting_in_line_leaves_it_when_its_client_does():
+    """A request waiting for admission whose client leaves gives up its place at once (not at the deadline)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    async def scenario() -> None:
+        admission = Admission(64, 2, 1)
+        gone = ClientGone()
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with admission.slot({}, str(64 * 300), 256, wait_s=30):
+                holding.set()
+                await release.wait()
+
+        async def waiter() -> None:
+            async with admission.slot({CLIENT_GONE: gone}, str(64 * 300), 256, wait_s=30):
+                raise AssertionError("a request whose client left was admitted")
+
+        first = asyncio.create_task(holder())
+        await holding.wait()
+        second = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)
+        assert admission.waiting == 1
+        gone.fire()
+        with pytest.raises(ClientDisconnect):
+            await asyncio.wait_for(second, 1)
+        assert admission.waiting == 0 and admission.in_use == 64
+        release.set()
+        await first
+        assert admission.in_use == 0
+
+    asyncio.run(scenario())
 
 
 def test_a_full_queue_refuses_before_the_body(store, pngs):

@@ -19,6 +19,7 @@ from test_service_support import (
     png_list,
     publish,
     small_inputs,
+    v2_request,
 )
 from tritonclient.utils import InferenceServerException
 
@@ -319,16 +320,6 @@ def test_a_compressed_body_never_inflates_past_the_body_limit(live):
 
 
 # ---- the protocol's own lane (service.infer_lane) ------------------------------------------------------------
-def v2_request(path: str, images: np.ndarray, extra_headers: str = "") -> bytes:
-    """A raw binary-tensor inference request, as tritonclient sends it."""
-    header = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(images.shape),
-                                     "parameters": {"binary_data_size": images.nbytes}}],
-                         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
-    body = header + images.tobytes()
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
-            f"Content-Length: {len(body)}\r\n{extra_headers}\r\n").encode() + body
-
-
 def read_answers(sock, count: int) -> list[tuple[int, dict[str, str], bytes]]:
     stream = sock.makefile("rb")
     answers = []

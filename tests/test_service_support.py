@@ -172,6 +172,16 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def v2_request(path: str, images: np.ndarray, extra_headers: str = "") -> bytes:
+    """A raw binary-tensor inference request, as tritonclient sends it."""
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(images.shape),
+                                     "parameters": {"binary_data_size": images.nbytes}}],
+                         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
+    body = header + images.tobytes()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra_headers}\r\n").encode() + body
+
+
 class LiveServer:
     """The real app under a real uvicorn on a free loopback port, in a background thread."""
 

@@ -28,10 +28,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import State
+from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
 from service.deps import ManagerDep, SettingsDep, StateDep, require_api_key
 from service.errors import ApiError
+from service.limits import ClientGone
 from service.inference_schemas import (
     InferenceRequest,
     ModelMetadata,
@@ -209,10 +211,11 @@ async def infer(request: Request, state: State, name: str, version: str = LATEST
 
 
 async def run_infer(state: State, name: str, version: str, header: Callable[[str], str | None],
-                    read_body: Callable[[], Awaitable[bytes]]) -> InferAnswer:
+                    read_body: Callable[[], Awaitable[bytes]], gone: ClientGone | None = None) -> InferAnswer:
     """One inference request, from its headers (`header(lowercase name)`) and body to its answer; errors raise ApiError.
 
-    Called by `infer` (FastAPI's route and service.fastlane) and by the protocol's own lane (service.infer_lane)."""
+    Called by `infer` (FastAPI's route and service.fastlane) and by the protocol's own lane (service.infer_lane),
+    which passes its connection's ClientGone: a client that leaves raises ClientDisconnect (counted as 499)."""
     manager: ModelManager = state.manager
     metrics: Metrics = state.metrics
     settings: Settings = state.settings
@@ -227,7 +230,7 @@ async def run_infer(state: State, name: str, version: str, header: Callable[[str
             label = served.name
             images = await _read_input(payload, tail, settings)
             timeout = settings.request_timeout_s - (time.perf_counter() - started)
-            result = await served.batcher.submit(images, 1, timeout, png=PNG_OUT in wanted)
+            result = await served.batcher.submit(images, 1, timeout, png=PNG_OUT in wanted, gone=gone)
         answer = _answer(served.name, served.version, payload.id, wanted, result.images, result.pngs)
         images_served = len(result.pngs)
         status = 200
@@ -237,6 +240,9 @@ async def run_infer(state: State, name: str, version: str, header: Callable[[str
         raise ApiError(exc.status, "invalid_tensor", str(exc)) from None
     except ApiError as exc:
         status = exc.status
+        raise
+    except ClientDisconnect:
+        status = 499
         raise
     finally:
         metrics.request_done(label, status, time.perf_counter() - started, images_served)

@@ -18,7 +18,7 @@ from service import codec, multipart, tiling
 from service.priority import off_loop
 from service.deps import StateDep, require_api_key
 from service.errors import ApiError, echo, unavailable
-from service.limits import Admission
+from service.limits import CLIENT_GONE, Admission, ClientGone
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.registry import ModelManager, Served
 from service.schemas import (
@@ -140,7 +140,7 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
                 if tile:
                     check_pixels(body.images, settings)
                 upscale_images = upscale_tiled if tile else upscale_small
-                done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings)
+                done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings, request.scope.get(CLIENT_GONE))
                 scores = await off_loop(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
         run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
@@ -171,19 +171,21 @@ class Upscaled:
     tiles: int | None = None
 
 
-async def upscale_small(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings) -> Upscaled:
-    """8x8 images: one job on the batcher."""
+async def upscale_small(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings,
+                        gone: ClientGone | None) -> Upscaled:
+    """8x8 images: one job on the batcher (dropped if the client leaves while it waits: `gone`)."""
     inputs = await decode_all(Upscaler.decode, body.images, settings)
     references = await decode_all(decode_reference, body.references, settings) if body.references else None
-    result = await served.batcher.submit(inputs, ensemble, deadline - time.perf_counter())
+    result = await served.batcher.submit(inputs, ensemble, deadline - time.perf_counter(), gone=gone)
     return Upscaled(result.images, result.pngs, references, result.batch_size, result.queue_s, result.inference_s)
 
 
-async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings) -> Upscaled:
+async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings,
+                        gone: ClientGone | None) -> Upscaled:
     """Images of any size: tiles through the batcher, stitched (service.tiling)."""
     images, references = await decode_tiled(body, settings)
     overlapping = fully_convolutional(served.manifest.get("architecture", {}).get("name", ""))
-    tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images)
+    tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images, gone)
     pngs = await off_loop(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
     return Upscaled(tiled.images, pngs, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
 
