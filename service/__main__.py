@@ -15,6 +15,7 @@ from pathlib import Path
 from service.logs import configure_logging
 from service.settings import Settings
 from service.workers import run_workers
+from upgrader.cpus import usable_cpus
 
 # This process stays free of torch (and the app): with several workers it is only their supervisor,
 # and torch alone is ~500 MB of RSS. Only the worker processes (or the single in-process server) load it.
@@ -49,8 +50,9 @@ def cuda_available() -> bool:
 
 def default_workers(settings: Settings) -> int:
     """2 on a CPU with 2+ cores, 1 on CUDA or a single core (measured in bench/RESULTS.md, "Service")."""
-    if settings.device == "cpu" or (os.cpu_count() or 1) < 2:
-        return 1 if (os.cpu_count() or 1) < 2 else 2
+    cpus = usable_cpus()
+    if settings.device == "cpu" or cpus < 2:
+        return 1 if cpus < 2 else 2
     return 1 if settings.device == "cuda" or cuda_available() else 2
 
 

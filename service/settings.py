@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from upgrader.cpus import usable_cpus
+
 # model_store's default root, spelled out: importing model_store imports torch, and the worker
 # supervisor reads these settings without needing torch (it held ~540 MB RSS doing nothing).
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "store"
@@ -39,7 +41,7 @@ class Settings(BaseSettings):
     poll_max_backoff_s: float = Field(30.0, gt=0, description="While the store cannot be read, scans back off (doubling from poll_interval_s) up to this.")
     extra_loaded_versions: int = Field(2, ge=0, description="Versions besides the serving and aliased ones kept loaded for requests naming them (least recently used unloaded first).")
     workers: int | None = Field(None, ge=1, description="Server processes on the port (one SO_REUSEPORT socket each), each with its own batcher and copy of the models; unset: 2 on a CPU with 2+ cores (one Python process tops out near one core of HTTP work and starves its inference thread of the GIL), 1 on CUDA (one process keeps the GPU's batches whole).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads per worker (torch.set_num_threads); unset: (CPU count - 1) / workers (at least 1), leaving a core to HTTP, decoding and encoding.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads per worker (torch.set_num_threads); unset: (usable CPUs - 1) / workers (at least 1), leaving a core to HTTP, decoding and encoding; usable CPUs are the process's affinity mask (a container's cpuset), capped by its cgroup CPU quota (upgrader/cpus.py), not the host's count.")
     thread_nice: int = Field(10, ge=0, le=19, description="How much lower than its event loop a worker's helper and inference threads run (Linux nice, per thread): the loop admits or refuses an overload herd first. 0: the same.")
     png_compression: int = Field(0, ge=0, le=9, description="zlib level of the returned PNGs: 0 stores the pixels (fastest; a 32x32 PNG is ~3.1 KB), 1-9 deflate them (~10% smaller, ~20x slower to encode).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
@@ -56,7 +58,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of the JSON logs (DEBUG, INFO, WARNING, ...).")
 
     def inference_threads(self) -> int:
-        return self.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // (self.workers or 1))
+        return self.torch_threads or max(1, (usable_cpus() - 1) // (self.workers or 1))
 
     @field_validator("store", mode="before")
     @classmethod

@@ -165,16 +165,47 @@ def test_settings_from_environment(monkeypatch, tmp_path):
 
 
 def test_default_workers_two_on_a_multicore_cpu_one_on_cuda_or_one_core(monkeypatch, tmp_path):
+    import service.__main__
+    import service.settings
     from service.__main__ import default_workers
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    def cpus(count: int) -> None:
+        for module in (service.__main__, service.settings):
+            monkeypatch.setattr(module, "usable_cpus", lambda: count)
+
+    cpus(2)
     assert default_workers(Settings(store=tmp_path, device="cpu")) == 2
     assert default_workers(Settings(store=tmp_path, device="cuda")) == 1  # the setting alone decides; no GPU needed
     assert Settings(store=tmp_path, workers=2).inference_threads() == 1 and Settings(store=tmp_path).inference_threads() == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    cpus(1)
     assert default_workers(Settings(store=tmp_path, device="cpu")) == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cpus(16)
     assert Settings(store=tmp_path, workers=3).inference_threads() == 5 and Settings(store=tmp_path).inference_threads() == 15
+
+
+def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(tmp_path):
+    """A process pinned to one CPU (as a container's cpuset pins it) counts one, whatever the host has; a quota caps it."""
+    import subprocess
+    import sys
+
+    from upgrader.cpus import cpu_quota
+
+    pinned = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                             "from upgrader.cpus import usable_cpus; print(usable_cpus(), os.cpu_count())"],
+                            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert int(pinned[0]) == 1 and int(pinned[1]) == os.cpu_count()
+    v2, v1 = tmp_path / "cpu.max", tmp_path / "v1"
+    v1.mkdir()
+    v2.write_text("150000 100000\n")
+    assert cpu_quota(v2, v1) == 1.5  # a pod's limits.cpu of 1.5: two threads' worth, rounded up
+    v2.write_text("max 100000\n")
+    assert cpu_quota(v2, v1) is None
+    v2.unlink()
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v2, v1) is None  # cgroup v1 without a quota
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpu_quota(v2, v1) == 3.0
 
 
 def random_multipart(rng: random.Random, boundary: bytes) -> bytes:

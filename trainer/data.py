@@ -43,6 +43,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from tqdm import tqdm
 
 from upgrader.architectures import OUTPUT_SHAPE
+from upgrader.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["tes
 _CIFAR_META = "batches.meta"
 # PIL releases the GIL while it decodes, so a few threads overlap reading and decoding; 32x32 images
 # are too small for more to help (measured: ~4-6k images/s on 2 cores, once per dataset).
-_DECODE_THREADS = min(4, os.cpu_count() or 1)
+_DECODE_THREADS = min(4, usable_cpus())
 # Share of free GPU memory the dataset may take: the rest is for the model, optimizer state and activations.
 DEVICE_MEMORY_FRACTION = 0.5
 

@@ -1,0 +1,44 @@
+"""How many CPUs this process may use: what thread and worker counts are sized by.
+
+os.cpu_count() is the host's count. In a container pinned to a few CPUs (docker `cpuset`, the kubelet's
+static CPU manager, `taskset`), or capped by a CPU quota (a pod's `limits.cpu`, docker `--cpus`), sizing
+threads by it oversubscribes the CPUs the process really has: with 16 host CPUs and 2 allowed, each
+of 2 service workers would start 7 torch threads. So the count here is the affinity mask, capped by
+the cgroup quota (rounded up), as Go's automaxprocs and the JVM do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>"
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")  # cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us
+
+
+def cpu_quota(v2: Path = CGROUP_V2_CPU_MAX, v1: Path = CGROUP_V1_CPU) -> float | None:
+    """CPUs' worth of time the cgroup allows per period (e.g. 1.5), or None when it sets no quota (or cannot be read)."""
+    try:
+        quota, period = v2.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), capped by its cgroup's CPU quota; at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on this platform (macOS)
+        count = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
