@@ -41,6 +41,9 @@ ran (its event loop's late ticks, logged as `client_stalls`), and every answer i
 measured that much slower. So while it drives load it runs in the real-time class (`--generator-priority rt`,
 SCHED_RR, the default where the kernel allows it): it preempts the servers whenever it has work, and
 takes ~0.1 CPU-s per second, which the table reports. `--generator-priority normal` measures without it.
+On a machine with CPUs to spare, `--server-cpus 0,1 --generator-cpus 2,3` gives the servers two CPUs
+of their own and the clients others, as a real deployment has them: the servers size their workers
+and threads by the CPUs they may use (upgrader/cpus.py), not by the host's count.
 """
 
 from __future__ import annotations
@@ -80,8 +83,10 @@ BOUNDARY = "overloadbenchboundary"
 class Server:
     """`python -m service` from `tree` (its own PYTHONPATH and cwd), in its own session, logs to a file."""
 
-    def __init__(self, name: str, tree: Path, store: Path, log_path: Path, autogroup_nice: int | None) -> None:
+    def __init__(self, name: str, tree: Path, store: Path, log_path: Path, autogroup_nice: int | None,
+                 cpus: set[int] | None = None) -> None:
         self.name, self.tree, self.store, self.log_path, self.autogroup_nice = name, tree, store, log_path, autogroup_nice
+        self.cpus = cpus  # the CPUs the server (and the workers it starts) may run on; None: all
         self.port = free_port()
         self.env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1", "UPGRADER_STORE": str(store),
                     "UPGRADER_DEFAULT_MODEL": MODEL, "UPGRADER_LOG_LEVEL": "WARNING", "UPGRADER_POLL_INTERVAL_S": "60"}
@@ -90,7 +95,8 @@ class Server:
     def __enter__(self) -> Server:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     cwd=self.tree, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     cwd=self.tree, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None)
         if self.autogroup_nice is not None:  # its own session, so its own autogroup: the workers inherit it
             Path(f"/proc/{self.proc.pid}/autogroup").write_text(str(self.autogroup_nice))
         deadline = time.monotonic() + 180
@@ -386,10 +392,21 @@ def report(results: dict[str, list[Phase]], args, load: tuple[float, float, floa
     row("generator CPU under overload (s per s)", "", lambda n, r: f"{med([p.client_cpu_s / p.seconds for p in r['over']]):.2f}")
     row("generator's longest GC pause / event-loop stall under overload (ms)", "",
         lambda n, r: f"{max(p.client_gc_max_ms for p in r['over']):.1f} / {max([ms for p in r['over'] for _, ms in p.client_stalls], default=0):.1f}")
-    header = (f"generator priority {args.generator_priority}; {'autogroup nice ' + str(args.autogroup_nice) + '; ' if args.autogroup_nice is not None else ''}{args.clients} clients{' (connected first)' if args.connect_first else ''} x {args.images}-image multipart bodies for {args.overload_s:g} s after {args.settle_s:g} s idle, 503s answered by "
+    cpus = "" if not (args.server_cpus or args.generator_cpus) else (
+        f"servers on CPUs {sorted(args.server_cpus) if args.server_cpus else 'all'}, generator on {sorted(args.generator_cpus) if args.generator_cpus else 'all'}; ")
+    header = (f"{cpus}generator priority {args.generator_priority}; {'autogroup nice ' + str(args.autogroup_nice) + '; ' if args.autogroup_nice is not None else ''}{args.clients} clients{' (connected first)' if args.connect_first else ''} x {args.images}-image multipart bodies for {args.overload_s:g} s after {args.settle_s:g} s idle, 503s answered by "
               f"{'waiting Retry-After' if args.on_503 == 'retry-after' else 'retrying at once'}; {os.cpu_count()} CPUs, "
               f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (before) -> {' '.join(f'{x:.2f}' for x in os.getloadavg())} (after)")
     return header + "\n\n" + "\n".join(rows)
+
+
+def cpu_list(text: str) -> set[int]:
+    """"0,1" or "0-3" -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def main() -> None:
@@ -413,9 +430,15 @@ def main() -> None:
     p.add_argument("--connect-first", action="store_true",
                    help="open the overload's connections before its clock starts, as wrk and perf_analyzer do (default: each "
                         "client connects as it starts, so the first second also measures 512 connections accepted at once)")
+    p.add_argument("--server-cpus", type=cpu_list, help="CPUs the servers run on, e.g. 0,1 (default: all)")
+    p.add_argument("--generator-cpus", type=cpu_list,
+                   help="CPUs this generator runs on, e.g. 2,3: on a machine with CPUs to spare, clients that bring their own "
+                        "(default: all, shared with the servers)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--json", type=Path, help="write every phase's numbers here")
     args = p.parse_args()
+    if args.generator_cpus:
+        os.sched_setaffinity(0, args.generator_cpus)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -442,7 +465,8 @@ def main() -> None:
                 order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
                 for name in order:
                     print(f"round {round_ + 1}: {name}", flush=True)
-                    with Server(name, trees[name], tmp / "store", tmp / f"{name.split()[0]}-{round_}.log", args.autogroup_nice) as server:
+                    with Server(name, trees[name], tmp / "store", tmp / f"{name.split()[0]}-{round_}.log", args.autogroup_nice,
+                                args.server_cpus) as server:
                         with generator_priority(args.generator_priority):
                             results[name] += asyncio.run(measure(server, multipart_request(server.port, pngs[: args.images]), args))
         finally:
