@@ -17,6 +17,13 @@
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
 # gpu_train.tgz goes, default ./gpu_train_out).
+#
+# OVERLOAD_ROUNDS=N (default 0: off) also runs issue 10's bench/overload.py for N rounds while the model trains,
+# on CPUs the trainer does not use: the servers on OVERLOAD_SERVER_CPUS (0,1: a 2-CPU server, as the development
+# machine), the clients on OVERLOAD_GENERATOR_CPUS (2,3), the trainer on TRAIN_CPUS (4 to the last). On the 2-CPU
+# development machine the clients must share the server's CPUs; here they bring their own, as a real deployment's
+# do. The service's packages come from the wheels in WHEELS (default ./.whl; carry it too), installed without an
+# index. Its table and JSON go into the archive (overload.txt, overload.json).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,14 +48,35 @@ AMP=(--amp bf16)
 [ "$DEVICE" = cuda ] || { COMPILE=(); AMP=(); }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true; cat "$DATA/PACKED.json"; } > "$WORK/machine.txt"
 
+OVERLOAD_ROUNDS="${OVERLOAD_ROUNDS:-0}"
+TRAIN_PIN=()
+overload_pid=""
+if [ "$OVERLOAD_ROUNDS" -gt 0 ]; then
+  WHEELS="${WHEELS:-$ROOT/.whl}"
+  if ! "$PY" -c "import fastapi, uvicorn, pydantic_settings" 2> /dev/null && compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$WHEELS"/*.whl > "$WORK/wheels.log" 2>&1 || true
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
+  fi
+  TRAIN_PIN=(taskset -c "${TRAIN_CPUS:-4-$(( $(nproc) - 1 ))}")
+  # shellcheck disable=SC2086  # OVERLOAD_ARGS: extra flags, split on purpose
+  "$PY" bench/overload.py --no-baseline --rounds "$OVERLOAD_ROUNDS" --server-cpus "${OVERLOAD_SERVER_CPUS:-0,1}" \
+    --generator-cpus "${OVERLOAD_GENERATOR_CPUS:-2,3}" --generator-priority normal --data "$DATA/cifar" \
+    --json "$WORK/overload.json" ${OVERLOAD_ARGS:-} > "$WORK/overload.txt" 2>&1 &
+  overload_pid=$!
+fi
+
 # The trainer's own budget ends training in time; the outer limit only guards a hang (compile, data, evaluation).
 status=0
-timeout -k 10 "$(( ${MINUTES%.*} * 60 + 240 ))" "$PY" -m trainer --models subpixel_residual --arch-params "$ARCH_PARAMS" \
+"${TRAIN_PIN[@]}" timeout -k 10 "$(( ${MINUTES%.*} * 60 + 240 ))" "$PY" -m trainer --models subpixel_residual --arch-params "$ARCH_PARAMS" \
   --data "$DATA/cifar" --natural "$DATA/natural" --natural-share 0.5 --epoch-size "$EPOCH_SIZE" --epoch-val 2000 \
   --loss l1 --lr "$LR" --batch-size "$BATCH" --lr-schedule cosine --schedule-over time --max-minutes "$MINUTES" \
   --epochs 100000 --augment dihedral --ema 0.999 --seed 0 "${AMP[@]}" "${COMPILE[@]}" --device "$DEVICE" \
   --store "$WORK/store" --checkpoint-dir "$WORK/checkpoints" --resume --cache-dir "$WORK/cache" --no-progress \
   2>&1 | tee "$WORK/train.log" || status=$?
-tar czf "$OUT/gpu_train.tgz" -C "$WORK" --exclude cache .
+if [ -n "$overload_pid" ]; then
+  wait "$overload_pid" || echo "overload.py exited $? (see overload.txt in the archive)"
+  tail -n 20 "$WORK/overload.txt"
+fi
+tar czf "$OUT/gpu_train.tgz" -C "$WORK" --exclude cache --exclude site .
 echo "gpu_train: exit $status; $OUT/gpu_train.tgz holds store/, checkpoints/, train.log, machine.txt"
 exit "$status"

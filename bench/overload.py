@@ -88,7 +88,10 @@ class Server:
         self.name, self.tree, self.store, self.log_path, self.autogroup_nice = name, tree, store, log_path, autogroup_nice
         self.cpus = cpus  # the CPUs the server (and the workers it starts) may run on; None: all
         self.port = free_port()
-        self.env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1", "UPGRADER_STORE": str(store),
+        # The tree first; other PYTHONPATH entries (packages installed into a folder, as bench/gpu_train.sh does on a
+        # leased machine) stay, but not this project's own root, which would shadow a baseline tree.
+        extra = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and Path(entry).resolve() != PROJECT_ROOT]
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *extra]), "PYTHONUNBUFFERED": "1", "UPGRADER_STORE": str(store),
                     "UPGRADER_DEFAULT_MODEL": MODEL, "UPGRADER_LOG_LEVEL": "WARNING", "UPGRADER_POLL_INTERVAL_S": "60"}
         self.env.pop("UPGRADER_WORKERS", None)  # the default for this machine, in both
 
