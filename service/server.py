@@ -21,7 +21,7 @@ protocol (the one `http="auto"` picks) with, per connection:
   parser callbacks (service.infer_lane), without uvicorn's request cycle or the ASGI layers;
 * a client that leaves is let go: when a connection closes, its `ClientGone` fires (service.limits)
   and the requests on it still waiting (for a place in line, or for a batch) are dropped, not
-  computed for nobody (admitted POST /upscale and the inference lane; other requests run to the end);
+  computed for nobody (POST /upscale and /v2 .../infer, in the inference lane or not);
 * admission: while the worker's admission budget and line are full (service.limits.Admission),
   POST /upscale is answered 503 + Retry-After from its headers, without entering the app. On a
   connection still at the front door (the common case under overload: new clients, and clients
@@ -335,6 +335,8 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
                 request.gone = self.client_gone()
                 self._arm_body_timer()
             else:
+                if self.parser.get_method() == b"POST":  # e.g. /v2 .../infer the ASGI way (service.routers.inference.infer)
+                    self.scope[CLIENT_GONE] = self.client_gone()
                 super().on_headers_complete()
 
         def _plain(self) -> bool:

@@ -291,7 +291,7 @@ def test_requests_that_end_before_their_route_stop_counting_as_arriving(store, p
 
 def test_a_client_that_leaves_has_its_queued_images_dropped_not_computed(store, pngs, inputs):
     """Images queued for clients that have closed their connection are never computed: not those of an /upscale
-    request, nor those of a request in the protocol's own /v2 lane. The request that stays is served in full."""
+    request, nor those of /v2 requests (in the protocol's own lane or the ASGI way). The request that stays is served in full."""
     with LiveServer(store=store.root, poll_interval_s=60, max_batch_images=1) as live:
         def batches() -> float:
             return metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_batch_images_count", model="conv")
@@ -305,16 +305,18 @@ def test_a_client_that_leaves_has_its_queued_images_dropped_not_computed(store, 
         leaver.sendall(multipart_head(live.url, multipart_body(pngs[:16])) + multipart_body(pngs[:16]))
         v2_leaver = connect(live.url)  # 8 images through the protocol's own lane, then the client leaves
         v2_leaver.sendall(v2_request("/v2/models/conv/infer", inputs[:8].numpy()))
-        wait_for(lambda: batches() >= started + 20, "20 more batches")  # long enough for both to be decoded and queued
-        leaver.close()
-        v2_leaver.close()
+        asgi_leaver = connect(live.url)  # 4 more with a query string: the ASGI way (service.fastlane), then the client leaves
+        asgi_leaver.sendall(v2_request("/v2/models/conv/infer?via=asgi", inputs[:4].numpy()))
+        wait_for(lambda: batches() >= started + 20, "20 more batches")  # long enough for all three to be decoded and queued
+        for sock in (leaver, v2_leaver, asgi_leaver):
+            sock.close()
         status, _, answer = read_response(stays)
         assert status == 200 and len(json.loads(answer)["images"]) == 256
         stays.close()
         metrics = httpx.get(f"{live.url}/metrics").text
-        assert metric_value(metrics, "upgrader_images_dropped_total", model="conv", reason="client_gone") == 16 + 8
-        assert metric_value(metrics, "upgrader_requests_total", model="conv", status="499") == 2
-        assert batches() - before == 256  # the 256 only: none of the 24 went through the model
+        assert metric_value(metrics, "upgrader_images_dropped_total", model="conv", reason="client_gone") == 16 + 8 + 4
+        assert metric_value(metrics, "upgrader_requests_total", model="conv", status="499") == 3
+        assert batches() - before == 256  # the 256 only: none of the 28 went through the model
 
 
 def test_a_request_waiting_in_line_leaves_it_when_its_client_does():

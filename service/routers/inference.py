@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from model_store import LATEST
 from service.deps import ManagerDep, SettingsDep, StateDep, require_api_key
 from service.errors import ApiError
-from service.limits import ClientGone
+from service.limits import CLIENT_GONE, ClientGone
 from service.inference_schemas import (
     InferenceRequest,
     ModelMetadata,
@@ -206,7 +206,7 @@ class InferAnswer:
 
 
 async def infer(request: Request, state: State, name: str, version: str = LATEST) -> Response:
-    answer = await run_infer(state, name, version, request.headers.get, request.body)
+    answer = await run_infer(state, name, version, request.headers.get, request.body, request.scope.get(CLIENT_GONE))
     return Response(answer.body, media_type=answer.media_type, headers=answer.headers())
 
 
