@@ -258,23 +258,17 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_deadline: float | None = None  # loop.time() by which the headers must be in
         _body_deadline: float | None = None  # ... and the body
-        _gone: ClientGone | None = None  # fired when the connection closes (made for its first request that can wait)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             """Handed over by the front door (which counted the connection against the cap)."""
             super().connection_made(transport)
             self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+            self.gone = ClientGone()  # fired when the connection closes: its requests' waiting work is dropped
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
-            if self._gone is not None:
-                self._gone.fire()
-
-        def client_gone(self) -> ClientGone:
-            if self._gone is None:
-                self._gone = ClientGone()
-            return self._gone
+            self.gone.fire()
 
         def carry_header_deadline(self, deadline: float | None) -> None:
             """The head being read began at the front door: its clock started there."""
@@ -318,7 +312,10 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
 
         def on_headers_complete(self) -> None:
             self._header_deadline = None
-            if self.parser.get_method() == b"POST" and self.url.partition(b"?")[0] == ADMITTED_PATH:
+            post = self.parser.get_method() == b"POST"
+            if post:
+                self.scope[CLIENT_GONE] = self.gone  # read by the /upscale and /v2 infer routes (and Admission.slot)
+            if post and self.url.partition(b"?")[0] == ADMITTED_PATH:
                 if admission.full():
                     if self.cycle is None or self.cycle.response_complete:
                         self._refuse_now()
@@ -327,16 +324,13 @@ def guarded_protocol(state: State) -> type[asyncio.Protocol]:
                 else:
                     weight = admission.weight(dict(self.headers).get(b"content-length", b"").decode("latin-1"), settings.max_images_per_request)
                     self.scope[ARRIVAL] = admission.arrive(weight)  # the route's admission takes it over (service.routers.upscale)
-                    self.scope[CLIENT_GONE] = self.client_gone()
                     self._run_instead(arriving(self.app))
-            elif (self.parser.get_method() == b"POST" and self._plain()
+            elif (post and self._plain()
                   and (request := InferRequest.take(self.url, self.headers, settings.max_body_bytes)) is not None):
                 self.cycle = request  # type: ignore[assignment]  # service.infer_lane serves it from on_message_complete
-                request.gone = self.client_gone()
+                request.gone = self.gone
                 self._arm_body_timer()
             else:
-                if self.parser.get_method() == b"POST":  # e.g. /v2 .../infer the ASGI way (service.routers.inference.infer)
-                    self.scope[CLIENT_GONE] = self.client_gone()
                 super().on_headers_complete()
 
         def _plain(self) -> bool:
