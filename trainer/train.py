@@ -35,7 +35,7 @@ from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_a
 from trainer.report import loss_curve_png, samples_png
 from upgrader.architectures import ARCHITECTURES, INPUT_SHAPE, OUTPUT_SHAPE, build_model, parameter_count
 from upgrader.ensemble import self_ensemble
-from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_per_image, ssim_per_image, to_float
+from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_per_image, ssim_per_image, to_8bit, to_float
 
 log = logging.getLogger("trainer")
 
@@ -116,6 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="train the first FRACTION of steps on targets blurred to 16x16 (learn 8->16 only); 0 = off")
     recipe.add_argument("--fine-lr-scale", type=float, default=0.1,
                         help="learning rate multiplier after the coarse phase of --coarse-to-fine")
+    recipe.add_argument("--quantize-inputs", action="store_true",
+                        help="round each 8x8 input to 8-bit levels, as the PNG a client sends to the service is (default: exact floats)")
     recipe.add_argument("--arch-params", type=json_object, default={}, metavar="JSON",
                         help="keyword arguments for the architecture (every model in --models), e.g. '{\"width\": 64, \"depth\": 8}'")
     recipe.add_argument("--init-from", default=None, metavar="NAME[:VERSION]",
@@ -217,6 +219,8 @@ def train_one_epoch(
         if args.augment == "dihedral":
             targets = dihedral_augment(targets, augment_rng)
         inputs = downsample(targets)
+        if args.quantize_inputs:
+            inputs = to_8bit(inputs)
         if is_coarse_step(step, total_steps, args.coarse_to_fine):
             targets = coarse_targets(targets)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -290,6 +294,7 @@ def recipe_of(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
         "augment": args.augment,
         "ema": args.ema,
         "coarse_to_fine": args.coarse_to_fine,
+        "quantize_inputs": args.quantize_inputs,
         "fine_lr_scale": args.fine_lr_scale,
         "amp": "bf16" if args.amp == "bf16" and runtime.device.type == "cuda" else "none",
         "seed": args.seed,

@@ -26,6 +26,12 @@ def downsample(targets: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     return F.interpolate(targets, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
 
 
+def to_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Float [0, 1] rounded to the nearest of the 256 levels a PNG can hold (still float): what a client's
+    8x8 PNG carries to the service, and what its 32x32 PNG answer carries back."""
+    return images.clamp(0, 1).mul(255.0).round_().div_(255.0)
+
+
 def bicubic_upscale(inputs: torch.Tensor, size: int = OUTPUT_SIZE) -> torch.Tensor:
     """8x8 -> 32x32 bicubic, the baseline every model is compared with.
 
