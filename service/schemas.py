@@ -87,6 +87,8 @@ class VersionInfo(BaseModel):
     dataset: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = Field(None, description="Validation metrics of the model and of bicubic (and self_ensemble when measured).")
+    evaluation: str | None = Field(None, description="How `metrics` were measured; absent for versions measured on exact float "
+                                   "inputs and outputs (before 8-bit, as-served evaluation).")
     weights_sha256: str | None = None
     epochs_completed: int | None = None
 

@@ -44,14 +44,15 @@ def make_model(arch: str = "conv", seed: int = 0) -> torch.nn.Module:
 
 def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psnr: float = 20.0,
             files: dict[str, bytes] | None = None, natural_psnr: float | None = None,
-            recipe: dict | None = None) -> tuple[int, torch.nn.Module]:
-    """Publish a seeded model with a manifest following the team's contract; returns (version, model).
+            recipe: dict | None = None, model: torch.nn.Module | None = None, params: dict | None = None) -> tuple[int, torch.nn.Module]:
+    """Publish a seeded model (or `model`, built with `params`) with a manifest following the team's contract;
+    returns (version, model).
 
     With `natural_psnr`, the manifest also has the natural-photo validation (metrics.natural) the trainer
     publishes with --natural."""
-    model = make_model(arch, seed)
+    model = make_model(arch, seed) if model is None else model
     manifest = {
-        "architecture": {"name": arch, "params": {}}, "parameter_count": parameter_count(model),
+        "architecture": {"name": arch, "params": params or {}}, "parameter_count": parameter_count(model),
         "input_shape": [3, 8, 8], "output_shape": [3, 32, 32],
         "recipe": {"optimizer": "adam", "lr": 0.001, "batch_size": 128, "loss": "mse", "epochs": 1, **(recipe or {})},
         "args": {"arch": arch, "seed": seed},

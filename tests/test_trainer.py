@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,9 @@ from model_store import ModelStore
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import load_image_data, place_on_device
 from trainer.recipe import EMA, LR_SCHEDULES, dihedral_augment, learning_rate
-from trainer.train import evaluate, get_args_parser, main
+from trainer.train import EVALUATION, evaluate, get_args_parser, main
 from upgrader.architectures import ARCHITECTURES, build_model, parameter_count
+from upgrader.imaging import bicubic_upscale, downsample, psnr_per_image
 
 LIMIT_TRAIN, LIMIT_VAL = 256, 64
 CONTRACT_KEYS = {
@@ -77,12 +79,40 @@ def tiny_store(data_dir, cache_dir, tmp_path_factory) -> ModelStore:
     return ModelStore(root)
 
 
+def test_evaluation_scores_what_the_service_answers(tmp_path, val_images):
+    """`evaluate` (what the trainer publishes) measures as served: its PSNRs are the mean of what POST /upscale and
+    POST /bicubic report when sent the images' 8x8 PNGs with the 32x32 originals as references."""
+    from test_service_support import LiveServer, multipart, png_list, publish, quantise
+
+    params = {"width": 8, "depth": 1}
+    model = build_model("subpixel_residual", **params).eval()  # untrained: its last conv is zero, so bicubic exactly
+    with torch.no_grad():
+        model.to_subpixels.bias.fill_(0.3 / 255)  # plus a third of an 8-bit level: gone once the PNG is written
+    store = ModelStore(tmp_path / "store")
+    publish(store, "sr", "subpixel_residual", model=model, params=params)
+    # Flat images join the validation images: exact floats score these far below what 8-bit PNGs do.
+    images = torch.cat([val_images, torch.arange(4, dtype=torch.uint8).mul(85).view(4, 1, 1, 1).expand(4, 3, 32, 32)])
+    measured = evaluate(model, images, torch.device("cpu"), loss_name="mse", baseline=True)
+    with torch.inference_mode():
+        floats, targets = downsample(images.float() / 255), images.float() / 255
+        float_psnr = psnr_per_image(model(floats), targets).mean().item()
+    inputs, references = png_list(quantise(floats)), png_list(images)
+    with LiveServer(store=store.root) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        for route, who, tolerance in [("/upscale?model=sr", "model", 1e-3), ("/bicubic", "bicubic", 0.01)]:  # Pillow's rounding
+            response = client.post(route, files=multipart(inputs, references=references))
+            assert response.status_code == 200, response.text
+            served = np.mean([image["psnr"] for image in response.json()["images"]])
+            assert served == pytest.approx(measured[who]["psnr"], abs=tolerance), who
+    assert measured["model"]["psnr"] - float_psnr > 1.0  # what exact floats would have published instead
+
+
 @pytest.mark.slow
 def test_tiny_training_publishes_models_that_load_back_and_reproduce(tiny_store, val_images):
     assert tiny_store.models() == ["conv", "fc"]
     for name in ("fc", "conv"):
         assert tiny_store.versions(name) == [1]
         manifest = assert_reproduces_metrics(tiny_store, name, val_images)
+        assert manifest["evaluation"] == EVALUATION
         torch.manual_seed(0)  # the trainer's seed: these are the initial weights, which training changed
         initial, trained = build_model(name).state_dict(), tiny_store.load_state_dict(name)[0]
         assert initial.keys() == trained.keys() and not all(torch.equal(initial[k], trained[k]) for k in initial)

@@ -23,7 +23,7 @@ import torch
 from model_store import ModelStore, StoreError
 from trainer import distributed
 from trainer.data import load_image_data, place_on_device
-from trainer.train import draw_samples, evaluate, logfmt
+from trainer.train import EVALUATION, draw_samples, evaluate, logfmt
 from upgrader.architectures import build_model
 
 log = logging.getLogger("trainer.soup")
@@ -103,6 +103,7 @@ def soup_manifest(versions: list[int], ingredients: list[dict], metrics: dict, a
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "history": [],
         "metrics": metrics,
+        "evaluation": EVALUATION,
         "device": device.type,
         "device_name": distributed.describe(device),
         # What the soup cost: the training of all of its ingredients.

@@ -40,6 +40,9 @@ from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_pe
 log = logging.getLogger("trainer")
 
 EVAL_BATCH_SIZE = 1000
+# How `evaluate` measures, written into every manifest. Manifests without it (before 2026-11-27) were measured
+# on exact float inputs and outputs, which scored photo tiles differently (bench/RESULTS.md, issue 12, session 11).
+EVALUATION = "as served: 8-bit 8x8 inputs, 8-bit 32x32 outputs"
 SAMPLE_IMAGES = 8
 # Recipe entries a resumed run may change; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"epochs"}
@@ -246,7 +249,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, lo
     """Mean loss, MSE, PSNR and SSIM over the images; with `baseline`, the same for bicubic of the same 8x8 inputs;
     with `ensemble`, the same for the model's test-time self-ensemble (8 dihedral views averaged).
 
-    Always in float32 (even after bf16 training): these are the numbers the service reproduces.
+    Measured as served (EVALUATION): each 8x8 input rounded to 8 bits, as the PNG a client sends holds it, and
+    each output rounded to 8 bits, as the PNG the service answers with holds it; in float32 even after bf16
+    training. These are the numbers `POST /upscale` reports for the same images sent with references.
+    The loss is that of the unrounded outputs (the training loss's view).
     """
     model.eval()
     loss_fn = LOSSES[loss_name]
@@ -254,14 +260,16 @@ def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, lo
     sums = {name: {"mse": 0.0, "psnr": 0.0, "ssim": 0.0} for name in who}
     loss_sum = 0.0
     for targets in batches(images, EVAL_BATCH_SIZE, device, shuffle=False):
-        inputs = downsample(targets)
-        outputs = {"model": model(inputs).float()}
+        inputs = to_8bit(downsample(targets))
+        predicted = model(inputs).float()
+        loss_sum += loss_fn(predicted, targets).item() * len(targets)
+        outputs = {"model": predicted}
         if baseline:
             outputs["bicubic"] = bicubic_upscale(inputs)
         if ensemble:
             outputs["self_ensemble"] = self_ensemble(model, inputs).float()
-        loss_sum += loss_fn(outputs["model"], targets).item() * len(targets)
         for name, predicted in outputs.items():
+            predicted = to_8bit(predicted)
             sums[name]["mse"] += mse_per_image(predicted, targets).sum().item()
             sums[name]["psnr"] += psnr_per_image(predicted, targets).sum().item()
             sums[name]["ssim"] += ssim_per_image(predicted, targets).sum().item()
@@ -478,6 +486,7 @@ def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: I
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "history": history,
         "metrics": metrics,
+        "evaluation": EVALUATION,
         "device": runtime.device.type,
         "device_name": distributed.describe(runtime.device),
         "wall_time_s": sum(h["seconds"] for h in history),  # training time, over resumed runs too

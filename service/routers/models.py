@@ -40,6 +40,7 @@ def version_info(state: ModelState, version: int, detail: bool = False) -> Versi
         version=version, status=status, error=None if error is None else scrub_text(error), created_at=manifest.get("created_at"),
         aliases=sorted(alias for alias, v in state.aliases.items() if v == version) + (["latest"] if version == state.serving else []),
         dataset=public(manifest.get("dataset")), recipe=public(manifest.get("recipe")), metrics=manifest.get("metrics"),
+        evaluation=manifest.get("evaluation"),
         weights_sha256=manifest.get("weights_sha256"), epochs_completed=manifest.get("epochs_completed"),
     )
     return VersionDetail(**fields, manifest=public(manifest)) if detail else VersionInfo(**fields)
