@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from model_store import ModelStore
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import load_image_data, place_on_device
-from trainer.recipe import EMA, LR_SCHEDULES, dihedral_augment, learning_rate
+from trainer.recipe import EMA, LR_SCHEDULES, PSNR_LOSS_FLOOR, dihedral_augment, learning_rate, psnr_loss
 from trainer.train import EVALUATION, evaluate, get_args_parser, main
 from upgrader.architectures import ARCHITECTURES, build_model, parameter_count
 from upgrader.imaging import bicubic_upscale, downsample, psnr_per_image
@@ -336,6 +336,34 @@ def test_learning_rate_schedules_and_coarse_to_fine_phase():
     assert learning_rate(0, 100, coarse_to_fine=0.0, **lr) == learning_rate(99, 100, coarse_to_fine=0.0, **lr) == 1e-3
     assert learning_rate(29, 100, coarse_to_fine=0.3, **lr) == 1e-3  # coarse phase: the given lr
     assert learning_rate(30, 100, coarse_to_fine=0.3, **lr) == pytest.approx(1e-4)  # fine phase: scaled
+
+
+def test_psnr_loss_is_minus_the_mean_per_image_psnr_and_leans_on_the_easy_images():
+    torch.manual_seed(0)
+    targets = torch.rand(2, 3, 32, 32)
+    noise = torch.randn(2, 3, 32, 32) * torch.tensor([0.01, 0.1]).view(2, 1, 1, 1)  # a near-exact image, a poor one
+    outputs = (targets + noise).requires_grad_()
+    loss = psnr_loss(outputs, targets)
+    assert loss.item() == pytest.approx(-psnr_per_image(outputs.detach(), targets).mean().item(), abs=0.05)
+    loss.backward()
+    per_pixel = outputs.grad.abs().flatten(1).mean(1)
+    assert per_pixel[0] > 5 * per_pixel[1]  # each image's error weighed by 1 / its MSE: the near-exact one leads
+    mse_grad = torch.autograd.grad(torch.nn.functional.mse_loss(outputs, targets), outputs)[0].abs().flatten(1).mean(1)
+    assert mse_grad[1] > 5 * mse_grad[0]  # where MSE (and L1, less so) follow the poor one
+    exact = targets.clone().requires_grad_()
+    floor = psnr_loss(exact, targets)
+    floor.backward()
+    assert floor.item() == pytest.approx(10 * np.log10(PSNR_LOSS_FLOOR)) and torch.isfinite(exact.grad).all()
+
+
+@pytest.mark.slow
+def test_psnr_loss_and_8bit_inputs_train_publish_and_are_recorded(data_dir, cache_dir, tmp_path, val_images):
+    store = ModelStore(tmp_path / "store")
+    flags = ["--models", "conv", "--epochs", "1", "--loss", "psnr", "--quantize-inputs"]
+    assert main(cli_args(data_dir, store.root, cache_dir, *flags)) == 0
+    manifest = assert_reproduces_metrics(store, "conv", val_images, loss="psnr")
+    assert manifest["recipe"]["loss"] == "psnr" and manifest["recipe"]["quantize_inputs"] is True
+    assert -40 < manifest["history"][0]["train_loss"] < -5  # minus a PSNR in dB
 
 
 def test_dihedral_augment_uses_all_eight_symmetries_per_image(real_images):
