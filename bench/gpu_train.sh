@@ -13,7 +13,8 @@
 # Checkpoints go to the same archive, so a later lease can continue it (--resume).
 #
 # Settings (environment): MINUTES (training wall-clock budget, default 9), BATCH (256), LR (2e-3),
-# ARCH_PARAMS (JSON, default 64x8 + attention 16), EPOCH_SIZE (images per epoch, default 32768), DATA
+# ARCH_PARAMS (JSON, default 64x8 + attention 16), LOSS (l1), QUANTIZE_INPUTS (1: --quantize-inputs; 0: exact
+# float inputs), EPOCH_SIZE (images per epoch, default 32768), DATA
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
 # gpu_train.tgz goes, default ./gpu_train_out).
@@ -35,6 +36,9 @@ BATCH="${BATCH:-256}"
 LR="${LR:-2e-3}"
 ARCH_PARAMS="${ARCH_PARAMS:-{\"width\": 64, \"depth\": 8, \"attention\": 16\}}"
 EPOCH_SIZE="${EPOCH_SIZE:-32768}"
+LOSS="${LOSS:-l1}"
+QUANTIZE=()
+[ "${QUANTIZE_INPUTS:-0}" = 1 ] && QUANTIZE=(--quantize-inputs)
 DEVICE="${DEVICE:-cuda}"
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-train.XXXXXX")"
@@ -69,7 +73,7 @@ fi
 status=0
 "${TRAIN_PIN[@]}" timeout -k 10 "$(( ${MINUTES%.*} * 60 + 240 ))" "$PY" -m trainer --models subpixel_residual --arch-params "$ARCH_PARAMS" \
   --data "$DATA/cifar" --natural "$DATA/natural" --natural-share 0.5 --epoch-size "$EPOCH_SIZE" --epoch-val 2000 \
-  --loss l1 --lr "$LR" --batch-size "$BATCH" --lr-schedule cosine --schedule-over time --max-minutes "$MINUTES" \
+  --loss "$LOSS" "${QUANTIZE[@]}" --lr "$LR" --batch-size "$BATCH" --lr-schedule cosine --schedule-over time --max-minutes "$MINUTES" \
   --epochs 100000 --augment dihedral --ema 0.999 --seed 0 "${AMP[@]}" "${COMPILE[@]}" --device "$DEVICE" \
   --store "$WORK/store" --checkpoint-dir "$WORK/checkpoints" --resume --cache-dir "$WORK/cache" --no-progress \
   2>&1 | tee "$WORK/train.log" || status=$?

@@ -302,11 +302,12 @@ def recipe_of(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
         "augment": args.augment,
         "ema": args.ema,
         "coarse_to_fine": args.coarse_to_fine,
-        "quantize_inputs": args.quantize_inputs,
         "fine_lr_scale": args.fine_lr_scale,
         "amp": "bf16" if args.amp == "bf16" and runtime.device.type == "cuda" else "none",
         "seed": args.seed,
         "shuffle": "once per epoch",
+        # Only when on, so checkpoints written before the flag existed still resume (their recipe lacks it).
+        **({"quantize_inputs": True} if args.quantize_inputs else {}),
     }
 
 
