@@ -261,15 +261,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, device: torch.device, *, lo
     loss_sum = 0.0
     for targets in batches(images, EVAL_BATCH_SIZE, device, shuffle=False):
         inputs = to_8bit(downsample(targets))
-        predicted = model(inputs).float()
-        loss_sum += loss_fn(predicted, targets).item() * len(targets)
-        outputs = {"model": predicted}
+        outputs = {"model": model(inputs).float()}
         if baseline:
             outputs["bicubic"] = bicubic_upscale(inputs)
         if ensemble:
             outputs["self_ensemble"] = self_ensemble(model, inputs).float()
-        for name, predicted in outputs.items():
-            predicted = to_8bit(predicted)
+        loss_sum += loss_fn(outputs["model"], targets).item() * len(targets)
+        for name, output in outputs.items():
+            predicted = to_8bit(output)
             sums[name]["mse"] += mse_per_image(predicted, targets).sum().item()
             sums[name]["psnr"] += psnr_per_image(predicted, targets).sum().item()
             sums[name]["ssim"] += ssim_per_image(predicted, targets).sum().item()
