@@ -13,7 +13,8 @@
 # Checkpoints go to the same archive, so a later lease can continue it (--resume).
 #
 # Settings (environment): MINUTES (training wall-clock budget, default 9), BATCH (256), LR (2e-3),
-# ARCH_PARAMS (JSON, default 64x8 + attention 16), LOSS (l1), QUANTIZE_INPUTS (1: --quantize-inputs; 0: exact
+# ARCH_PARAMS (JSON, default 64x8 + attention 16), LOSS (l1; psnr pays as a fine-tune, see RESULTS.md session 11),
+# QUANTIZE_INPUTS (default 1: --quantize-inputs, 8-bit inputs as served; 0: exact
 # float inputs), EPOCH_SIZE (images per epoch, default 32768), DATA
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
@@ -38,7 +39,7 @@ ARCH_PARAMS="${ARCH_PARAMS:-{\"width\": 64, \"depth\": 8, \"attention\": 16\}}"
 EPOCH_SIZE="${EPOCH_SIZE:-32768}"
 LOSS="${LOSS:-l1}"
 QUANTIZE=()
-[ "${QUANTIZE_INPUTS:-0}" = 1 ] && QUANTIZE=(--quantize-inputs)
+[ "${QUANTIZE_INPUTS:-1}" = 1 ] && QUANTIZE=(--quantize-inputs)
 DEVICE="${DEVICE:-cuda}"
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-train.XXXXXX")"
