@@ -364,6 +364,11 @@ def test_psnr_loss_and_8bit_inputs_train_publish_and_are_recorded(data_dir, cach
     manifest = assert_reproduces_metrics(store, "conv", val_images, loss="psnr")
     assert manifest["recipe"]["loss"] == "psnr" and manifest["recipe"]["quantize_inputs"] is True
     assert -40 < manifest["history"][0]["train_loss"] < -5  # minus a PSNR in dB
+    # The same run on exact float inputs (training is deterministic on the CPU) ends with other weights.
+    assert main(cli_args(data_dir, store.root, cache_dir, *flags[:-1], "--publish-as", "conv-float-inputs")) == 0
+    assert "quantize_inputs" not in store.manifest("conv-float-inputs")["recipe"]
+    rounded, exact = store.load_state_dict("conv")[0], store.load_state_dict("conv-float-inputs")[0]
+    assert not all(torch.equal(rounded[k], exact[k]) for k in rounded)
 
 
 def test_dihedral_augment_uses_all_eight_symmetries_per_image(real_images):
