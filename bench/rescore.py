@@ -25,25 +25,19 @@ from upgrader.imaging import bicubic_upscale, downsample, psnr_per_image
 
 
 @torch.inference_mode()
-def gain_by_quarter(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[float, float]]:
-    """(bicubic, model) mean PSNR in each quarter of the images, hardest first, ranked by bicubic's PSNR (exact floats)."""
-    targets = images.float() / 255
-    inputs = downsample(targets)
-    model_psnr = torch.cat([psnr_per_image(model(x).float(), t) for x, t in zip(inputs.split(EVAL_BATCH_SIZE), targets.split(EVAL_BATCH_SIZE))])
-    bicubic_psnr = psnr_per_image(bicubic_upscale(inputs), targets)
-    quarters = bicubic_psnr.argsort().tensor_split(4)
-    return [(bicubic_psnr[q].mean().item(), model_psnr[q].mean().item()) for q in quarters]
-
-
-@torch.inference_mode()
-def float_protocol(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Mean per-image PSNR of the model and of bicubic on exact float inputs and outputs (the protocol before 8-bit)."""
-    sums = {"model": 0.0, "bicubic": 0.0}
+def float_psnrs(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image PSNR of the model and of bicubic on exact float inputs and outputs (the protocol before 8-bit)."""
+    model_psnr, bicubic_psnr = [], []
     for targets in batches(images, EVAL_BATCH_SIZE, torch.device("cpu"), shuffle=False):
         inputs = downsample(targets)
-        sums["model"] += psnr_per_image(model(inputs).float(), targets).sum().item()
-        sums["bicubic"] += psnr_per_image(bicubic_upscale(inputs), targets).sum().item()
-    return {who: total / len(images) for who, total in sums.items()}
+        model_psnr.append(psnr_per_image(model(inputs).float(), targets))
+        bicubic_psnr.append(psnr_per_image(bicubic_upscale(inputs), targets))
+    return torch.cat(model_psnr), torch.cat(bicubic_psnr)
+
+
+def by_quarter(model_psnr: torch.Tensor, bicubic_psnr: torch.Tensor) -> list[tuple[float, float]]:
+    """(bicubic, model) mean PSNR in each quarter of the images, hardest first, ranked by bicubic's PSNR."""
+    return [(bicubic_psnr[q].mean().item(), model_psnr[q].mean().item()) for q in bicubic_psnr.argsort().tensor_split(4)]
 
 
 def main() -> None:
@@ -69,13 +63,14 @@ def main() -> None:
         model, manifest = store.load(args.model, version)
         for split, images in splits.items():
             served = evaluate(model, images, torch.device("cpu"), loss_name="l1", baseline=True)
-            floats = float_protocol(model, images)
+            model_psnr, bicubic_psnr = float_psnrs(model, images)
+            floats = {"model": model_psnr.mean().item(), "bicubic": bicubic_psnr.mean().item()}
             print(f"| {manifest['version']} | {split} | {served['model']['psnr']:.3f} | {served['bicubic']['psnr']:.3f} | "
                   f"**{served['model']['psnr'] - served['bicubic']['psnr']:+.3f}** | {floats['model']:.3f} | {floats['bicubic']:.3f} | "
                   f"{floats['model'] - floats['bicubic']:+.3f} | {manifest.get('evaluation', 'exact floats')} |", flush=True)
             if args.quarters:
                 print(f"|   | {split}, hardest to easiest quarter: "
-                      + ", ".join(f"{b:.2f} → {m:.2f} ({m - b:+.2f})" for b, m in gain_by_quarter(model, images)) + " |", flush=True)
+                      + ", ".join(f"{b:.2f} → {m:.2f} ({m - b:+.2f})" for b, m in by_quarter(model_psnr, bicubic_psnr)) + " |", flush=True)
 
 
 if __name__ == "__main__":
