@@ -124,8 +124,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--arch-params", type=json_object, default={}, metavar="JSON",
                         help="keyword arguments for the architecture (every model in --models), e.g. '{\"width\": 64, \"depth\": 8}'")
     recipe.add_argument("--init-from", default=None, metavar="NAME[:VERSION]",
-                        help="start from the weights of a published version (fine-tuning) instead of a random init; same architecture "
-                             "and --arch-params. Its training time is recorded in the manifest (recipe.init_from)")
+                        help="start from the weights of a published version (fine-tuning) instead of a random init; the same "
+                             "architecture, and the same --arch-params or ones that only add identity-initialised modules "
+                             "(e.g. global_attention: a growth, checked on a batch). Recorded in the manifest (recipe.init_from)")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
 
     run = p.add_argument_group("how it runs")
@@ -328,12 +329,47 @@ def load_initial_weights(model: nn.Module, init_from: str, store_location: str |
     except StoreError as exc:  # unknown model or version, or weights that fail their checksum
         raise ValueError(f"--init-from {init_from}: {exc}") from None
     source = {"name": manifest["architecture"]["name"], "params": manifest["architecture"].get("params", {})}
-    if source != architecture:
-        raise ValueError(f"--init-from {init_from} is {json.dumps(source)}; this run trains {json.dumps(architecture)}")
-    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in state_dict.items()})
-    log.info("event=init_from model=%s version=%d psnr=%.4f", name, manifest["version"], manifest["metrics"]["model"]["psnr"])
-    return {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
-            "wall_time_s": manifest.get("wall_time_s"), "psnr": manifest["metrics"]["model"]["psnr"]}
+    device = next(model.parameters()).device
+    recorded = {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
+                "wall_time_s": manifest.get("wall_time_s"), "psnr": manifest["metrics"]["model"]["psnr"]}
+    if source == architecture:
+        model.load_state_dict({k: v.to(device) for k, v in state_dict.items()})
+    else:
+        recorded["grown"] = grow(model, state_dict, source, architecture, init_from)
+    log.info("event=init_from model=%s version=%d psnr=%.4f grown=%s", name, manifest["version"],
+             manifest["metrics"]["model"]["psnr"], ",".join(recorded.get("grown", {}).get("new_modules", [])) or "no")
+    return recorded
+
+
+def grow(model: nn.Module, state_dict: dict, source: dict, architecture: dict, init_from: str) -> dict:
+    """Start a larger model from a published smaller one (--init-from with other --arch-params).
+
+    Allowed only when it is a pure growth: every published tensor lands on a parameter of the same name and
+    shape, and the new modules start as the identity (as `global_attention` blocks do), so the grown model's
+    outputs equal the published model's on a fixed batch. Anything else would throw the published training
+    away while claiming to build on it.
+    """
+    refuse = f"--init-from {init_from} is {json.dumps(source)}; this run trains {json.dumps(architecture)}"
+    if source["name"] != architecture["name"]:
+        raise ValueError(refuse)
+    device = next(model.parameters()).device
+    ours = model.state_dict()
+    stray = sorted(k for k, v in state_dict.items() if k not in ours or ours[k].shape != v.shape)
+    if stray:
+        raise ValueError(f"{refuse}, and {len(stray)} of its tensors have no place here (first: {stray[0]})")
+    missing = model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=False).missing_keys
+    published = build_model(source["name"], **source["params"]).to(device)
+    published.load_state_dict({k: v.to(device) for k, v in state_dict.items()})
+    inputs = torch.rand(4, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval(), published.eval()
+    with torch.no_grad():
+        gap = (model(inputs) - published(inputs)).abs().max().item()
+    model.train(was_training)
+    if gap > 1e-5:
+        raise ValueError(f"{refuse}, and the new modules are not the identity at the start "
+                         f"(outputs differ by up to {gap:.3g}): that is not a growth")
+    return {"from_params": source["params"], "new_modules": sorted({k.rsplit(".", 2)[0] for k in missing})}
 
 
 def resume_point(args: argparse.Namespace, checkpoint_dir: Path | None, run: dict) -> Checkpoint | None:
