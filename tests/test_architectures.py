@@ -84,7 +84,24 @@ def test_channel_attention_gates_each_channel_by_its_global_average():
     assert attention.squeeze.out_channels == 4
 
 
-@pytest.mark.parametrize("params", [{"rep": True}, {"attention": 16}, {"width": 64, "depth": 8, "attention": 16}])
+def test_global_attention_starts_as_the_identity_and_then_mixes_every_position():
+    torch.manual_seed(0)
+    block = build_model("subpixel_residual", width=16, depth=1, global_attention=1).context[0]
+    x = torch.rand(2, 16, 8, 8)
+    assert torch.equal(block(x), x)  # both residual branches end in a zero projection
+    for last in (block.proj, block.mlp_out):
+        torch.nn.init.normal_(last.weight, std=0.5)
+    nudged = x.clone()
+    nudged[:, 0, 0, 0] += 1.0  # one channel (a LayerNorm would erase a shift of all of them)
+    changed = (block(nudged) - block(x)).abs().amax(dim=1)  # (2, 8, 8): how much each position moved
+    # one corner's features reach the far corner in one block (a 3x3 conv reaches one neighbour)
+    assert (changed[:, 7, 7] > 1e-4).all()
+    with pytest.raises(ValueError, match="width 18 is not a multiple of 4 heads"):
+        build_model("subpixel_residual", width=18, depth=1, global_attention=1)
+
+
+@pytest.mark.parametrize("params", [{"rep": True}, {"attention": 16}, {"width": 64, "depth": 8, "attention": 16},
+                                    {"width": 64, "depth": 8, "global_attention": 1}])
 def test_every_option_starts_as_bicubic_and_keeps_the_default_model_unchanged(params, real_images):
     inputs = downsample(to_float(real_images[:8]))
     model = build_model("subpixel_residual", **params).eval()

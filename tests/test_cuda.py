@@ -23,7 +23,8 @@ pytestmark = [
 
 # TF32 (which the trainer turns on for CUDA) keeps 10 mantissa bits: outputs in [0, 1] move by ~1e-3 at most.
 ATOL = 3e-3
-ARCH_PARAMS = {"subpixel_residual": [{}, {"width": 64, "depth": 8, "attention": 16}, {"rep": True}]}
+ARCH_PARAMS = {"subpixel_residual": [{}, {"width": 64, "depth": 8, "attention": 16}, {"rep": True},
+                                      {"width": 64, "depth": 8, "global_attention": 1}]}
 
 
 def _variants():

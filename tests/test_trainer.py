@@ -315,6 +315,28 @@ def test_init_from_fine_tunes_a_published_version_and_records_it(tiny_store, dat
     assert "x" not in tiny_store.models()
 
 
+def test_init_from_grows_a_published_version_by_identity_blocks_and_refuses_other_changes(data_dir, cache_dir, tmp_path, caplog):
+    store = ModelStore(tmp_path / "store")
+    small = '{"width": 8, "depth": 1}'
+    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--epochs", "1", "--arch-params", small,
+                         "--publish-as", "sr")) == 0
+    # With a tiny lr the grown model stays where it started: the published model's function, one block larger.
+    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--epochs", "1", "--lr", "1e-9",
+                         "--arch-params", '{"width": 8, "depth": 1, "global_attention": 1}', "--publish-as", "sr-grown",
+                         "--init-from", "sr:1")) == 0
+    source, grown = store.load("sr")[0], store.load("sr-grown")[0]
+    assert store.manifest("sr-grown")["recipe"]["init_from"]["grown"] == {"from_params": {"width": 8, "depth": 1}, "new_modules": ["context.0"]}
+    assert len(grown.context) == 1 and len(source.context) == 0
+    inputs = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(grown(inputs), source(inputs), atol=1e-4)
+    # Changing what the published tensors are (here the width) is not a growth, and is refused by name.
+    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--arch-params", '{"width": 12, "depth": 1}',
+                         "--publish-as", "x", "--init-from", "sr:1")) == 1
+    assert "--init-from sr:1 is" in caplog.text and "have no place here (first: body.0.conv1.bias)" in caplog.text
+    assert "x" not in store.models()
+
+
 def test_cli_names_missing_data_and_misfitting_arch_params(tmp_path, data_dir, cache_dir, caplog):
     missing = tmp_path / "no-such-dataset"
     assert main(["--data", str(missing), "--store", str(tmp_path / "s"), "--no-progress"]) == 1
