@@ -215,11 +215,22 @@ class ModelManager:
         return state
 
     def _best_model(self) -> str | None:
-        def psnr(state: ModelState) -> float:
-            value = state.manifests.get(state.serving, {}).get("metrics", {}).get("model", {}).get("psnr")
-            return float(value) if isinstance(value, (int, float)) else float("-inf")
+        """The model whose serving version gains most over bicubic on its own validation images.
 
-        candidates = sorted((s for s in self.models.values() if s.serving is not None), key=lambda s: (-psnr(s), s.name))
+        The gain, not the raw PSNR: versions are scored on different images (CIFAR-10's test split, a
+        subset, other data) or protocols (exact floats before `evaluation`, 8-bit now), which move
+        the PSNR of bicubic and model alike. A version without a bicubic figure ranks by its PSNR after those with one.
+        """
+        def rank(state: ModelState) -> tuple[int, float]:
+            metrics = state.manifests.get(state.serving, {}).get("metrics", {})
+            model, bicubic = (metrics.get(k, {}).get("psnr") for k in ("model", "bicubic"))
+            if not isinstance(model, (int, float)):
+                return (2, 0.0)
+            if not isinstance(bicubic, (int, float)):
+                return (1, -float(model))
+            return (0, float(bicubic) - float(model))
+
+        candidates = sorted((s for s in self.models.values() if s.serving is not None), key=lambda s: (rank(s), s.name))
         return candidates[0].name if candidates else None
 
     # ---- loading ------------------------------------------------------------------

@@ -23,7 +23,7 @@ VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 class UpscaleQuery(BaseModel):
     """The query parameters of POST /upscale (validated by FastAPI for the docs, by service.fastlane when serving)."""
 
-    model: str | None = Field(None, description="Model name; default UPGRADER_DEFAULT_MODEL, else the best by validation PSNR.")
+    model: str | None = Field(None, description="Model name; default UPGRADER_DEFAULT_MODEL, else the largest validation gain over bicubic.")
     version: str = Field("latest", description="Version number or alias (latest, stable, ...).", pattern=VERSION_PATTERN)
     ensemble: int = Field(1, description="8: average the model over the 8 flips/rotations of each input.", json_schema_extra={"enum": [1, 8]})
     tile: bool = Field(False, description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, UPGRADER_MAX_REQUEST_PIXELS "

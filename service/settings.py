@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     store: str = Field(str(DEFAULT_STORE), description="Model store: a directory or s3://bucket/prefix (the trainer publishes there). S3 endpoint and credentials come from the AWS variables (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
     model_cache: Path = Field(Path.home() / ".cache" / "upgrader" / "models", description="Local copies of the versions read from a remote (s3://) store, re-verified on every load; unused for a directory store.")
-    default_model: str | None = Field(None, description="Model served when a request names none; unset: the model whose serving version has the best validation PSNR.")
+    default_model: str | None = Field(None, description="Model served when a request names none; unset: the model whose serving version gains most over bicubic on its validation images.")
     host: str = Field("127.0.0.1", description="Address uvicorn binds to (`python -m service --host`).")
     port: int = Field(8000, ge=0, le=65535, description="Port uvicorn listens on (`python -m service --port`).")
     max_batch_images: int = Field(64, ge=1, description="Most images one model forward pass takes (requests are merged up to this and split beyond it).")

@@ -259,6 +259,15 @@ def test_empty_store_is_alive_but_not_ready(tmp_path, pngs):
 
 
 # ---- models ---------------------------------------------------------------------------
+def test_default_model_is_the_largest_gain_over_bicubic_not_the_highest_psnr(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    publish(store, "easy-images", "conv", seed=0, psnr=22.5, bicubic_psnr=21.0)  # scored on easier images: +1.5 dB
+    publish(store, "better", "conv", seed=1, psnr=22.0, bicubic_psnr=20.0)  # +2.0 dB
+    publish(store, "unscored", "conv", seed=2, psnr=23.0, bicubic_psnr=None)  # no baseline: ranks after the others
+    with in_process_client(store=store.root, poll_interval_s=60) as client:
+        assert client.get("/models").json()["default_model"] == "better"
+
+
 def test_models_lists_everything_with_what_is_loaded_and_default(client, served):
     listing = client.get("/models").json()
     assert listing["default_model"] == "conv"

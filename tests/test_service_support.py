@@ -44,7 +44,8 @@ def make_model(arch: str = "conv", seed: int = 0) -> torch.nn.Module:
 
 def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psnr: float = 20.0,
             files: dict[str, bytes] | None = None, natural_psnr: float | None = None,
-            recipe: dict | None = None, model: torch.nn.Module | None = None, params: dict | None = None) -> tuple[int, torch.nn.Module]:
+            recipe: dict | None = None, model: torch.nn.Module | None = None, params: dict | None = None,
+            bicubic_psnr: float | None = 19.0) -> tuple[int, torch.nn.Module]:
     """Publish a seeded model (or `model`, built with `params`) with a manifest following the team's contract;
     returns (version, model).
 
@@ -58,9 +59,11 @@ def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psn
         "args": {"arch": arch, "seed": seed},
         "dataset": {"name": "cifar10-jpeg", "fingerprint": "test", "train_size": 0, "val_size": 0},
         "history": [{"epoch": 1, "train_loss": 0.1, "val_loss": 0.1, "seconds": 0.0}],
-        "metrics": {"model": {"mse": 0.01, "psnr": psnr, "ssim": 0.5}, "bicubic": {"mse": 0.01, "psnr": 19.0, "ssim": 0.5}, "images": 0},
+        "metrics": {"model": {"mse": 0.01, "psnr": psnr, "ssim": 0.5}, "images": 0},
         "device": "cpu", "wall_time_s": 0.0, "torch_version": torch.__version__, "epochs_completed": 1,
     }
+    if bicubic_psnr is not None:
+        manifest["metrics"]["bicubic"] = {"mse": 0.01, "psnr": bicubic_psnr, "ssim": 0.5}
     if natural_psnr is not None:
         manifest["metrics"]["natural"] = {"model": {"mse": 0.005, "psnr": natural_psnr, "ssim": 0.7},
                                           "bicubic": {"mse": 0.006, "psnr": 28.5, "ssim": 0.66}, "images": 3439}
