@@ -18,7 +18,10 @@
 # float inputs), EPOCH_SIZE (images per epoch, default 32768), DATA
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
-# gpu_train.tgz goes, default ./gpu_train_out).
+# gpu_train.tgz goes, default ./gpu_train_out), SEED (0). INIT_STORE + INIT_FROM fine-tune (or grow) a model
+# trained elsewhere: INIT_STORE a store folder that travels (e.g. `cp -r runs/s11a/store .gpudata/init`), copied
+# into the run's store, and INIT_FROM its NAME:VERSION (passed to --init-from), e.g. session 11's best:
+#   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:4 ARCH_PARAMS='{"width": 64, "depth": 8}' LOSS=psnr LR=3e-4
 #
 # OVERLOAD_ROUNDS=N (default 0: off) also runs issue 10's bench/overload.py for N rounds while the model trains,
 # on CPUs the trainer does not use: the servers on OVERLOAD_SERVER_CPUS (0,1: a 2-CPU server, as the development
@@ -48,6 +51,12 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 [ -f "$DATA/PACKED.json" ] || { echo "no packed data at $DATA: run bench/gpu_data.py here and carry its folder" >&2; exit 1; }
 if [ -n "${RESUME:-}" ]; then tar xzf "$RESUME" -C "$WORK"; fi
+INIT=()
+if [ -n "${INIT_FROM:-}" ]; then
+  [ -d "${INIT_STORE:-}/${INIT_FROM%%:*}" ] || { echo "INIT_FROM=$INIT_FROM needs INIT_STORE, a store folder holding it" >&2; exit 1; }
+  [ -d "$WORK/store" ] || cp -r "$INIT_STORE" "$WORK/store"  # a resumed archive already holds it
+  INIT=(--init-from "$INIT_FROM")
+fi
 COMPILE=(--compile)
 AMP=(--amp bf16)
 [ "$DEVICE" = cuda ] || { COMPILE=(); AMP=(); }
@@ -75,7 +84,7 @@ status=0
 "${TRAIN_PIN[@]}" timeout -k 10 "$(( ${MINUTES%.*} * 60 + 240 ))" "$PY" -m trainer --models subpixel_residual --arch-params "$ARCH_PARAMS" \
   --data "$DATA/cifar" --natural "$DATA/natural" --natural-share 0.5 --epoch-size "$EPOCH_SIZE" --epoch-val 2000 \
   --loss "$LOSS" "${QUANTIZE[@]}" --lr "$LR" --batch-size "$BATCH" --lr-schedule cosine --schedule-over time --max-minutes "$MINUTES" \
-  --epochs 100000 --augment dihedral --ema 0.999 --seed 0 "${AMP[@]}" "${COMPILE[@]}" --device "$DEVICE" \
+  --epochs 100000 --augment dihedral --ema 0.999 --seed "${SEED:-0}" "${INIT[@]}" "${AMP[@]}" "${COMPILE[@]}" --device "$DEVICE" \
   --store "$WORK/store" --checkpoint-dir "$WORK/checkpoints" --resume --cache-dir "$WORK/cache" --no-progress \
   2>&1 | tee "$WORK/train.log" || status=$?
 if [ -n "$overload_pid" ]; then

@@ -164,7 +164,7 @@ class _GlobalAttention(nn.Module):
         super().__init__()
         if width % heads:
             raise ValueError(f"global attention: width {width} is not a multiple of {heads} heads")
-        self.heads = heads
+        self.heads, self.head_dim = heads, width // heads
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -178,8 +178,8 @@ class _GlobalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
-        q, k, v = self.qkv(self.norm1(tokens)).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        mixed = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        q, k, v = self.qkv(self.norm1(tokens)).view(b, -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         tokens = tokens + self.proj(mixed)
         tokens = tokens + self.mlp_out(nn.functional.gelu(self.mlp_in(self.norm2(tokens))))
         return tokens.transpose(1, 2).reshape(b, c, h, w)
