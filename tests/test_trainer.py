@@ -26,7 +26,7 @@ from model_store import ModelStore
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import load_image_data, place_on_device
 from trainer.recipe import EMA, LR_SCHEDULES, PSNR_LOSS_FLOOR, dihedral_augment, learning_rate, psnr_loss
-from trainer.train import EVALUATION, evaluate, get_args_parser, main
+from trainer.train import EVALUATION, evaluate, get_args_parser, grow, main
 from upgrader.architectures import ARCHITECTURES, build_model, parameter_count
 from upgrader.imaging import bicubic_upscale, downsample, psnr_per_image
 
@@ -335,6 +335,13 @@ def test_init_from_grows_a_published_version_by_identity_blocks_and_refuses_othe
                          "--publish-as", "x", "--init-from", "sr:1")) == 1
     assert "--init-from sr:1 is" in caplog.text and "have no place here (first: body.0.conv1.bias)" in caplog.text
     assert "x" not in store.models()
+    # New modules that do not start as the identity would discard the published model's function: refused too.
+    state_dict, manifest = store.load_state_dict("sr")
+    not_identity = build_model("subpixel_residual", width=8, depth=1, global_attention=1)
+    torch.nn.init.normal_(not_identity.context[0].proj.weight)
+    with pytest.raises(ValueError, match="the new modules are not the identity at the start"):
+        grow(not_identity, state_dict, manifest["architecture"],
+             {"name": "subpixel_residual", "params": {"width": 8, "depth": 1, "global_attention": 1}}, "sr:1")
 
 
 def test_cli_names_missing_data_and_misfitting_arch_params(tmp_path, data_dir, cache_dir, caplog):

@@ -330,10 +330,11 @@ def load_initial_weights(model: nn.Module, init_from: str, store_location: str |
         raise ValueError(f"--init-from {init_from}: {exc}") from None
     source = {"name": manifest["architecture"]["name"], "params": manifest["architecture"].get("params", {})}
     device = next(model.parameters()).device
+    state_dict = {k: v.to(device) for k, v in state_dict.items()}
     recorded = {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
                 "wall_time_s": manifest.get("wall_time_s"), "psnr": manifest["metrics"]["model"]["psnr"]}
     if source == architecture:
-        model.load_state_dict({k: v.to(device) for k, v in state_dict.items()})
+        model.load_state_dict(state_dict)
     else:
         recorded["grown"] = grow(model, state_dict, source, architecture, init_from)
     log.info("event=init_from model=%s version=%d psnr=%.4f grown=%s", name, manifest["version"],
@@ -342,7 +343,8 @@ def load_initial_weights(model: nn.Module, init_from: str, store_location: str |
 
 
 def grow(model: nn.Module, state_dict: dict, source: dict, architecture: dict, init_from: str) -> dict:
-    """Start a larger model from a published smaller one (--init-from with other --arch-params).
+    """Start a larger model from a published smaller one (--init-from with other --arch-params); `state_dict`
+    is the published one, already on the model's device.
 
     Allowed only when it is a pure growth: every published tensor lands on a parameter of the same name and
     shape, and the new modules start as the identity (as `global_attention` blocks do), so the grown model's
@@ -352,14 +354,14 @@ def grow(model: nn.Module, state_dict: dict, source: dict, architecture: dict, i
     refuse = f"--init-from {init_from} is {json.dumps(source)}; this run trains {json.dumps(architecture)}"
     if source["name"] != architecture["name"]:
         raise ValueError(refuse)
-    device = next(model.parameters()).device
     ours = model.state_dict()
     stray = sorted(k for k, v in state_dict.items() if k not in ours or ours[k].shape != v.shape)
     if stray:
         raise ValueError(f"{refuse}, and {len(stray)} of its tensors have no place here (first: {stray[0]})")
-    missing = model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=False).missing_keys
+    missing = model.load_state_dict(state_dict, strict=False).missing_keys
+    device = next(model.parameters()).device
     published = build_model(source["name"], **source["params"]).to(device)
-    published.load_state_dict({k: v.to(device) for k, v in state_dict.items()})
+    published.load_state_dict(state_dict)
     inputs = torch.rand(4, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
     model.eval(), published.eval()

@@ -223,7 +223,9 @@ class SubpixelResidualUpgrader(nn.Module):
     body (off by default; see `_GlobalAttention`).
     """
 
-    fully_convolutional = True  # convolutions, pixel shuffle and bicubic only: see `fully_convolutional()`
+    # No layer knows where in a larger image its 8x8 tile sits (convolutions, pixel shuffle, bicubic; the optional
+    # attentions pool or attend within the tile, with no position embedding): see `fully_convolutional()`.
+    fully_convolutional = True
 
     def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0, rep: bool = False, attention: int = 0,
                  global_attention: int = 0) -> None:
