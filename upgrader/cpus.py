@@ -42,3 +42,14 @@ def usable_cpus() -> int:
     if quota is not None:
         count = min(count, math.ceil(quota))
     return max(1, count)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    There, bf16 autocast runs a conv body ~1.9x faster than float32 (subpixel_residual 64x8, batch 64, one
+    thread, AMD EPYC Zen 4: 2,328 vs 1,224 images/s); elsewhere oneDNN emulates it, slower than float32.
+    """
+    import torch  # here: the launcher and settings read the CPU count above without loading torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
