@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", help="model store: a directory or s3://bucket/prefix (UPGRADER_STORE)")
     parser.add_argument("--default-model", help="model served when a request names none (UPGRADER_DEFAULT_MODEL)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (UPGRADER_DEVICE, default auto)")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+                        help="forward-pass precision (UPGRADER_PRECISION, default auto: bfloat16 on a CPU with native bf16)")
     parser.add_argument("--max-batch-images", type=int, help="images per forward pass (UPGRADER_MAX_BATCH_IMAGES, default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batching window (UPGRADER_MAX_WAIT_MS, default 2)")
     parser.add_argument("--workers", type=int, help="server processes (UPGRADER_WORKERS; default 2 on a multi-core CPU, 1 on CUDA)")

@@ -32,7 +32,7 @@ from service.errors import ApiError, echo, unavailable
 from service.metrics import Metrics
 from service.redact import scrub_text
 from service.settings import Settings
-from service.upscaler import Upscaler, pick_device
+from service.upscaler import Upscaler, pick_device, pick_precision
 
 log = logging.getLogger("service.registry")
 
@@ -81,6 +81,7 @@ class ModelManager:
         self.settings, self.metrics = settings, metrics
         self.store = ModelStore(settings.store, cache_dir=settings.model_cache)
         self.device = pick_device(settings.device)
+        self.precision = pick_precision(settings.precision, self.device)
         self.models: dict[str, ModelState] = {}
         self.default_model: str | None = settings.default_model
         self._watcher: asyncio.Task | None = None
@@ -96,7 +97,7 @@ class ModelManager:
         except StoreUnavailable:  # logged by refresh; the watcher keeps trying, /readyz says not ready
             pass
         self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
-        log.info("model manager started", extra={"store": self.store.url, "device": str(self.device),
+        log.info("model manager started", extra={"store": self.store.url, "device": str(self.device), "precision": self.precision,
                                                   "models": {n: s.serving for n, s in self.models.items()}, "default_model": self.default_model})
 
     async def close(self) -> None:
@@ -265,7 +266,7 @@ class ModelManager:
 
     async def _load(self, state: ModelState, version: int) -> Served:
         s = self.settings
-        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, s.amp_bf16, s.png_compression)
+        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, self.precision, s.png_compression)
         started = time.perf_counter()
         try:
             await asyncio.to_thread(upscaler.setup)
@@ -282,7 +283,7 @@ class ModelManager:
         state.manifests[version] = upscaler.manifest
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
                                           "seconds": round(time.perf_counter() - started, 3),
-                                          "fixed_cost_ms": round(upscaler.fixed_cost_s * 1000, 3),
+                                          "fixed_cost_ms": round(upscaler.fixed_cost_s * 1000, 3), "precision": self.precision,
                                           "memory_format": str(upscaler.memory_format).removeprefix("torch.")})
         self._update_gauges(state)
         # A loaded model is thousands of long-lived objects: move them out of the collector's

@@ -69,6 +69,7 @@ class UpscaleMetrics(BaseModel):
                               "first batch's start to its last tile's output.")
     total_ms: float = Field(description="From the request's arrival to the response being ready.")
     device: str
+    precision: Literal["float32", "bfloat16"] = Field(description="Of the forward pass (UPGRADER_PRECISION); outputs are 8-bit either way.")
 
 
 class UpscaleResponse(BaseModel):
@@ -110,6 +111,9 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     default_model: str | None = Field(description="Served when a request names no model.")
+    device: str = Field(description="Where the models run: cpu or cuda:N.")
+    precision: Literal["float32", "bfloat16"] = Field(description="Of every forward pass (UPGRADER_PRECISION). Published metrics are measured in "
+                                                     "float32; bench/bench_precision.py measures what bfloat16 changes.")
     models: list[ModelInfo]
 
 

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     thread_nice: int = Field(10, ge=0, le=19, description="How much lower than its event loop a worker's helper and inference threads run (Linux nice, per thread): the loop admits or refuses an overload herd first. 0: the same.")
     png_compression: int = Field(0, ge=0, le=9, description="zlib level of the returned PNGs: 0 stores the pixels (fastest; a 32x32 PNG is ~3.1 KB), 1-9 deflate them (~10% smaller, ~20x slower to encode).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
-    amp_bf16: bool = Field(False, description="On CUDA, run the forward pass under bf16 autocast.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Precision of the forward pass: bfloat16 runs it under bf16 autocast (outputs still float32, then 8-bit). auto: bfloat16 on a CPU that computes bf16 natively (AVX512-BF16 or AMX, as OpenVINO does there), where subpixel_residual runs ~1.8x faster for <0.001 dB on CIFAR-10 (bench/bench_precision.py); float32 elsewhere, CUDA included.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, every endpoint but /healthz, /readyz and /v2/health/* needs one (Authorization: Bearer or X-API-Key): /upscale, /v2..., /models..., /docs, /openapi.json and /metrics (unless UPGRADER_METRICS_PUBLIC).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")

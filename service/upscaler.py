@@ -11,7 +11,6 @@ import copy
 import logging
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from model_store import ModelStore
 from service import codec
 from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE, OUTPUT_SHAPE
+from upgrader.cpus import native_bf16_cpu
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import to_float
 
@@ -46,7 +46,8 @@ def gil_free(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
 
 
 def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
-                      formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last)) -> tuple[torch.nn.Module, torch.memory_format]:
+                      formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last),
+                      bf16: bool = False) -> tuple[torch.nn.Module, torch.memory_format]:
     """`model` traced (gil_free) in whichever memory format runs it faster here, and that format.
 
     oneDNN's convolutions work in NHWC: with NCHW tensors every conv reorders its input and output.
@@ -55,12 +56,17 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
     batches (1.45 -> 2.10 ms an image at 8). So each model is timed both ways at load, at batch
     sizes a busy worker sees, and keeps the faster. Outputs differ from NCHW's only by float
     rounding (sums in another order).
+
+    `bf16`: traced under bf16 autocast, which writes its casts into the trace (weights and inputs to
+    bf16 before each conv and linear, outputs back where an op needs float32), so the trace runs in
+    bf16 wherever it is called.
     """
     candidates = {}
     for memory_format in formats:
         copy_ = copy.deepcopy(model).to(memory_format=memory_format)  # .to converts parameters in place: one copy each
         example = torch.zeros((1, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
-        traced = gil_free(copy_, example)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            traced = gil_free(copy_, example)
         seconds = 0.0
         for size in batch_sizes:
             batch = torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
@@ -90,6 +96,23 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def pick_precision(requested: str, device: torch.device) -> str:
+    """The forward pass's precision, "float32" or "bfloat16", for UPGRADER_PRECISION on `device`.
+
+    auto picks bfloat16 only on a CPU that multiplies bf16 natively: there subpixel_residual 64x8 ran 1.8-1.9x
+    faster at batch 64, one thread, and lost 0.0003 dB on CIFAR-10 (bench/bench_precision.py). On CUDA a 32x32
+    forward is a few kernel launches, and bf16 there is unmeasured: auto keeps float32.
+    """
+    if requested == "auto":
+        return "bfloat16" if device.type == "cpu" and native_bf16_cpu() else "float32"
+    if requested == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError(f"UPGRADER_PRECISION=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16")
+        if device.type == "cpu" and not native_bf16_cpu():
+            log.warning("UPGRADER_PRECISION=bfloat16 on a CPU without native bf16: emulated, slower than float32")
+    return requested
+
+
 @dataclass
 class BatchOutput:
     images: np.ndarray  # uint8 N x 3 x 32 x 32, exactly what the PNGs hold
@@ -100,10 +123,10 @@ class Upscaler:
     """One (model, version) on one device."""
 
     def __init__(self, store: ModelStore, name: str, version: int, device: torch.device, max_batch_images: int,
-                 amp_bf16: bool = False, png_level: int = 0):
+                 precision: str = "float32", png_level: int = 0):
         self.store, self.name, self.version, self.device = store, name, version, device
         self.max_batch_images, self.png_level = max_batch_images, png_level
-        self.amp_bf16 = amp_bf16 and device.type == "cuda"
+        self.bf16 = precision == "bfloat16"  # the forward pass under bf16 autocast (pick_precision)
         self.model: torch.nn.Module | None = None
         self.manifest: dict = {}
         self.memory_format = torch.contiguous_format  # of the model's input, chosen at load on the CPU (fastest_cpu_trace)
@@ -113,9 +136,9 @@ class Upscaler:
         """Verify every artifact, rebuild the architecture and load the weights onto the device."""
         self.store.verify(self.name, self.version)
         self.model, self.manifest = self.store.load(self.name, self.version, self.device)
-        if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain, bf16 autocast kept simple
+        if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
             with torch.inference_mode():
-                self.model, self.memory_format = fastest_cpu_trace(self.model)
+                self.model, self.memory_format = fastest_cpu_trace(self.model, bf16=self.bf16)
         if self.device.type == "cuda":
             # Batches go through pinned host buffers, allocated once (cudaHostAlloc is slow), so both
             # copies are asynchronous DMA.
@@ -149,8 +172,8 @@ class Upscaler:
 
     def predict(self, batch: torch.Tensor, ensemble: int = 1) -> torch.Tensor:
         """float N x 3 x 8 x 8 in [0, 1] on the device -> float N x 3 x 32 x 32."""
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp_bf16 else nullcontext()
-        with autocast:
+        # A CPU trace made in bf16 has its casts built in; this covers CUDA and a model left eager.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             batch = batch.contiguous(memory_format=self.memory_format)
             outputs = self_ensemble(self.model, batch) if ensemble == 8 else self.model(batch)
         return outputs.float()

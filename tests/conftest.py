@@ -33,6 +33,16 @@ def real_images(data_dir) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_forward():
+    """Services under test run their forward pass in float32 unless a test asks for bfloat16, on any CPU: the tests
+    compare served pixels with the float32 model's within one level (bfloat16 has its own, tests/test_precision.py).
+    Session-wide, so module-scoped services see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UPGRADER_PRECISION", "float32")
+        yield
+
+
 @pytest.fixture()
 def store(tmp_path) -> ModelStore:
     return ModelStore(tmp_path / "store")

@@ -256,7 +256,7 @@ def test_empty_store_is_alive_but_not_ready(tmp_path, pngs):
         response = client.post("/upscale", files=multipart(pngs[:1]))
         assert_error(response, 503, "no_model_loaded")
         assert response.headers["retry-after"] == "1"
-        assert client.get("/models").json() == {"default_model": None, "models": []}
+        assert client.get("/models").json() == {"default_model": None, "device": "cpu", "precision": "float32", "models": []}
 
 
 # ---- models ---------------------------------------------------------------------------

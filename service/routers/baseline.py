@@ -65,7 +65,8 @@ async def upscale_bicubic(request: Request, settings: SettingsDep, tile: TilePar
     inference_s = time.perf_counter() - began
     scores = await off_loop(score_each, outputs if tile else np.stack(outputs), references) if references is not None else None
     run = UpscaleMetrics(images=len(pngs), batch_size=len(pngs), queue_ms=0.0, inference_ms=round(inference_s * 1000, 3),
-                         total_ms=round((time.perf_counter() - started) * 1000, 3), device="cpu")
+                         total_ms=round((time.perf_counter() - started) * 1000, 3), device="cpu",
+                         precision="float32")
     return make_response(request, NAME, VERSION, pngs, scores, run, [o.shape[-2:] for o in outputs])
 
 

@@ -58,7 +58,7 @@ def model_info(manager: ModelManager, state: ModelState) -> ModelInfo:
 
 @router.get("", summary="Every model in the store, its versions and what is loaded", response_model=ModelList)
 async def list_models(manager: ManagerDep) -> ModelList:
-    return ModelList(default_model=manager.default_model, models=[model_info(manager, s) for _, s in sorted(manager.models.items())])
+    return ModelList(default_model=manager.default_model, device=str(manager.device), precision=manager.precision, models=[model_info(manager, s) for _, s in sorted(manager.models.items())])
 
 
 @router.get("/{name}", summary="One model", response_model=ModelInfo, responses=_NOT_FOUND)

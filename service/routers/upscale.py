@@ -144,7 +144,8 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
                 scores = await off_loop(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
         run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
-                             inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device))
+                             inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device),
+                             precision=manager.precision)
         answer = (request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs])
         response = make_response(*answer) if len(done.pngs) <= INLINE_DECODE_LIMIT else await off_loop(make_response, *answer)
         images_served = len(done.pngs)

@@ -1,0 +1,114 @@
+"""bf16 against float32 on this CPU: speed and quality of published versions, run as the service runs them.
+
+    .venv/bin/python bench/bench_precision.py --store runs/s12b/store --versions subpixel_residual:4,subpixel_residual:5
+    .venv/bin/python bench/bench_precision.py --store store        # every model's serving version (make run's store)
+
+Each version runs the service's forward pass (`service.upscaler.fastest_cpu_trace`: a TorchScript trace in
+whichever memory format is faster here) twice: in float32, the baseline, and traced under bf16 autocast,
+as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it. Columns:
+
+- images/s and images per CPU-second of this process at batch 64 with --threads torch threads (1: the
+  issue's measurement), medians of --rounds interleaved rounds, so other jobs on the cores hit both alike;
+- PSNR as served (`trainer.train.evaluate`: 8-bit 8x8 in, 8-bit 32x32 out) on the whole CIFAR-10 test
+  split and the natural validation tiles, and the largest difference of any output pixel from float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from ablation import inference_speeds
+from rich.console import Console
+from rich.table import Table
+
+from model_store import ModelStore
+from service.upscaler import fastest_cpu_trace
+from trainer.data import batches, load_image_data
+from trainer.natural import load_natural_data
+from trainer.train import EVAL_BATCH_SIZE, evaluate
+from upgrader.cpus import native_bf16_cpu
+from upgrader.imaging import downsample, to_8bit
+
+SPEED_BATCH = 64
+
+
+class AsServed(torch.nn.Module):
+    """A trace with the memory format it was made for: run_batch hands it contiguous batches converted so."""
+
+    def __init__(self, trace: torch.nn.Module, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.trace, self.memory_format = trace, memory_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trace(x.contiguous(memory_format=self.memory_format))
+
+
+@torch.inference_mode()
+def largest_pixel_change(first: torch.nn.Module, second: torch.nn.Module, images: torch.Tensor) -> int:
+    """The largest difference, in 8-bit levels, between two forwards' served outputs over `images`."""
+    largest = 0
+    for targets in batches(images, EVAL_BATCH_SIZE, torch.device("cpu"), shuffle=False):
+        inputs = to_8bit(downsample(targets))
+        a, b = ((forward(inputs).float().clamp(0, 1) * 255).round() for forward in (first, second))
+        largest = max(largest, int((a - b).abs().max()))
+    return largest
+
+
+def served_versions(store: ModelStore, spec: str | None) -> list[tuple[str, str]]:
+    if spec:
+        return [tuple(item.split(":", 1)) for item in spec.split(",")]  # type: ignore[misc]
+    return [(name, "latest") for name in store.models()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=os.environ.get("UPGRADER_STORE", "store"))
+    p.add_argument("--versions", default=None, help="comma-separated NAME:VERSION (default: every model's latest)")
+    p.add_argument("--data", default=os.environ.get("UPGRADER_DATA", "../shared/datasets/cifar10-jpeg"))
+    p.add_argument("--natural", default=os.environ.get("UPGRADER_NATURAL_DATA", "../shared/datasets/sr-natural"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the speed figures")
+    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per speed figure and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--no-quality", action="store_true", help="speed only")
+    args = p.parse_args()
+    console = Console(width=200)
+    if not native_bf16_cpu():
+        console.print("[yellow]this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated here, and auto serves float32")
+    store = ModelStore(args.store)
+    splits = {} if args.no_quality else {
+        "CIFAR-10": load_image_data(args.data, progress=False).val,
+        "natural": load_natural_data(args.natural, progress=False).val,
+    }
+    table = Table(title=f"float32 vs bf16 as served: batch {SPEED_BATCH}, {args.threads} thread(s), median of {args.rounds} "
+                        f"interleaved rounds of {args.seconds:g} s; PSNR as served on the whole sets")
+    for column in ("version", "precision", "format", "images/s", "images/CPU-s", "vs float32", *splits, "largest change"):
+        table.add_column(column, justify="left" if column in ("version", "precision", "format") else "right")
+    for name, version in served_versions(store, args.versions):
+        model, manifest = store.load(name, version)
+        label = f"{name}:{manifest['version']}"
+        torch.set_num_threads(args.threads)
+        with torch.inference_mode():
+            traced = {precision: fastest_cpu_trace(model, bf16=precision == "bfloat16") for precision in ("float32", "bfloat16")}
+        forwards = {precision: AsServed(*trace) for precision, trace in traced.items()}
+        speeds = inference_speeds(forwards, SPEED_BATCH, args.seconds, args.rounds)
+        torch.set_num_threads(os.cpu_count() or 1)
+        scores: dict[str, dict[str, float]] = {p: {} for p in traced}
+        for split, images in splits.items():
+            for precision, forward in forwards.items():
+                scores[precision][split] = evaluate(forward, images, torch.device("cpu"), loss_name="l1", baseline=False)["model"]["psnr"]
+        change = largest_pixel_change(forwards["float32"], forwards["bfloat16"], splits["CIFAR-10"]) if splits else None
+        for precision, (trace, memory_format) in traced.items():
+            per_s, per_cpu_s = speeds[precision]
+            quality = [f"{scores[precision][s]:.4f}" + ("" if precision == "float32" else f" ({scores[precision][s] - scores['float32'][s]:+.4f})")
+                       for s in splits]
+            table.add_row(label, precision, str(memory_format).removeprefix("torch."), f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
+                          f"{per_s / speeds['float32'][0]:.2f}x", *quality,
+                          "" if precision == "float32" or change is None else f"{change} levels")
+        console.print(table)  # after each version, so a long run shows progress
+    console.print(f"load average {os.getloadavg()} (other jobs on the cores lower images/s; images/CPU-s less)")
+
+
+if __name__ == "__main__":
+    main()
