@@ -12,7 +12,7 @@ PORT   ?= $(or $(UPGRADER_PORT),8000)
 # The quick profile: a few minutes on 2 CPU cores, enough for a working demo (not the full recipe). L1, cosine
 # and dihedral flips, and (with the photos) half of each epoch photo crops on 8-bit inputs: the reference recipe's
 # 3 epochs of MSE left subpixel_residual 0.23 dB *below* bicubic on photos, this one +0.48 above (bench/RESULTS.md).
-QUICK_TRAIN ?= --epochs 6 --limit-train 10000 --limit-val 1000 --max-minutes 1.5 --loss l1 --lr 2e-3 --lr-schedule cosine --augment dihedral
+QUICK_TRAIN ?= --epochs 6 --limit-train 10000 --limit-val 1000 --max-minutes 1.5 --loss l1 --lr 2e-3 --lr-schedule cosine --augment dihedral --amp auto
 QUICK_NATURAL ?= --natural-share 0.5 --quantize-inputs
 
 # Settings from .env (see .env.example), exported to every command below.

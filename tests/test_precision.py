@@ -1,4 +1,4 @@
-"""bf16 on the CPU: the service's forward pass (UPGRADER_PRECISION) and the trainer's --amp bf16, on this machine's CPU."""
+"""bf16 on the CPU: the service's forward pass (UPGRADER_PRECISION). The trainer's --amp auto: tests/test_trainer.py."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import base64
 
 import httpx
 import numpy as np
-import pytest
 import torch
 from test_service_support import LiveServer, outputs_of, png_list, publish, small_inputs
 
 from model_store import ModelStore
 from service.upscaler import pick_precision
-from trainer.train import main as train_main
 from upgrader.architectures import build_model
 from upgrader.cpus import native_bf16_cpu
 
@@ -52,3 +50,4 @@ def test_a_bf16_service_runs_in_bf16_and_answers_within_a_few_levels_of_float32(
     assert difference.max() <= 3, difference.max()
     mse = (difference.double() ** 2).mean().item()
     assert 10 * np.log10(255**2 / mse) > 40, f"bf16 outputs {10 * np.log10(255**2 / mse):.1f} dB from float32's"
+

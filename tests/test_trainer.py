@@ -28,6 +28,7 @@ from trainer.data import load_image_data, place_on_device
 from trainer.recipe import EMA, LR_SCHEDULES, PSNR_LOSS_FLOOR, dihedral_augment, learning_rate, psnr_loss
 from trainer.train import EVALUATION, evaluate, get_args_parser, grow, main
 from upgrader.architectures import ARCHITECTURES, build_model, parameter_count
+from upgrader.cpus import native_bf16_cpu
 from upgrader.imaging import bicubic_upscale, downsample, psnr_per_image
 
 LIMIT_TRAIN, LIMIT_VAL = 256, 64
@@ -398,6 +399,17 @@ def test_psnr_loss_and_8bit_inputs_train_publish_and_are_recorded(data_dir, cach
     assert "quantize_inputs" not in store.manifest("conv-float-inputs")["recipe"]
     rounded, exact = store.load_state_dict("conv")[0], store.load_state_dict("conv-float-inputs")[0]
     assert not all(torch.equal(rounded[k], exact[k]) for k in rounded)
+
+
+def test_amp_auto_trains_in_bf16_on_a_cpu_that_has_it_and_reduces_the_loss(data_dir, cache_dir, tmp_path):
+    store = tmp_path / "store"
+    argv = cli_args(data_dir, store, cache_dir, "--device", "cpu", "--amp", "auto", "--models", "subpixel_residual",
+                    "--arch-params", '{"width": 16, "depth": 2}', "--epochs", "4", "--loss", "l1", "--lr", "2e-3", "--batch-size", "32")
+    assert main(argv) == 0
+    manifest = ModelStore(store).manifest("subpixel_residual")
+    assert manifest["recipe"]["amp"] == ("bf16" if native_bf16_cpu() else "none") and manifest["device"] == "cpu"
+    losses = [h["train_loss"] for h in manifest["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 def test_dihedral_augment_uses_all_eight_symmetries_per_image(real_images):
