@@ -20,7 +20,7 @@ Fairness: both servers get 2 model instances / worker processes with 1 torch thr
 maximum batch (64) and the same queue delay (--max-queue-delay-us, default 2000 = Upgrader's
 UPGRADER_MAX_WAIT_MS 2 ms; Triton waits it out on every partial batch, Upgrader only while work is
 waiting); same 8x8 inputs (real CIFAR-10 test images, as UINT8 [1, 3, 8, 8] binary tensors), same
-output (UINT8 [1, 3, 32, 32], binary). Both servers stay up; the one not measured is SIGSTOPped and the
+output (UINT8 [1, 3, 32, 32], binary); both run the model in float32 (--upgrader-precision). Both servers stay up; the one not measured is SIGSTOPped and the
 cells alternate between them. CPU seconds per 1,000 inferences: the server's whole process tree
 (Triton: tritonserver and its stubs; Upgrader: supervisor and workers) over the cell, divided by the
 inferences the server itself counted over the same span.
@@ -179,7 +179,8 @@ def start_triton(root: Path, repo: Path, args) -> Server:
 def start_upgrader(root: Path, store: ModelStore, args, tree: Path = PROJECT_ROOT, kind: str = "upgrader") -> Server:
     port = free_port()
     env = {"UPGRADER_STORE": str(store.root), "UPGRADER_WORKERS": str(args.instances), "UPGRADER_TORCH_THREADS": str(args.threads),
-           "UPGRADER_MAX_BATCH_IMAGES": "64", "UPGRADER_MAX_WAIT_MS": str(args.max_queue_delay_us / 1000), "PYTHONPATH": str(tree)}
+           "UPGRADER_MAX_BATCH_IMAGES": "64", "UPGRADER_MAX_WAIT_MS": str(args.max_queue_delay_us / 1000), "PYTHONPATH": str(tree),
+           "UPGRADER_PRECISION": args.upgrader_precision}
     return Server(kind, [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env, port,
                   root / f"{kind}.log")
 
@@ -303,6 +304,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--perf-analyzer", default=shutil.which("perf_analyzer") or "perf_analyzer")
     parser.add_argument("--perf-lib-path", default="", help="LD_LIBRARY_PATH additions for perf_analyzer (libcudart.so.12)")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--upgrader-precision", choices=["float32", "bfloat16", "auto"], default="float32",
+                        help="Upgrader's UPGRADER_PRECISION: float32, as Triton's Python backend runs the model (bfloat16/auto: "
+                             "Upgrader's bf16 forward where this CPU has it; trees before it ignore the variable)")
     parser.add_argument("--baseline-ref", default=None, help="also serve Upgrader as of this git ref, measured in the same rotation")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
