@@ -98,3 +98,25 @@ def test_service_without_batching_sets_up_on_cuda(store, real_images):
         expected = model(to_float(torch.from_numpy(inputs)))
     difference = np.abs(on_cuda.run_batch(inputs).images.astype(float) - (expected.clamp(0, 1) * 255).numpy())
     assert difference.max() <= 1.01
+
+
+def test_service_bf16_on_cuda_runs_in_bf16_within_a_few_levels_of_float32(store, real_images):
+    """UPGRADER_PRECISION=bfloat16 on CUDA: the forward pass under autocast (auto keeps float32 there, unmeasured)."""
+    torch.manual_seed(0)
+    params = {"width": 32, "depth": 4, "global_attention": 1}
+    model = build_model("subpixel_residual", **params)
+    with torch.no_grad():
+        for parameter in model.parameters():  # weights that do more than bicubic (a fresh model's last conv is zero)
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    manifest = {"architecture": {"name": "subpixel_residual", "params": params},
+                "metrics": {"model": {"psnr": 20.0}, "bicubic": {"psnr": 19.0}}}
+    version = store.publish("sr", model.state_dict(), manifest)
+    inputs = (downsample(to_float(real_images)) * 255).round().to(torch.uint8).numpy()
+    outputs = {}
+    for precision in ("float32", "bfloat16"):
+        upscaler = Upscaler(store, "sr", version, torch.device("cuda"), max_batch_images=64, precision=precision)
+        upscaler.setup()
+        outputs[precision] = upscaler.run_batch(inputs).images.astype(int)
+    difference = np.abs(outputs["bfloat16"] - outputs["float32"])
+    assert (difference > 0).mean() > 0.01  # bf16 did run: its roundings move many pixels by a level
+    assert difference.max() <= 4, difference.max()
