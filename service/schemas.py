@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from upgrader.ensemble import ENSEMBLE_SIZES
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Machine-readable reason, e.g. wrong_size, unsupported_image, queue_full.", examples=["wrong_size"])
@@ -25,16 +27,18 @@ class UpscaleQuery(BaseModel):
 
     model: str | None = Field(None, description="Model name; default UPGRADER_DEFAULT_MODEL, else the largest validation gain over bicubic.")
     version: str = Field("latest", description="Version number or alias (latest, stable, ...).", pattern=VERSION_PATTERN)
-    ensemble: int = Field(1, description="8: average the model over the 8 flips/rotations of each input.", json_schema_extra={"enum": [1, 8]})
+    ensemble: int = Field(1, description="Average the model over this many flips/rotations of each input, at as many times the "
+                          "compute: 2 (the mirror), 4 (both mirrors) or 8 (every flip and rotation); measured on CIFAR-10 "
+                          "+0.04, +0.06 and +0.07 dB for the default model.", json_schema_extra={"enum": list(ENSEMBLE_SIZES)})
     tile: bool = Field(False, description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, UPGRADER_MAX_REQUEST_PIXELS "
                        "together) are cut into 8x8 tiles, every tile goes through the batcher, and the 4x result is stitched "
                        "(overlapping, blended tiles for fully convolutional models).")
 
     @field_validator("ensemble")
     @classmethod
-    def _one_or_eight(cls, value: int) -> int:
-        if value not in (1, 8):
-            raise ValueError(f"ensemble must be 1 or 8, not {value}")
+    def _an_ensemble_size(cls, value: int) -> int:
+        if value not in ENSEMBLE_SIZES:
+            raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, not {value}")
         return value
 
 

@@ -175,7 +175,7 @@ class Upscaler:
         # A CPU trace made in bf16 has its casts built in; this covers CUDA and a model left eager.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             batch = batch.contiguous(memory_format=self.memory_format)
-            outputs = self_ensemble(self.model, batch) if ensemble == 8 else self.model(batch)
+            outputs = self_ensemble(self.model, batch, ensemble) if ensemble > 1 else self.model(batch)
         return outputs.float()
 
     def encode(self, images: np.ndarray) -> list[bytes]:

@@ -106,15 +106,20 @@ def test_references_add_psnr_and_ssim_of_what_the_client_receives(client, real_i
     assert "psnr" not in client.post("/upscale", files=multipart(pngs[:1])).json()["images"][0]
 
 
-def expected_ensemble(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def expected_ensemble(model: torch.nn.Module, inputs: torch.Tensor, size: int = 8) -> torch.Tensor:
     with torch.inference_mode():
-        return quantise(self_ensemble(model, to_float(inputs)))
+        return quantise(self_ensemble(model, to_float(inputs), size))
 
 
-def test_self_ensemble_averages_the_eight_views(client, served, inputs, pngs):
-    response = client.post("/upscale?ensemble=8", files=multipart(pngs[:4]))
-    assert_close_to(outputs_of(response), expected_ensemble(served[1]["conv"], inputs[:4]))
-    assert_error(client.post("/upscale?ensemble=3", files=multipart(pngs[:1])), 422, "invalid_parameter")
+def test_self_ensemble_averages_two_four_or_eight_views(client, served, inputs, pngs):
+    answers = {}
+    for size in (2, 4, 8):
+        answers[size] = outputs_of(client.post(f"/upscale?ensemble={size}", files=multipart(pngs[:4])))
+        assert_close_to(answers[size], expected_ensemble(served[1]["conv"], inputs[:4], size))
+    assert (answers[2].int() - answers[8].int()).abs().max() > 1  # different views, different answers
+    for bad in (3, 16, 0):
+        error = assert_error(client.post(f"/upscale?ensemble={bad}", files=multipart(pngs[:1])), 422, "invalid_parameter")
+        assert "1, 2, 4, 8" in error["message"], error
 
 
 # ---- the bad-input matrix -------------------------------------------------------------

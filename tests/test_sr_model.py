@@ -16,7 +16,7 @@ from trainer.soup import make_soup
 from trainer.train import evaluate
 from trainer.train import main as train_main
 from upgrader.architectures import OUTPUT_SHAPE, build_model, parameter_count
-from upgrader.ensemble import DIHEDRAL, dihedral, self_ensemble, undo_dihedral
+from upgrader.ensemble import DIHEDRAL, VIEWS, dihedral, self_ensemble, undo_dihedral
 from upgrader.imaging import bicubic_upscale, downsample, to_float
 
 SR = "subpixel_residual"
@@ -106,7 +106,8 @@ def test_self_ensemble_of_an_equivariant_function_is_that_function(real_pairs):
     torch.testing.assert_close(ensembled, bicubic_upscale(inputs), rtol=0, atol=1e-6)
 
 
-def test_self_ensemble_is_one_8n_batch_averaging_the_views(real_pairs):
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_self_ensemble_is_one_kn_batch_averaging_the_views(real_pairs, size):
     inputs, _ = real_pairs
     torch.manual_seed(0)
     model = build_model("conv").eval()  # not equivariant: the views really differ
@@ -117,13 +118,22 @@ def test_self_ensemble_is_one_8n_batch_averaging_the_views(real_pairs):
         return model(x)
 
     with torch.inference_mode():
-        ensembled = self_ensemble(counted, inputs)
-        one_by_one = torch.stack([undo_dihedral(model(dihedral(inputs, t, m)), t, m) for t, m in DIHEDRAL]).mean(0)
+        ensembled = self_ensemble(counted, inputs, size)
+        one_by_one = torch.stack([undo_dihedral(model(dihedral(inputs, t, m)), t, m) for t, m in VIEWS[size]]).mean(0)
         plain = model(inputs)
-    assert batch_sizes == [8 * len(inputs)]
+    assert batch_sizes == [size * len(inputs)]
     assert ensembled.shape == plain.shape
     torch.testing.assert_close(ensembled, one_by_one, rtol=0, atol=1e-6)
     assert (ensembled - plain).abs().max() > 1e-3
+
+
+def test_ensemble_views_are_subgroups_of_the_dihedral_group():
+    """Each size's views are closed under composition, so the ensemble of a mirrored input is the mirrored ensemble."""
+    x = torch.rand(1, 3, 8, 8)
+    for size, views in VIEWS.items():
+        assert len(set(views)) == size and set(views) <= set(DIHEDRAL)
+        reached = {dihedral(dihedral(x, *a), *b).numpy().tobytes() for a in views for b in views}
+        assert reached == {dihedral(x, *v).numpy().tobytes() for v in views}, size
 
 
 # ---- published with self-ensemble metrics, and souped ---------------------------------

@@ -337,9 +337,9 @@ async function run() {
     const ref = await loadImage(job.reference);
     await showImage(card("reference", `reference ${ref.naturalWidth}×${ref.naturalHeight}`), job.reference, shown);
   }
-  const ensemble = $("#ensemble").checked ? 8 : 1;
+  const ensemble = Number($("#ensemble").value);
   const targets = [{ name: "bicubic", version: null }, ...selected()];
-  $("#summary").textContent = `${targets.length - 1} model(s) and bicubic on ${job.name}` + (ensemble === 8 ? ", 8-view ensemble" : "") +
+  $("#summary").textContent = `${targets.length - 1} model(s) and bicubic on ${job.name}` + (ensemble > 1 ? `, ${ensemble}-view ensemble` : "") +
     (job.reference ? "; PSNR/SSIM against the reference" : "; no reference, so no PSNR/SSIM");
   await Promise.all(targets.map((target) => upscaleOne(target, job, ensemble, shown, runId)));
 }
