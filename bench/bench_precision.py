@@ -1,16 +1,19 @@
-"""bf16 against float32 on this CPU: speed and quality of published versions, run as the service runs them.
+"""bf16 against float32 on this CPU, and the self-ensembles: speed and quality of published versions, as served.
 
     .venv/bin/python bench/bench_precision.py --store runs/s12b/store --versions subpixel_residual:4,subpixel_residual:5
     .venv/bin/python bench/bench_precision.py --store store        # every model's serving version (make run's store)
+    .venv/bin/python bench/bench_precision.py --store store --ensembles 2,4,8   # and the quality dial of ?ensemble=
 
 Each version runs the service's forward pass (`service.upscaler.fastest_cpu_trace`: a TorchScript trace in
-whichever memory format is faster here) twice: in float32, the baseline, and traced under bf16 autocast,
-as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it. Columns:
+whichever memory format is faster here) in float32, the baseline, and traced under bf16 autocast, as
+UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with --ensembles, also bf16
+with `?ensemble=k` (`upgrader.ensemble.self_ensemble`: k views in one forward pass). Columns:
 
 - images/s and images per CPU-second of this process at batch 64 with --threads torch threads (1: the
-  issue's measurement), medians of --rounds interleaved rounds, so other jobs on the cores hit both alike;
+  issue's measurement), medians of --rounds interleaved rounds, so other jobs on the cores hit all alike;
 - PSNR as served (`trainer.train.evaluate`: 8-bit 8x8 in, 8-bit 32x32 out) on the whole CIFAR-10 test
-  split and the natural validation tiles, and the largest difference of any output pixel from float32's.
+  split and the natural validation tiles, against float32's; and for bf16 the largest difference of any
+  output pixel from float32's on CIFAR-10.
 """
 
 from __future__ import annotations
@@ -29,20 +32,22 @@ from trainer.data import batches, load_image_data
 from trainer.natural import load_natural_data
 from trainer.train import EVAL_BATCH_SIZE, evaluate
 from upgrader.cpus import native_bf16_cpu
+from upgrader.ensemble import self_ensemble
 from upgrader.imaging import downsample, to_8bit
 
 SPEED_BATCH = 64
 
 
 class AsServed(torch.nn.Module):
-    """A trace with the memory format it was made for: run_batch hands it contiguous batches converted so."""
+    """A trace with the memory format it was made for, as `Upscaler.predict` runs it (ensemble: views per image)."""
 
-    def __init__(self, trace: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    def __init__(self, trace: torch.nn.Module, memory_format: torch.memory_format, ensemble: int = 1) -> None:
         super().__init__()
-        self.trace, self.memory_format = trace, memory_format
+        self.trace, self.memory_format, self.ensemble = trace, memory_format, ensemble
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trace(x.contiguous(memory_format=self.memory_format))
+        x = x.contiguous(memory_format=self.memory_format)
+        return self_ensemble(self.trace, x, self.ensemble) if self.ensemble > 1 else self.trace(x)
 
 
 @torch.inference_mode()
@@ -72,6 +77,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="measuring time per speed figure and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     p.add_argument("--no-quality", action="store_true", help="speed only")
+    p.add_argument("--ensembles", default="", help="comma-separated ?ensemble= sizes to measure too, in bf16 (2, 4, 8)")
     args = p.parse_args()
     console = Console(width=200)
     if not native_bf16_cpu():
@@ -81,10 +87,11 @@ def main() -> None:
         "CIFAR-10": load_image_data(args.data, progress=False).val,
         "natural": load_natural_data(args.natural, progress=False).val,
     }
-    table = Table(title=f"float32 vs bf16 as served: batch {SPEED_BATCH}, {args.threads} thread(s), median of {args.rounds} "
-                        f"interleaved rounds of {args.seconds:g} s; PSNR as served on the whole sets")
-    for column in ("version", "precision", "format", "images/s", "images/CPU-s", "vs float32", *splits, "largest change"):
-        table.add_column(column, justify="left" if column in ("version", "precision", "format") else "right")
+    ensembles = [int(k) for k in args.ensembles.split(",") if k]
+    table = Table(title=f"as served: batch {SPEED_BATCH}, {args.threads} thread(s), median of {args.rounds} interleaved rounds of "
+                        f"{args.seconds:g} s; PSNR as served on the whole sets, against float32's")
+    for column in ("version", "forward", "format", "images/s", "images/CPU-s", "vs float32", *splits, "largest change"):
+        table.add_column(column, justify="left" if column in ("version", "forward", "format") else "right")
     for name, version in served_versions(store, args.versions):
         model, manifest = store.load(name, version)
         label = f"{name}:{manifest['version']}"
@@ -92,20 +99,21 @@ def main() -> None:
         with torch.inference_mode():
             traced = {precision: fastest_cpu_trace(model, bf16=precision == "bfloat16") for precision in ("float32", "bfloat16")}
         forwards = {precision: AsServed(*trace) for precision, trace in traced.items()}
+        forwards |= {f"bfloat16, ensemble={k}": AsServed(*traced["bfloat16"], ensemble=k) for k in ensembles}
         speeds = inference_speeds(forwards, SPEED_BATCH, args.seconds, args.rounds)
         torch.set_num_threads(os.cpu_count() or 1)
-        scores: dict[str, dict[str, float]] = {p: {} for p in traced}
+        scores: dict[str, dict[str, float]] = {row: {} for row in forwards}
         for split, images in splits.items():
-            for precision, forward in forwards.items():
-                scores[precision][split] = evaluate(forward, images, torch.device("cpu"), loss_name="l1", baseline=False)["model"]["psnr"]
+            for row, forward in forwards.items():
+                scores[row][split] = evaluate(forward, images, torch.device("cpu"), loss_name="l1", baseline=False)["model"]["psnr"]
         change = largest_pixel_change(forwards["float32"], forwards["bfloat16"], splits["CIFAR-10"]) if splits else None
-        for precision, (trace, memory_format) in traced.items():
-            per_s, per_cpu_s = speeds[precision]
-            quality = [f"{scores[precision][s]:.4f}" + ("" if precision == "float32" else f" ({scores[precision][s] - scores['float32'][s]:+.4f})")
+        for row, forward in forwards.items():
+            per_s, per_cpu_s = speeds[row]
+            quality = [f"{scores[row][s]:.4f}" + ("" if row == "float32" else f" ({scores[row][s] - scores['float32'][s]:+.4f})")
                        for s in splits]
-            table.add_row(label, precision, str(memory_format).removeprefix("torch."), f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
+            table.add_row(label, row, str(forward.memory_format).removeprefix("torch."), f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
                           f"{per_s / speeds['float32'][0]:.2f}x", *quality,
-                          "" if precision == "float32" or change is None else f"{change} levels")
+                          f"{change} levels" if row == "bfloat16" and change is not None else "")
         console.print(table)  # after each version, so a long run shows progress
     console.print(f"load average {os.getloadavg()} (other jobs on the cores lower images/s; images/CPU-s less)")
 
