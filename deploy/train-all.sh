@@ -7,14 +7,15 @@
 # Job run it.
 #
 #   TRAIN_DEVICE       cuda | cpu | auto (default auto)
-#   TRAIN_AMP          bf16 | none (default none; bf16 is for CUDA)
+#   TRAIN_AMP          auto | bf16 | none (default auto: bf16 where the device computes it natively, a CUDA GPU
+#                      or a CPU with AVX512-BF16/AMX, at the same PSNR; float32 elsewhere)
 #   TRAIN_MAX_MINUTES  time budget per model of every stage (default: none, the full recipe)
 #   UPGRADER_DATA      the dataset (default /data); UPGRADER_DOWNLOAD=1 fetches CIFAR-10 there if absent
 #   arguments          go to every stage, after the recipe (e.g. `--limit-train 256 --epochs 1` for a smoke run)
 set -eu
 
 train() {
-  upgrader-train --data "${UPGRADER_DATA:-/data}" --device "${TRAIN_DEVICE:-auto}" --amp "${TRAIN_AMP:-none}" \
+  upgrader-train --data "${UPGRADER_DATA:-/data}" --device "${TRAIN_DEVICE:-auto}" --amp "${TRAIN_AMP:-auto}" \
     ${TRAIN_MAX_MINUTES:+--max-minutes "$TRAIN_MAX_MINUTES"} ${UPGRADER_DOWNLOAD:+--download} "$@"
 }
 
