@@ -459,6 +459,9 @@ def test_train_all_publishes_every_model_fine_tuning_the_version_it_just_trained
     assert models.versions("subpixel_residual") == [1, 2]
     first, second = models.manifest("subpixel_residual", 1), models.manifest("subpixel_residual", 2)
     assert first["recipe"]["loss"] == "l1" and second["recipe"]["loss"] == "mse"
+    from upgrader.cpus import native_bf16_cpu
+
+    assert first["recipe"]["amp"] == ("bf16" if native_bf16_cpu() else "none")  # TRAIN_AMP unset: auto
     assert second["recipe"]["init_from"]["version"] == 1
     assert second["recipe"]["init_from"]["weights_sha256"] == first["weights_sha256"]
 
