@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_service_support import BUSY_SUBPIXEL_PARAMS, busy_subpixel_model
 
 from model_store import ModelStore
 from service.upscaler import Upscaler
@@ -102,12 +103,8 @@ def test_service_without_batching_sets_up_on_cuda(store, real_images):
 
 def test_service_bf16_on_cuda_runs_in_bf16_within_a_few_levels_of_float32(store, real_images):
     """UPGRADER_PRECISION=bfloat16 on CUDA: the forward pass under autocast (auto keeps float32 there, unmeasured)."""
-    torch.manual_seed(0)
-    params = {"width": 32, "depth": 4, "global_attention": 1}
-    model = build_model("subpixel_residual", **params)
-    with torch.no_grad():
-        for parameter in model.parameters():  # weights that do more than bicubic (a fresh model's last conv is zero)
-            parameter.add_(torch.randn_like(parameter) * 0.02)
+    params = BUSY_SUBPIXEL_PARAMS
+    model = busy_subpixel_model()
     manifest = {"architecture": {"name": "subpixel_residual", "params": params},
                 "metrics": {"model": {"psnr": 20.0}, "bicubic": {"psnr": 19.0}}}
     version = store.publish("sr", model.state_dict(), manifest)

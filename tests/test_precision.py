@@ -7,11 +7,10 @@ import base64
 import httpx
 import numpy as np
 import torch
-from test_service_support import LiveServer, outputs_of, png_list, publish, small_inputs
+from test_service_support import BUSY_SUBPIXEL_PARAMS, LiveServer, busy_subpixel_model, outputs_of, png_list, publish, small_inputs
 
 from model_store import ModelStore
 from service.upscaler import pick_precision
-from upgrader.architectures import build_model
 from upgrader.cpus import native_bf16_cpu
 
 
@@ -24,14 +23,10 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it():
 
 
 def test_a_bf16_service_runs_in_bf16_and_answers_within_a_few_levels_of_float32(tmp_path, real_images, monkeypatch):
-    torch.manual_seed(0)
-    params = {"width": 32, "depth": 4, "global_attention": 1}
-    model = build_model("subpixel_residual", **params)
-    with torch.no_grad():
-        for parameter in model.parameters():  # weights that do more than bicubic (a fresh model's last conv is zero)
-            parameter.add_(torch.randn_like(parameter) * 0.02)
+    params = BUSY_SUBPIXEL_PARAMS
+    model = busy_subpixel_model()
     store = ModelStore(tmp_path / "store")
-    publish(store, "sr", arch="subpixel_residual", model=model.eval(), params=params)
+    publish(store, "sr", arch="subpixel_residual", model=model, params=params)
     monkeypatch.delenv("UPGRADER_PRECISION")
     images = [base64.b64encode(png).decode() for png in png_list(small_inputs(real_images))]
     served = {}

@@ -42,6 +42,20 @@ def make_model(arch: str = "conv", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+BUSY_SUBPIXEL_PARAMS = {"width": 32, "depth": 4, "global_attention": 1}
+
+
+def busy_subpixel_model() -> torch.nn.Module:
+    """A small subpixel_residual (every kind of layer, attention included) with seeded weights that do more than
+    bicubic: a fresh one's last conv is zero, so its outputs would not show a precision's roundings."""
+    torch.manual_seed(0)
+    model = build_model("subpixel_residual", **BUSY_SUBPIXEL_PARAMS)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model.eval()
+
+
 def publish(store: ModelStore, name: str, arch: str = "conv", seed: int = 0, psnr: float = 20.0,
             files: dict[str, bytes] | None = None, natural_psnr: float | None = None,
             recipe: dict | None = None, model: torch.nn.Module | None = None, params: dict | None = None,
