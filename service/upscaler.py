@@ -126,7 +126,8 @@ class Upscaler:
                  precision: str = "float32", png_level: int = 0):
         self.store, self.name, self.version, self.device = store, name, version, device
         self.max_batch_images, self.png_level = max_batch_images, png_level
-        self.bf16 = precision == "bfloat16"  # the forward pass under bf16 autocast (pick_precision)
+        self.bf16 = precision == "bfloat16"  # the forward pass in bf16 (pick_precision)
+        self.autocast = self.bf16  # predict's own autocast: off for a CPU trace made in bf16, which carries its casts
         self.model: torch.nn.Module | None = None
         self.manifest: dict = {}
         self.memory_format = torch.contiguous_format  # of the model's input, chosen at load on the CPU (fastest_cpu_trace)
@@ -139,6 +140,7 @@ class Upscaler:
         if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
             with torch.inference_mode():
                 self.model, self.memory_format = fastest_cpu_trace(self.model, bf16=self.bf16)
+            self.autocast = self.bf16 and not isinstance(self.model, torch.jit.ScriptModule)  # eager if tracing failed
         if self.device.type == "cuda":
             # Batches go through pinned host buffers, allocated once (cudaHostAlloc is slow), so both
             # copies are asynchronous DMA.
@@ -172,8 +174,7 @@ class Upscaler:
 
     def predict(self, batch: torch.Tensor, ensemble: int = 1) -> torch.Tensor:
         """float N x 3 x 8 x 8 in [0, 1] on the device -> float N x 3 x 32 x 32."""
-        # A CPU trace made in bf16 has its casts built in; this covers CUDA and a model left eager.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             batch = batch.contiguous(memory_format=self.memory_format)
             outputs = self_ensemble(self.model, batch, ensemble) if ensemble > 1 else self.model(batch)
         return outputs.float()
