@@ -4,10 +4,10 @@
     .venv/bin/python bench/bench_precision.py --store store        # every model's serving version (make run's store)
     .venv/bin/python bench/bench_precision.py --store store --ensembles 2,4,8   # and the quality dial of ?ensemble=
 
-Each version runs the service's forward pass (`service.upscaler.fastest_cpu_trace`: a TorchScript trace in
-whichever memory format is faster here) in float32, the baseline, and traced under bf16 autocast, as
-UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with --ensembles, also bf16
-with `?ensemble=k` (`upgrader.ensemble.self_ensemble`: k views in one forward pass). Columns:
+Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, traced in whichever
+memory format is faster here) and run through its forward pass (`Upscaler.predict`) in float32, the
+baseline, and in bf16, as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
+--ensembles, also bf16 with `?ensemble=k` (k views in one forward pass). Columns:
 
 - images/s and images per CPU-second of this process at batch 64 with --threads torch threads (1: the
   issue's measurement), medians of --rounds interleaved rounds, so other jobs on the cores hit all alike;
@@ -27,27 +27,25 @@ from rich.console import Console
 from rich.table import Table
 
 from model_store import ModelStore
-from service.upscaler import fastest_cpu_trace
+from service.upscaler import Upscaler
 from trainer.data import batches, load_image_data
 from trainer.natural import load_natural_data
 from trainer.train import EVAL_BATCH_SIZE, evaluate
 from upgrader.cpus import native_bf16_cpu
-from upgrader.ensemble import self_ensemble
 from upgrader.imaging import downsample, to_8bit
 
 SPEED_BATCH = 64
 
 
 class AsServed(torch.nn.Module):
-    """A trace with the memory format it was made for, as `Upscaler.predict` runs it (ensemble: views per image)."""
+    """The service's own forward pass, `Upscaler.predict`, as a module `evaluate` can score (ensemble: views per image)."""
 
-    def __init__(self, trace: torch.nn.Module, memory_format: torch.memory_format, ensemble: int = 1) -> None:
+    def __init__(self, upscaler: Upscaler, ensemble: int = 1) -> None:
         super().__init__()
-        self.trace, self.memory_format, self.ensemble = trace, memory_format, ensemble
+        self.upscaler, self.ensemble = upscaler, ensemble
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=self.memory_format)
-        return self_ensemble(self.trace, x, self.ensemble) if self.ensemble > 1 else self.trace(x)
+        return self.upscaler.predict(x, self.ensemble)
 
 
 @torch.inference_mode()
@@ -93,13 +91,14 @@ def main() -> None:
     for column in ("version", "forward", "format", "images/s", "images/CPU-s", "vs float32", *splits, "largest change"):
         table.add_column(column, justify="left" if column in ("version", "forward", "format") else "right")
     for name, version in served_versions(store, args.versions):
-        model, manifest = store.load(name, version)
-        label = f"{name}:{manifest['version']}"
-        torch.set_num_threads(args.threads)
-        with torch.inference_mode():
-            traced = {precision: fastest_cpu_trace(model, bf16=precision == "bfloat16") for precision in ("float32", "bfloat16")}
-        forwards = {precision: AsServed(*trace) for precision, trace in traced.items()}
-        forwards |= {f"bfloat16, ensemble={k}": AsServed(*traced["bfloat16"], ensemble=k) for k in ensembles}
+        torch.set_num_threads(args.threads)  # setup times the memory formats at this thread count, as a worker does
+        upscalers = {precision: Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, precision)
+                     for precision in ("float32", "bfloat16")}
+        for upscaler in upscalers.values():
+            upscaler.setup()
+        label = f"{name}:{upscalers['float32'].version}"
+        forwards = {precision: AsServed(upscaler) for precision, upscaler in upscalers.items()}
+        forwards |= {f"bfloat16, ensemble={k}": AsServed(upscalers["bfloat16"], ensemble=k) for k in ensembles}
         speeds = inference_speeds(forwards, SPEED_BATCH, args.seconds, args.rounds)
         torch.set_num_threads(os.cpu_count() or 1)
         scores: dict[str, dict[str, float]] = {row: {} for row in forwards}
@@ -111,7 +110,7 @@ def main() -> None:
             per_s, per_cpu_s = speeds[row]
             quality = [f"{scores[row][s]:.4f}" + ("" if row == "float32" else f" ({scores[row][s] - scores['float32'][s]:+.4f})")
                        for s in splits]
-            table.add_row(label, row, str(forward.memory_format).removeprefix("torch."), f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
+            table.add_row(label, row, str(forward.upscaler.memory_format).removeprefix("torch."), f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
                           f"{per_s / speeds['float32'][0]:.2f}x", *quality,
                           f"{change} levels" if row == "bfloat16" and change is not None else "")
         console.print(table)  # after each version, so a long run shows progress

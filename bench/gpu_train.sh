@@ -20,9 +20,10 @@
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
 # gpu_train.tgz goes, default ./gpu_train_out), SEED (0). INIT_STORE + INIT_FROM fine-tune (or grow) a model
 # trained elsewhere: INIT_STORE a store folder that travels, copied into the run's store, and INIT_FROM its
-# NAME:VERSION (passed to --init-from). One version is enough, e.g. session 12's best (tried here with DEVICE=cpu):
-#   mkdir -p .gpudata/init/subpixel_residual && cp -r runs/s12b/store/subpixel_residual/5 .gpudata/init/subpixel_residual/
-#   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:5 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' \
+# NAME:VERSION (passed to --init-from). One version is enough, e.g. session 13's best (the command was tried here
+# with DEVICE=cpu on session 12's, v5 of runs/s12b/store):
+#   mkdir -p .gpudata/init/subpixel_residual && cp -r runs/s13b/store/subpixel_residual/6 .gpudata/init/subpixel_residual/
+#   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:6 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' \
 #     LOSS=psnr LR=3e-4 bash bench/gpu_train.sh
 #
 # OVERLOAD_ROUNDS=N (default 0: off) also runs issue 10's bench/overload.py for N rounds while the model trains,
