@@ -100,8 +100,25 @@ def test_global_attention_starts_as_the_identity_and_then_mixes_every_position()
         build_model("subpixel_residual", width=18, depth=1, global_attention=1)
 
 
+@pytest.mark.parametrize("options", [{}, {"rep": True}, {"attention": 16}])
+def test_refine_blocks_grow_a_trained_model_deeper_from_its_own_outputs(options):
+    torch.manual_seed(0)
+    trained = build_model("subpixel_residual", width=16, depth=2, **options)
+    for tensor in trained.parameters():  # stands for a trained model: nothing left at its zero start
+        torch.nn.init.normal_(tensor, std=0.1)
+    grown = build_model("subpixel_residual", width=16, depth=2, refine=2, **options)
+    missing = grown.load_state_dict(trained.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("refine.") for key in missing)  # no published tensor moved
+    inputs = torch.rand(4, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(grown(inputs), trained(inputs))
+        for tensor in grown.refine[1].conv2.parameters():  # once trained, a refine block does change the output
+            torch.nn.init.normal_(tensor, std=0.1)
+        assert not torch.allclose(grown(inputs), trained(inputs), atol=1e-4)
+
+
 @pytest.mark.parametrize("params", [{"rep": True}, {"attention": 16}, {"width": 64, "depth": 8, "attention": 16},
-                                    {"width": 64, "depth": 8, "global_attention": 1}])
+                                    {"width": 64, "depth": 8, "global_attention": 1}, {"width": 16, "depth": 2, "refine": 2}])
 def test_every_option_starts_as_bicubic_and_keeps_the_default_model_unchanged(params, real_images):
     inputs = downsample(to_float(real_images[:8]))
     model = build_model("subpixel_residual", **params).eval()

@@ -220,7 +220,9 @@ class SubpixelResidualUpgrader(nn.Module):
     on equal CPU-second training budgets against 32x4 and 64x8: as good as 64x8
     at under half its inference cost, and ahead of 32x4 once training runs longer.
     `global_attention` = N adds N transformer blocks over the 64 positions after the
-    body (off by default; see `_GlobalAttention`).
+    body (off by default; see `_GlobalAttention`). `refine` = N adds N residual blocks
+    after the long skip, whose last conv starts at zero: a trained model grows deeper
+    (`--init-from`) starting from exactly its own outputs, with no state-dict name moved.
     """
 
     # No layer knows where in a larger image its 8x8 tile sits (convolutions, pixel shuffle, bicubic; the optional
@@ -228,7 +230,7 @@ class SubpixelResidualUpgrader(nn.Module):
     fully_convolutional = True
 
     def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0, rep: bool = False, attention: int = 0,
-                 global_attention: int = 0) -> None:
+                 global_attention: int = 0, refine: int = 0) -> None:
         super().__init__()
         # Imported here because upgrader.imaging imports this module's sizes.
         from upgrader.imaging import bicubic_upscale
@@ -240,7 +242,11 @@ class SubpixelResidualUpgrader(nn.Module):
             *(_ResidualBlock(width, res_scale, rep, attention) for _ in range(depth)),
             nn.Conv2d(width, width, 3, padding=1),
         )
-        # Off by default (0 blocks), so existing manifests rebuild the same model and state dict.
+        # Both off by default (0 blocks), so existing manifests rebuild the same model and state dict.
+        self.refine = nn.Sequential(*(_ResidualBlock(width, res_scale, rep, attention) for _ in range(refine)))
+        for block in self.refine:
+            for tensor in block.conv2.parameters():  # the branch adds zero: a new block is the identity
+                nn.init.zeros_(tensor)
         self.context = nn.Sequential(*(_GlobalAttention(width) for _ in range(global_attention)))
         self.to_subpixels = nn.Conv2d(width, CHANNELS * scale**2, 3, padding=1)
         nn.init.zeros_(self.to_subpixels.weight)
@@ -249,6 +255,6 @@ class SubpixelResidualUpgrader(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.head(x)
-        features = self.context(features + self.body(features))
+        features = self.context(self.refine(features + self.body(features)))
         residual = self.shuffle(self.to_subpixels(features))
         return (self.bicubic_upscale(x) + residual).clamp(0, 1)
