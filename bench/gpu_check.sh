@@ -18,9 +18,10 @@
 #      every published version (device, epoch time, training images/s, PSNR against bicubic)
 # Without CUDA it says so and exits 1; it exits 2 when any step failed, 0 when all passed.
 #
-# Settings (environment): UPGRADER_DATA (CIFAR-10 copy; default ../shared/datasets/cifar10-jpeg;
-# if absent a small synthetic ImageFolder is made so the GPU path still runs, and the report says
-# its PSNRs mean nothing), UPGRADER_NATURAL_DATA (sr-natural; default ../shared/datasets/sr-natural),
+# Settings (environment): UPGRADER_DATA (CIFAR-10 copy; default ../shared/datasets/cifar10-jpeg, else the
+# packed copy bench/gpu_data.py makes, .gpudata/cifar, unpacked from a carried .gpupack/gpudata.tgz; if neither
+# exists a small synthetic ImageFolder is made so the GPU path still runs, and the report says
+# its PSNRs mean nothing), UPGRADER_NATURAL_DATA (sr-natural; default ../shared/datasets/sr-natural, else .gpudata/natural),
 # PYTHON (default python3), LIMIT_TRAIN (default 8192), VENV (default .venv-gpu; its -site folder takes
 # the wheels), WHEELS (a folder
 # of wheels installed first, with no index: for a machine that cannot reach PyPI; default ./.whl if
@@ -138,7 +139,10 @@ fi
 [ -z "$MISSING" ] || log "missing modules: $MISSING (steps that need them will fail)"
 
 # ---- data ----------------------------------------------------------------------------------------
+# The lent machine has no ../shared: the packed copy travels as one archive (bench/gpu_data.py).
+if [ ! -d "$ROOT/.gpudata" ] && [ -f "$ROOT/.gpupack/gpudata.tgz" ]; then tar xzf "$ROOT/.gpupack/gpudata.tgz" -C "$ROOT"; fi
 DATA="${UPGRADER_DATA:-$ROOT/../shared/datasets/cifar10-jpeg}"
+[ -n "${UPGRADER_DATA:-}" ] || [ -d "$DATA/train" ] || DATA="$ROOT/.gpudata/cifar"
 if [ ! -d "$DATA/train" ] || [ ! -d "$DATA/test" ]; then
   DATA="$WORK/synthetic-cifar"
   echo "- data: no CIFAR-10 copy found; a synthetic ImageFolder ($DATA) made from examples/*-32x32.png: PSNRs below mean nothing" >> "$REPORT"
@@ -162,6 +166,7 @@ else
   echo "- data: $DATA" >> "$REPORT"
 fi
 NATURAL="${UPGRADER_NATURAL_DATA:-$ROOT/../shared/datasets/sr-natural}"
+[ -n "${UPGRADER_NATURAL_DATA:-}" ] || [ -d "$NATURAL/bsd200" ] || NATURAL="$ROOT/.gpudata/natural"
 NATURAL_ARGS=()
 [ -d "$NATURAL/bsd200" ] && NATURAL_ARGS=(--natural "$NATURAL" --natural-share 0.5)
 export UPGRADER_DATA="$DATA" UPGRADER_CACHE="$WORK/cache"

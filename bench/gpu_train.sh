@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12's candidate default model trained on a leased GPU, time-boxed, from data packed to travel.
 #
-#   .venv/bin/python bench/gpu_data.py                 # here, once: .gpudata/ (git-ignored, ~56 MB; see its docstring)
-#   bash bench/gpu_train.sh                            # there, with .gpudata carried: $OUT/gpu_train.tgz comes back
+#   .venv/bin/python bench/gpu_data.py                 # here, once: .gpudata/ and its archive .gpupack/gpudata.tgz (git-ignored)
+#   bash bench/gpu_train.sh                            # there, with .gpupack carried (unpacked into .gpudata first):
+#                                                      # $OUT/gpu_train.tgz and $OUT/gpu_checkpoints.tgz come back
 #
 # The recipe is the CPU long runs' (bench/RESULTS.md, issue 12): subpixel_residual 64x8 with channel attention,
 # natural share 0.5, L1, cosine over a wall-clock budget, dihedral, EMA 0.999, plus bf16 and --compile. The
@@ -18,13 +19,14 @@
 # float inputs), EPOCH_SIZE (images per epoch, default 32768), DATA
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
-# gpu_train.tgz goes, default ./gpu_train_out), SEED (0). INIT_STORE + INIT_FROM fine-tune (or grow) a model
+# the archives go, default ./gpu_train_out), SEED (0). The checkpoints travel back in an archive of their own: the
+# device tool returns files of up to 16 MB, and the store with the checkpoints came to 15.2 MB. INIT_STORE + INIT_FROM fine-tune (or grow) a model
 # trained elsewhere: INIT_STORE a store folder that travels, copied into the run's store, and INIT_FROM its
-# NAME:VERSION (passed to --init-from). One version is enough, e.g. session 13's best (the command was tried here
-# with DEVICE=cpu on session 12's, v5 of runs/s12b/store):
-#   mkdir -p .gpudata/init/subpixel_residual && cp -r runs/s13b/store/subpixel_residual/6 .gpudata/init/subpixel_residual/
+# NAME:VERSION (passed to --init-from). One version is enough; gpu_data.py --init packs it. Session 14's lease
+# fine-tuned session 13's best this way (4 minutes on an H200: +0.016 dB, bench/RESULTS.md):
+#   .venv/bin/python bench/gpu_data.py --init runs/s13b/store/subpixel_residual/6
 #   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:6 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' \
-#     LOSS=psnr LR=3e-4 bash bench/gpu_train.sh
+#     LOSS=psnr LR=3e-4 MINUTES=4 bash bench/gpu_train.sh
 #
 # OVERLOAD_ROUNDS=N (default 0: off) also runs issue 10's bench/overload.py for N rounds while the model trains,
 # on CPUs the trainer does not use: the servers on OVERLOAD_SERVER_CPUS (0,1: a 2-CPU server, as the development
@@ -52,8 +54,14 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-train.XXXXXX")"
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-[ -f "$DATA/PACKED.json" ] || { echo "no packed data at $DATA: run bench/gpu_data.py here and carry its folder" >&2; exit 1; }
-if [ -n "${RESUME:-}" ]; then tar xzf "$RESUME" -C "$WORK"; fi
+PACK="${PACK:-$ROOT/.gpupack/gpudata.tgz}"
+[ -f "$DATA/PACKED.json" ] || [ ! -f "$PACK" ] || tar xzf "$PACK" -C "$(dirname "$DATA")"
+[ -f "$DATA/PACKED.json" ] || { echo "no packed data at $DATA: run bench/gpu_data.py here and carry .gpupack" >&2; exit 1; }
+if [ -n "${RESUME:-}" ]; then
+  tar xzf "$RESUME" -C "$WORK"
+  checkpoints="$(dirname "$RESUME")/gpu_checkpoints.tgz"  # without it the run starts again from INIT_FROM
+  [ -f "$checkpoints" ] && tar xzf "$checkpoints" -C "$WORK"
+fi
 INIT=()
 if [ -n "${INIT_FROM:-}" ]; then
   [ -d "${INIT_STORE:-}/${INIT_FROM%%:*}" ] || { echo "INIT_FROM=$INIT_FROM needs INIT_STORE, a store folder holding it" >&2; exit 1; }
@@ -94,6 +102,7 @@ if [ -n "$overload_pid" ]; then
   wait "$overload_pid" || echo "overload.py exited $? (see overload.txt in the archive)"
   tail -n 20 "$WORK/overload.txt"
 fi
-tar czf "$OUT/gpu_train.tgz" -C "$WORK" --exclude cache --exclude site .
-echo "gpu_train: exit $status; $OUT/gpu_train.tgz holds store/, checkpoints/, train.log, machine.txt"
+tar czf "$OUT/gpu_train.tgz" -C "$WORK" --exclude cache --exclude site --exclude checkpoints .
+tar czf "$OUT/gpu_checkpoints.tgz" -C "$WORK" checkpoints
+echo "gpu_train: exit $status; $OUT/gpu_train.tgz holds store/, train.log, machine.txt; $OUT/gpu_checkpoints.tgz the checkpoints"
 exit "$status"

@@ -9,6 +9,7 @@ position it was cut from.
 from __future__ import annotations
 
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,12 @@ def test_data_packed_for_a_gpu_keeps_the_whole_sets_validation_within_its_budget
     if not (source / "bsd200").is_dir():
         pytest.fail(f"sr-natural not found at {source}")
     out = tmp_path / "packed"
-    packed = gpu_data.main(["--out", str(out), "--budget-mb", "20", "--natural-share-mb", "8", "--cifar", str(data_dir), "--natural", str(source)])
+    version = tmp_path / "store" / "sr" / "3"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    pack = tmp_path / "pack" / "gpudata.tgz"
+    packed = gpu_data.main(["--out", str(out), "--budget-mb", "20", "--natural-share-mb", "8", "--cifar", str(data_dir), "--natural", str(source),
+                            "--pack", str(pack), "--init", str(version)])
     expected = []
     for subset, extensions in SUBSETS.items():
         names = sorted(p.name for p in (source / subset).iterdir() if p.name.lower().endswith(extensions))
@@ -209,3 +215,9 @@ def test_data_packed_for_a_gpu_keeps_the_whole_sets_validation_within_its_budget
     assert sum(1 for f in (out / "cifar" / "test").rglob("*.jpg")) == packed["cifar"]["test_images"] == 10_000
     on_disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix != ".json" and f.name != "validation.txt")
     assert on_disk == packed["bytes"] <= 20e6
+    assert packed["init"] == "sr:3" and (out / "init" / "sr" / "3" / "manifest.json").is_file()
+    # what travels is one archive, smaller than its files (near-identical JPEG headers), holding every one of them
+    with tarfile.open(pack) as archive:
+        names = {m.name for m in archive.getmembers() if m.isfile()}
+    assert names == {f"packed/{f.relative_to(out).as_posix()}" for f in out.rglob("*") if f.is_file()}
+    assert packed["pack"]["bytes"] == pack.stat().st_size < 0.8 * packed["bytes"]
