@@ -29,6 +29,8 @@
 # DEADLINE (seconds from the start by which every step must have ended, so the report's tables are
 # still written when a time-boxed lease runs short; default none), BENCH_SECONDS (measured seconds per
 # service-benchmark cell and per throughput figure, default 3).
+# In a 15-minute lease (starts included), STEP_TIMEOUT=100 DEADLINE=200 BENCH_SECONDS=2 ran steps 2-5 (session 14),
+# with ~5 minutes left to train; the steps it skips can follow in a second call while the machine is warm.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
