@@ -29,8 +29,11 @@
 # DEADLINE (seconds from the start by which every step must have ended, so the report's tables are
 # still written when a time-boxed lease runs short; default none), BENCH_SECONDS (measured seconds per
 # service-benchmark cell and per throughput figure, default 3).
+# BENCH_MODELS (the published models steps 5 and 6 measure, comma-separated; default
+# subpixel_residual,subpixel_residual_64x8ca,conv,resnet18).
 # In a 15-minute lease (starts included), STEP_TIMEOUT=100 DEADLINE=200 BENCH_SECONDS=2 ran steps 2-5 (session 14),
-# with ~5 minutes left to train; the steps it skips can follow in a second call while the machine is warm.
+# with ~5 minutes left to train, but step 5 measured only 3 of its 4 models in its 100 s: add
+# BENCH_MODELS=subpixel_residual,conv. The steps it skips can follow in a second call while the machine is warm.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -197,9 +200,10 @@ fi
 "$PY" -c 'import torch.distributed as d; print("NCCL available:", d.is_nccl_available())' >> "$REPORT" 2>&1
 
 # ---- 5. the service on CUDA, benchmarked over HTTP --------------------------------------------------
+WANTED_MODELS="${BENCH_MODELS:-subpixel_residual,subpixel_residual_64x8ca,conv,resnet18}"
 BENCH_MODELS="$("$PY" -c "
 from model_store import ModelStore; names = ModelStore('$STORE').models()
-print(','.join(n for n in ('subpixel_residual', 'subpixel_residual_64x8ca', 'conv', 'resnet18') if n in names))")"
+print(','.join(n for n in '$WANTED_MODELS'.split(',') if n in names))")"
 step serve-cuda-bench env UPGRADER_DEVICE=cuda "$PY" bench/bench_service.py --store "$STORE" --models "$BENCH_MODELS" \
   --servers batched,batch1 --concurrency 1,64 --duration "$BENCH_SECONDS" --data "$DATA" --ceiling-seconds 0 \
   --json "$LOGS/bench_service.json"
