@@ -45,11 +45,30 @@ def usable_cpus() -> int:
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it.
+    """Whether this CPU multiplies bf16 in hardware (the AVX512-BF16 instructions, or AMX tiles).
 
     There, bf16 autocast runs a conv body ~1.9x faster than float32 (subpixel_residual 64x8, batch 64, one
-    thread, AMD EPYC Zen 4: 2,328 vs 1,224 images/s); elsewhere oneDNN emulates it, slower than float32.
+    thread, AMD EPYC Zen 4: 2,328 vs 1,224 images/s). oneDNN's own "bf16 supported" answer
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is also true on plain AVX-512, where it converts to
+    float32 and back around every multiply: on an Intel Xeon with AVX-512 but no AVX512-BF16 that model
+    served at 0.46x of float32's speed in bf16 and trained 1.6x slower a step (bench/RESULTS.md, session 15).
+    So ask for the instructions themselves.
     """
     import torch  # here: the launcher and settings read the CPU count above without loading torch
 
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    cpu = torch.cpu
+    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    flags = _cpuinfo_flags()  # a torch without those probes
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpuinfo_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
