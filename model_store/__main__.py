@@ -1,8 +1,10 @@
-"""`python -m model_store [--store DIR|s3://bucket/prefix] ls|alias|verify|gc|init`: the store from a terminal.
+"""`python -m model_store [--store DIR|s3://bucket/prefix] ls|alias|verify|copy|gc|init`: the store from a terminal.
 
 ls: models, versions, aliases and key metrics as a table; alias: promote or roll back;
-verify: check every artifact's checksum; gc: remove never-committed versions and stale
-temporary files older than the grace period; init: create the directory or bucket.
+verify: check every artifact's checksum; copy: a verified version of another store (e.g. the
+repository's pretrained/, or a training run's directory) into this one as a new version; gc: remove
+never-committed versions and stale temporary files older than the grace period; init: create the
+directory or bucket.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ def ls(store: ModelStore, console: Console) -> int:
     return 0
 
 
+def copy_version(store: ModelStore, source: ModelStore, spec: str, as_name: str | None, alias: str | None, console: Console) -> int:
+    name, _, version = spec.partition(":")
+    target = as_name or name
+    try:
+        number = store.copy_from(source, name, version or "latest", as_name=target)
+    except (StoreError, ValueError) as exc:  # either side: say which copy failed and why
+        console.print(f"[red]error:[/red] copy {source.url} {spec} -> {store.url} {target}: {exc}")
+        return 1
+    console.print(f"copied {source.url} {name}:{store.manifest(target, number)['copied_from']['version']} -> {store.url} {target}:{number}")
+    if alias:
+        console.print(f"{target}:{alias} -> {store.set_alias(target, alias, number)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
     parser.add_argument("--store", default=None, help="store: a directory or s3://bucket/prefix (default: $UPGRADER_STORE or ./store)")
@@ -66,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check every artifact's checksum")
     verify.add_argument("model")
     verify.add_argument("version", nargs="?", default="latest")
+    copy = sub.add_parser("copy", help="copy a verified version of another store into this one (a new version here)")
+    copy.add_argument("source_model", metavar="MODEL[:VERSION]", help="the version to copy (default: its latest)")
+    copy.add_argument("--from", dest="source", required=True, help="the source store: a directory or s3://bucket/prefix")
+    copy.add_argument("--as", dest="as_name", help="the model name here (default: the source's)")
+    copy.add_argument("--alias", help="also point this alias at the copy (e.g. stable)")
     gc = sub.add_parser("gc", help="remove claimed-but-never-committed versions and stale temporary files")
     gc.add_argument("--grace-s", type=float, default=GC_GRACE_S,
                     help=f"only what is older than this many seconds (default {GC_GRACE_S:g}: a publisher may still be uploading)")
@@ -86,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"{'would remove' if args.dry_run else 'removed'} {key}")
             console.print(f"{len(removed)} object(s) {'to remove' if args.dry_run else 'removed'} from {store.url}")
             return 0
+        if args.command == "copy":
+            return copy_version(store, ModelStore(args.source), args.source_model, args.as_name, args.alias, console)
         if args.command == "alias":
             console.print(f"{args.model}:{args.alias} -> {store.set_alias(args.model, args.alias, args.version)}")
             return 0

@@ -122,6 +122,17 @@ def _scan(objects: list[ObjectInfo]) -> StoreScan:
     return scan
 
 
+def _check_fits(where: str, state_dict: Mapping[str, torch.Tensor], manifest: dict) -> torch.nn.Module:
+    """The architecture the manifest names, built with the weights loaded (IntegrityError if they do not fit)."""
+    arch = manifest["architecture"]
+    model = build_model(arch["name"], **arch.get("params", {}))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise IntegrityError(f"{where}/{WEIGHTS_FILE} does not fit architecture {arch['name']!r}: {exc}") from exc
+    return model
+
+
 class ModelStore:
     """The one place the trainer writes and the service reads.
 
@@ -283,13 +294,7 @@ class ModelStore:
     def load(self, name: str, version: int | str = LATEST, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
         """Rebuild the architecture named in the manifest, load verified weights, eval mode, on `device`."""
         state_dict, manifest = self.load_state_dict(name, version)
-        arch = manifest["architecture"]
-        model = build_model(arch["name"], **arch.get("params", {}))
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise IntegrityError(f"{name}/{manifest['version']}/{WEIGHTS_FILE} does not fit architecture {arch['name']!r}: {exc}") from exc
-        return model.to(device).eval(), manifest
+        return _check_fits(f"{name}/{manifest['version']}", state_dict, manifest).to(device).eval(), manifest
 
     # ---- writing ----------------------------------------------------------------
     def _claim(self, name: str) -> int:
@@ -342,6 +347,30 @@ class ModelStore:
         if not self._write(self.storage.create, f"{name}/{version}/{MANIFEST_FILE}", committed):
             raise StoreError(f"{name}/{version} was committed by someone else (its claim was garbage-collected mid-publish?)")
         return version
+
+    def copy_from(self, source: ModelStore, name: str, version: int | str = LATEST, as_name: str | None = None) -> int:
+        """Copy one version of `source` into this store as a new version of `as_name` (default `name`).
+
+        Promotion between stores (a run's directory to the shared store, a directory to S3), as MLflow's
+        registry copies a version: every artifact is checked against the source's manifest and the weights
+        must fit their architecture before anything is written; the copy is published like any version
+        (its own number, manifest last), keeps the source's metadata, and records where it came from
+        (`copied_from`). The weights' bytes, and so `weights_sha256`, are the source's.
+        """
+        number = source._number(name, version)
+        state_dict, manifest = source.load_state_dict(name, number)  # each read below checks its sha256
+        files = {f: source.read_file(name, number, f) for f in manifest.get("files", {}) if f != WEIGHTS_FILE}
+        _check_fits(f"{name}/{number}", state_dict, manifest)
+        added_by_publish = {"name", "version", "created_at", "weights_sha256", "files"}
+        metadata = {k: v for k, v in manifest.items() if k not in added_by_publish}
+        metadata["copied_from"] = {"store": source.url, "name": name, "version": number,
+                                   "created_at": manifest.get("created_at"), "weights_sha256": manifest.get("weights_sha256")}
+        copied = self.publish(as_name or name, state_dict, metadata, files)
+        written = self.manifest(as_name or name, copied)["weights_sha256"]
+        if written != manifest.get("weights_sha256"):
+            raise IntegrityError(f"{as_name or name}/{copied}: the copy's weights hash {written} differs from "
+                                 f"{name}/{number}'s {manifest.get('weights_sha256')}")
+        return copied
 
     def set_alias(self, name: str, alias: str, version: int | str) -> int:
         """Point `alias` (e.g. "stable") at a version with a compare-and-swap; returns the version number."""

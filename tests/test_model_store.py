@@ -298,3 +298,63 @@ def test_cli_ls_shows_the_natural_validation_when_a_version_has_it(store, capsys
     assert store_cli(["--store", str(store.root), "ls"]) == 0
     out = capsys.readouterr().out
     assert "natural PSNR" in out and "30.1250 (28.5000)" in out and "22.5000" in out
+
+
+def test_copy_promotes_a_version_between_stores_byte_for_byte(store, s3_store):
+    """A directory's version copied to S3: a new version there, the same weights, pictures and metadata, and its origin."""
+    publish_fresh(store, "conv", seed=0)
+    version, model = publish_fresh(store, "conv", seed=1, files={"samples.png": b"\x89PNG samples"})
+    publish_fresh(s3_store, "conv", seed=2)  # the destination already has a conv:1, so the copy becomes conv:2
+    source = store.manifest("conv", version)
+
+    copied = s3_store.copy_from(store, "conv", version)
+
+    assert copied == 2
+    manifest = s3_store.verify("conv", copied)
+    assert manifest["weights_sha256"] == source["weights_sha256"] and manifest["files"] == source["files"]
+    assert manifest["metrics"] == source["metrics"] and manifest["architecture"] == source["architecture"]
+    assert manifest["copied_from"] == {"store": store.url, "name": "conv", "version": version,
+                                       "created_at": source["created_at"], "weights_sha256": source["weights_sha256"]}
+    assert s3_store.read_file("conv", copied, "samples.png") == b"\x89PNG samples"
+    loaded, _ = s3_store.load("conv", copied)
+    x = torch.rand(4, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("damage", ["weights", "picture", "architecture"])
+def test_copy_refuses_a_damaged_source_and_writes_nothing(tmp_path, damage):
+    source, destination = ModelStore(tmp_path / "src"), ModelStore(tmp_path / "dst")
+    version, _ = publish_fresh(source, "conv", files={"samples.png": b"picture"})
+    if damage == "weights":
+        key = f"conv/{version}/weights.safetensors"
+        data = source.storage.get(key)
+        source.storage.put(key, data[:-1] + bytes([data[-1] ^ 1]))
+    elif damage == "picture":
+        key = f"conv/{version}/samples.png"
+        source.storage.put(key, b"other picture")
+    else:
+        key = f"conv/{version}/manifest.json"
+        manifest = json.loads(source.storage.get(key))
+        manifest["architecture"]["name"] = "fc"
+        source.storage.put(key, json.dumps(manifest).encode())
+        key = f"conv/{version}/weights.safetensors does not fit architecture 'fc'"
+    with pytest.raises(IntegrityError, match=key):
+        destination.copy_from(source, "conv", version)
+    assert destination.models() == [] and not any(destination.storage.list(""))
+
+
+def test_cli_copy_with_alias_and_a_new_name(tmp_path, capsys):
+    source, destination = ModelStore(tmp_path / "src"), ModelStore(tmp_path / "dst")
+    publish_fresh(source, "conv", seed=0)
+    publish_fresh(source, "conv", seed=1)
+    args = ["--store", str(destination.root), "copy", "--from", str(source.root)]
+    assert store_cli([*args, "conv:1", "--as", "upgrader", "--alias", "stable"]) == 0
+    assert f"copied {source.url} conv:1 -> {destination.url} upgrader:1" in capsys.readouterr().out
+    assert destination.aliases("upgrader") == {"latest": 1, "stable": 1}
+    assert destination.manifest("upgrader", "stable")["weights_sha256"] == source.manifest("conv", 1)["weights_sha256"]
+    assert store_cli([*args, "conv"]) == 0  # no version: the source's latest
+    assert destination.manifest("conv", 1)["copied_from"]["version"] == 2
+    assert store_cli([*args, "conv:7"]) == 1
+    out = capsys.readouterr().out
+    assert f"copy {source.url} conv:7 -> {destination.url} conv" in out and "has no version 7" in out
