@@ -5,8 +5,9 @@
     .venv/bin/python bench/bench_precision.py --store store --ensembles 2,4,8   # and the quality dial of ?ensemble=
 
 Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, traced in whichever
-memory format is faster here) and run through its forward pass (`Upscaler.predict`) in float32, the
-baseline, and in bf16, as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
+memory format and way, trace or frozen trace, is fastest here) and run through its forward pass
+(`Upscaler.predict`) in float32, the baseline; in float32 as a plain trace (the service before session 15
+could freeze one, a second baseline); and in bf16, as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
 --ensembles, also bf16 with `?ensemble=k` (k views in one forward pass). Columns:
 
 - images/s and images per CPU-second of this process at batch 64 with --threads torch threads (1: the
@@ -35,6 +36,7 @@ from upgrader.cpus import native_bf16_cpu
 from upgrader.imaging import downsample, to_8bit
 
 SPEED_BATCH = 64
+TRACE_ONLY = "float32, trace only"  # the service's forward before frozen traces could be chosen
 
 
 class AsServed(torch.nn.Module):
@@ -88,12 +90,14 @@ def main() -> None:
     ensembles = [int(k) for k in args.ensembles.split(",") if k]
     table = Table(title=f"as served: batch {SPEED_BATCH}, {args.threads} thread(s), median of {args.rounds} interleaved rounds of "
                         f"{args.seconds:g} s; PSNR as served on the whole sets, against float32's")
-    for column in ("version", "forward", "format", "images/s", "images/CPU-s", "vs float32", *splits, "largest change"):
-        table.add_column(column, justify="left" if column in ("version", "forward", "format") else "right")
+    for column in ("version", "forward", "runs as", "format", "images/s", "images/CPU-s", "vs float32", *splits, "largest change"):
+        table.add_column(column, justify="left" if column in ("version", "forward", "runs as", "format") else "right")
     for name, version in served_versions(store, args.versions):
         torch.set_num_threads(args.threads)  # setup times the memory formats at this thread count, as a worker does
         upscalers = {precision: Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, precision)
                      for precision in ("float32", "bfloat16")}
+        upscalers[TRACE_ONLY] = Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, "float32")
+        upscalers[TRACE_ONLY].cpu_forwards = ("trace",)  # the service before frozen traces (session 15): the baseline
         for upscaler in upscalers.values():
             upscaler.setup()
         label = f"{name}:{upscalers['float32'].version}"
@@ -110,7 +114,8 @@ def main() -> None:
             per_s, per_cpu_s = speeds[row]
             quality = [f"{scores[row][s]:.4f}" + ("" if row == "float32" else f" ({scores[row][s] - scores['float32'][s]:+.4f})")
                        for s in splits]
-            table.add_row(label, row, str(forward.upscaler.memory_format).removeprefix("torch."), f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
+            table.add_row(label, row, forward.upscaler.forward, str(forward.upscaler.memory_format).removeprefix("torch."),
+                          f"{per_s:,.0f}", f"{per_cpu_s:,.0f}",
                           f"{per_s / speeds['float32'][0]:.2f}x", *quality,
                           f"{change} levels" if row == "bfloat16" and change is not None else "")
         console.print(table)  # after each version, so a long run shows progress

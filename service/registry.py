@@ -284,7 +284,7 @@ class ModelManager:
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
                                           "seconds": round(time.perf_counter() - started, 3),
                                           "fixed_cost_ms": round(upscaler.fixed_cost_s * 1000, 3), "precision": self.precision,
-                                          "memory_format": str(upscaler.memory_format).removeprefix("torch.")})
+                                          "memory_format": str(upscaler.memory_format).removeprefix("torch."), "forward": upscaler.forward})
         self._update_gauges(state)
         # A loaded model is thousands of long-lived objects: move them out of the collector's
         # reach, or every full collection walks them (measured: ~200 ms pauses -> ~2 ms).

@@ -45,17 +45,38 @@ def gil_free(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
         return model
 
 
+def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
+    """A trace frozen for inference (torch.jit.freeze, then optimize_for_inference), or None where that fails.
+
+    Freezing turns the weights into constants, so TorchScript can fold them: convolutions become oneDNN
+    convolutions with prepacked weights, fused with the add and ReLU after them. Measured in process,
+    one thread, batch 64, subpixel_residual 64x8 + attention on an Intel Xeon (AVX-512, no bf16): the
+    trace 416 images/s, frozen 604 (bench/RESULTS.md, session 15). Outputs differ only by float rounding.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation of torch.jit, as in gil_free
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    except Exception as exc:  # noqa: BLE001 - a model TorchScript cannot freeze keeps its plain trace
+        log.warning("trace not frozen; it runs as traced", extra={"reason": f"{type(exc).__name__}: {exc}"})
+        return None
+
+
+CPU_FORWARDS = ("trace", "frozen")  # what fastest_cpu_trace may choose from, in each memory format
+
+
 def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
                       formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last),
-                      bf16: bool = False) -> tuple[torch.nn.Module, torch.memory_format]:
-    """`model` traced (gil_free) in whichever memory format runs it faster here, and that format.
+                      bf16: bool = False, forwards: tuple[str, ...] = CPU_FORWARDS) -> tuple[torch.nn.Module, torch.memory_format, str]:
+    """`model` traced (gil_free), as it is or frozen, in whichever memory format runs it fastest here: (module, format, forward).
 
     oneDNN's convolutions work in NHWC: with NCHW tensors every conv reorders its input and output.
     Measured in process, one thread, traced: conv ran 35-40% faster in channels_last at every batch
     size (0.104 -> 0.065 ms an image at 32), subpixel_residual the same, resnet18 slower at small
-    batches (1.45 -> 2.10 ms an image at 8). So each model is timed both ways at load, at batch
-    sizes a busy worker sees, and keeps the faster. Outputs differ from NCHW's only by float
-    rounding (sums in another order).
+    batches (1.45 -> 2.10 ms an image at 8). A frozen trace (`frozen`) ran subpixel_residual 1.45x
+    faster on an Intel Xeon. So each model is timed every way at load, at batch sizes a busy worker
+    sees, and keeps the fastest. Outputs differ from NCHW's trace only by float rounding (sums in
+    another order).
 
     `bf16`: traced under bf16 autocast, which writes its casts into the trace (weights and inputs to
     bf16 before each conv and linear, outputs back where an op needs float32), so the trace runs in
@@ -67,14 +88,22 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
         example = torch.zeros((1, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             traced = gil_free(copy_, example)
-        seconds = 0.0
-        for size in batch_sizes:
-            batch = torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
-            traced(batch)  # oneDNN picks and caches its kernels on the first call of a shape
-            seconds += best_seconds(lambda: traced(batch), runs=3) / size  # noqa: B023 - called before the loop moves on
-        candidates[memory_format] = (seconds, traced)
-    memory_format = min(candidates, key=lambda key: candidates[key][0])
-    return candidates[memory_format][1], memory_format
+        if not isinstance(traced, torch.jit.ScriptModule):
+            options = {"eager": traced}  # tracing failed (logged)
+        else:
+            options = {"trace": traced} if "trace" in forwards else {}
+            if "frozen" in forwards and (frozen_ := frozen(traced)) is not None:
+                options["frozen"] = frozen_
+            options = options or {"trace": traced}
+        for forward, module in options.items():
+            seconds = 0.0
+            for size in batch_sizes:
+                batch = torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
+                module(batch)  # oneDNN picks and caches its kernels on the first call of a shape
+                seconds += best_seconds(lambda: module(batch), runs=3) / size  # noqa: B023 - called before the loop moves on
+            candidates[memory_format, forward] = (seconds, module)
+    memory_format, forward = min(candidates, key=lambda key: candidates[key][0])
+    return candidates[memory_format, forward][1], memory_format, forward
 
 
 def best_seconds(call, runs: int) -> float:
@@ -131,6 +160,8 @@ class Upscaler:
         self.model: torch.nn.Module | None = None
         self.manifest: dict = {}
         self.memory_format = torch.contiguous_format  # of the model's input, chosen at load on the CPU (fastest_cpu_trace)
+        self.cpu_forwards = CPU_FORWARDS  # the CPU forwards fastest_cpu_trace may choose from (a bench's baseline narrows them)
+        self.forward = "eager"  # what runs: eager, trace or frozen (chosen at load on the CPU)
         self.fixed_cost_s = 0.0  # the part of a forward pass's time that does not grow with the batch (measure_fixed_cost)
 
     def setup(self) -> None:
@@ -139,8 +170,8 @@ class Upscaler:
         self.model, self.manifest = self.store.load(self.name, self.version, self.device)
         if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
             with torch.inference_mode():
-                self.model, self.memory_format = fastest_cpu_trace(self.model, bf16=self.bf16)
-            self.autocast = self.bf16 and not isinstance(self.model, torch.jit.ScriptModule)  # eager if tracing failed
+                self.model, self.memory_format, self.forward = fastest_cpu_trace(self.model, bf16=self.bf16, forwards=self.cpu_forwards)
+            self.autocast = self.bf16 and self.forward == "eager"  # eager if tracing failed
         if self.device.type == "cuda":
             # Batches go through pinned host buffers, allocated once (cudaHostAlloc is slow), so both
             # copies are asynchronous DMA.

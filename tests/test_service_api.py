@@ -510,14 +510,16 @@ def trained_looking(arch: str, params: dict) -> torch.nn.Module:
                                           ("subpixel_residual", {"width": 16, "depth": 1, "global_attention": 1})],
                          ids=["conv", "subpixel_residual", "global_attention"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("forward", ["trace", "frozen"])
 def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format_it_runs_in(tmp_path, real_images, arch, params,
-                                                                                            memory_format):
+                                                                                            memory_format, forward):
     store = ModelStore(tmp_path / "store")
     _, model = publish(store, arch, arch, model=trained_looking(arch, params), params=params)
     upscaler = Upscaler(store, arch, 1, torch.device("cpu"), 64)
-    upscaler.setup()  # picks the faster format by timing; here both are forced in turn
+    upscaler.setup()  # picks the fastest format and forward by timing; here each is forced in turn
     with torch.inference_mode():
-        upscaler.model, upscaler.memory_format = fastest_cpu_trace(model, formats=(memory_format,))
+        upscaler.model, upscaler.memory_format, chosen = fastest_cpu_trace(model, formats=(memory_format,), forwards=(forward,))
+    assert chosen == forward  # frozen: TorchScript froze and optimised this architecture (no fallback to the trace)
     for count in (16, 5):  # traced at other batch sizes: the trace must not have fixed one
         inputs = small_inputs(real_images[:count])
         out = upscaler.run_batch(inputs.numpy())
