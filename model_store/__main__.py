@@ -4,7 +4,7 @@ ls: models, versions, aliases and key metrics as a table; alias: promote or roll
 verify: check every artifact's checksum; copy: a verified version of another store (e.g. the
 repository's pretrained/, or a training run's directory) into this one as a new version; gc: remove
 never-committed versions and stale temporary files older than the grace period; init: create the
-directory or bucket.
+directory or bucket (and with --seed, copy another store's models in).
 """
 
 from __future__ import annotations
@@ -60,11 +60,14 @@ def copy_version(store: ModelStore, source: ModelStore, spec: str, as_name: str 
     name, _, version = spec.partition(":")
     target = as_name or name
     try:
-        number = store.copy_from(source, name, version or "latest", as_name=target)
+        number, copied = store.copy_from(source, name, version or "latest", as_name=target)
     except (StoreError, ValueError) as exc:  # either side: say which copy failed and why
         console.print(f"[red]error:[/red] copy {source.url} {spec} -> {store.url} {target}: {exc}")
         return 1
-    console.print(f"copied {source.url} {name}:{store.manifest(target, number)['copied_from']['version']} -> {store.url} {target}:{number}")
+    if copied:
+        console.print(f"copied {source.url} {name}:{store.manifest(target, number)['copied_from']['version']} -> {store.url} {target}:{number}")
+    else:
+        console.print(f"{store.url} {target}:{number} already holds {source.url} {spec} (the same artifacts): nothing copied")
     if alias:
         console.print(f"{target}:{alias} -> {store.set_alias(target, alias, number)}")
     return 0
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--grace-s", type=float, default=GC_GRACE_S,
                     help=f"only what is older than this many seconds (default {GC_GRACE_S:g}: a publisher may still be uploading)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-    sub.add_parser("init", help="create the store (directory or bucket) if it does not exist")
+    init = sub.add_parser("init", help="create the store (directory or bucket) if it does not exist")
+    init.add_argument("--seed", metavar="STORE", help="then copy the latest version of each of this store's models in, unless "
+                      "already there (e.g. the image's pretrained/, the model that ships with Upgrader); safe at every start")
     args = parser.parse_args(argv)
     store, console = ModelStore(args.store), Console(width=160)
     try:
@@ -100,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             store.init()
             console.print(f"store {store.url} is ready")
+            if args.seed:
+                seed = ModelStore(args.seed)
+                if not seed.models():
+                    console.print(f"[red]error:[/red] seed store {seed.url} holds no model")
+                    return 1
+                for name in seed.models():
+                    if copy_version(store, seed, name, None, None, console):
+                        return 1
             return 0
         if args.command == "gc":
             removed = store.gc(args.grace_s, dry_run=args.dry_run)

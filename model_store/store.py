@@ -348,29 +348,36 @@ class ModelStore:
             raise StoreError(f"{name}/{version} was committed by someone else (its claim was garbage-collected mid-publish?)")
         return version
 
-    def copy_from(self, source: ModelStore, name: str, version: int | str = LATEST, as_name: str | None = None) -> int:
-        """Copy one version of `source` into this store as a new version of `as_name` (default `name`).
+    def copy_from(self, source: ModelStore, name: str, version: int | str = LATEST, as_name: str | None = None) -> tuple[int, bool]:
+        """Copy one version of `source` into this store as a new version of `as_name` (default `name`): (version, copied).
 
         Promotion between stores (a run's directory to the shared store, a directory to S3), as MLflow's
         registry copies a version: every artifact is checked against the source's manifest and the weights
         must fit their architecture before anything is written; the copy is published like any version
         (its own number, manifest last), keeps the source's metadata, and records where it came from
-        (`copied_from`). The weights' bytes, and so `weights_sha256`, are the source's.
+        (`copied_from`). The weights' bytes, and so `weights_sha256`, are the source's. Idempotent: where
+        `as_name` already has a version with the same artifacts (every sha256 equal), that version is
+        returned with copied=False and nothing is written, so a deployment may seed a store at every start.
         """
         number = source._number(name, version)
         state_dict, manifest = source.load_state_dict(name, number)  # each read below checks its sha256
         files = {f: source.read_file(name, number, f) for f in manifest.get("files", {}) if f != WEIGHTS_FILE}
         _check_fits(f"{name}/{number}", state_dict, manifest)
+        target = as_name or name
+        if target in self.models():
+            for existing in self.versions(target):
+                if self.manifest(target, existing).get("files") == manifest.get("files"):
+                    return existing, False
         added_by_publish = {"name", "version", "created_at", "weights_sha256", "files"}
         metadata = {k: v for k, v in manifest.items() if k not in added_by_publish}
         metadata["copied_from"] = {"store": source.url, "name": name, "version": number,
                                    "created_at": manifest.get("created_at"), "weights_sha256": manifest.get("weights_sha256")}
-        copied = self.publish(as_name or name, state_dict, metadata, files)
-        written = self.manifest(as_name or name, copied)["weights_sha256"]
+        copied = self.publish(target, state_dict, metadata, files)
+        written = self.manifest(target, copied)["weights_sha256"]
         if written != manifest.get("weights_sha256"):
-            raise IntegrityError(f"{as_name or name}/{copied}: the copy's weights hash {written} differs from "
+            raise IntegrityError(f"{target}/{copied}: the copy's weights hash {written} differs from "
                                  f"{name}/{number}'s {manifest.get('weights_sha256')}")
-        return copied
+        return copied, True
 
     def set_alias(self, name: str, alias: str, version: int | str) -> int:
         """Point `alias` (e.g. "stable") at a version with a compare-and-swap; returns the version number."""

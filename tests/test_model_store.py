@@ -307,9 +307,9 @@ def test_copy_promotes_a_version_between_stores_byte_for_byte(store, s3_store):
     publish_fresh(s3_store, "conv", seed=2)  # the destination already has a conv:1, so the copy becomes conv:2
     source = store.manifest("conv", version)
 
-    copied = s3_store.copy_from(store, "conv", version)
+    copied, written = s3_store.copy_from(store, "conv", version)
 
-    assert copied == 2
+    assert (copied, written) == (2, True)
     manifest = s3_store.verify("conv", copied)
     assert manifest["weights_sha256"] == source["weights_sha256"] and manifest["files"] == source["files"]
     assert manifest["metrics"] == source["metrics"] and manifest["architecture"] == source["architecture"]
@@ -320,6 +320,11 @@ def test_copy_promotes_a_version_between_stores_byte_for_byte(store, s3_store):
     x = torch.rand(4, 3, 8, 8)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model(x))
+    # Idempotent: the same version again (a deployment seeding at every start) finds its copy and writes nothing.
+    before = sorted(obj.key for obj in s3_store.storage.list(""))
+    assert s3_store.copy_from(store, "conv", version) == (2, False)
+    assert sorted(obj.key for obj in s3_store.storage.list("")) == before
+    assert s3_store.copy_from(store, "conv", 1) == (3, True)  # another version is another copy
 
 
 @pytest.mark.parametrize("damage", ["weights", "picture", "architecture"])
@@ -355,6 +360,23 @@ def test_cli_copy_with_alias_and_a_new_name(tmp_path, capsys):
     assert destination.manifest("upgrader", "stable")["weights_sha256"] == source.manifest("conv", 1)["weights_sha256"]
     assert store_cli([*args, "conv"]) == 0  # no version: the source's latest
     assert destination.manifest("conv", 1)["copied_from"]["version"] == 2
+    assert store_cli([*args, "conv:1", "--as", "upgrader"]) == 0
+    assert "already holds" in capsys.readouterr().out and destination.versions("upgrader") == [1]
     assert store_cli([*args, "conv:7"]) == 1
     out = capsys.readouterr().out
     assert f"copy {source.url} conv:7 -> {destination.url} conv" in out and "has no version 7" in out
+
+
+def test_cli_init_seeds_a_store_once_and_refuses_an_empty_seed(tmp_path, capsys):
+    seed, store = ModelStore(tmp_path / "seed"), ModelStore(tmp_path / "store")
+    publish_fresh(seed, "conv", seed=0)
+    publish_fresh(seed, "conv", seed=1)
+    publish_fresh(seed, "fc")
+    for _ in range(2):  # every start of a deployment runs it: the second copies nothing
+        assert store_cli(["--store", str(store.root), "init", "--seed", str(seed.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("copied ") for line in lines) == 2 and sum("already holds" in line for line in lines) == 2
+    assert store.versions("conv") == [1] and store.versions("fc") == [1]
+    assert store.manifest("conv", 1)["weights_sha256"] == seed.manifest("conv", 2)["weights_sha256"]  # the latest
+    assert store_cli(["--store", str(store.root), "init", "--seed", str(tmp_path / "absent")]) == 1
+    assert "holds no model" in capsys.readouterr().out
