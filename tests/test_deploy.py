@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 TRAIN_ALL = ROOT / "deploy" / "train-all.sh"
+IMAGE_PRETRAINED = "/opt/upgrader/pretrained"  # where the CPU image holds the repository's pretrained/ store
 
 
 def tool(name: str) -> str:
@@ -75,7 +76,7 @@ def test_default_stack_is_the_service_alone_hardened_and_health_checked():
 
 def test_gpu_profile_trains_every_model_on_an_nvidia_gpu_into_the_shared_store():
     services = compose_config("gpu")["services"]
-    assert set(services) == {"service", "trainer"}
+    assert set(services) == {"service", "store-init", "trainer"}
     trainer = services["trainer"]
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -90,7 +91,7 @@ def test_gpu_profile_trains_every_model_on_an_nvidia_gpu_into_the_shared_store()
 
 def test_cpu_profile_trains_without_any_gpu_reservation():
     services = compose_config("cpu")["services"]
-    assert set(services) == {"service", "trainer-cpu"}
+    assert set(services) == {"service", "store-init", "trainer-cpu"}
     trainer = services["trainer-cpu"]
     assert "deploy" not in trainer
     assert "--max-minutes" in trainer["command"] and "cpu" in trainer["command"]
@@ -106,6 +107,8 @@ def test_dockerfiles_pass_hadolint_and_bake_in_no_secrets():
         # dependencies are installed before the code is copied, so code edits keep the cached layers
         assert text.index("pip install .") < text.index("COPY service service")
         assert "USER 10001" in text
+    # the image that seeds stores (compose store-init and s3-init, the Kubernetes Job's init container) holds the model
+    assert f"COPY pretrained {IMAGE_PRETRAINED}\n" in files[0].read_text()
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -138,7 +141,7 @@ def test_s3_profile_runs_an_s3_server_a_bucket_init_a_trainer_and_two_replicas_o
     assert "/healthz" in " ".join(s3["healthcheck"]["test"])
     credentials = {k: s3["environment"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
 
-    assert services["s3-init"]["entrypoint"] == ["upgrader-store", "init"]
+    assert services["s3-init"]["entrypoint"] == ["upgrader-store", "init", "--seed", IMAGE_PRETRAINED]
     assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
     trainer = services["trainer-s3"]
     assert trainer["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
@@ -226,10 +229,16 @@ def test_the_compose_s3_server_and_bucket_init_work_with_their_own_settings(tmp_
         # the s3-init service, with its own environment, creates the bucket; again is a no-op
         init = services["s3-init"]
         init_env = env | init["environment"] | {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+        # (seeded from the repository's pretrained/, which the image holds at IMAGE_PRETRAINED)
+        command = [str(ROOT / "pretrained") if arg == IMAGE_PRETRAINED else arg for arg in init["entrypoint"][1:]]
         for _ in range(2):
-            out = subprocess.run([sys.executable, "-m", "model_store", *init["entrypoint"][1:]], env=init_env,
+            out = subprocess.run([sys.executable, "-m", "model_store", *command], env=init_env,
                                  capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, out.stdout + out.stderr
+        assert "already holds" in out.stdout  # the second start copied nothing
+        out = subprocess.run([sys.executable, "-m", "model_store", "verify", "upgrader"], env=init_env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and "upgrader:1 OK" in out.stdout, out.stdout + out.stderr  # copied whole, checksums
         bucket, _, prefix = init["environment"]["UPGRADER_STORE"][len("s3://"):].partition("/")
 
         good = client(s3["environment"]["AWS_ACCESS_KEY_ID"], s3["environment"]["AWS_SECRET_ACCESS_KEY"])
@@ -394,7 +403,7 @@ def test_trainer_job_creates_the_bucket_then_trains_every_model_on_cpu(base):
     pod = one(base, "Job")["spec"]["template"]
     assert pod["spec"]["restartPolicy"] == "Never"
     [init] = pod["spec"]["initContainers"]
-    assert init["command"] == ["upgrader-store", "init"]
+    assert init["command"] == ["upgrader-store", "init", "--seed", IMAGE_PRETRAINED]
     [train] = pod["spec"]["containers"]
     assert train["command"][0] == "upgrader-train-all" and train["image"] == "upgrader:cpu"
     env = env_of(train)
