@@ -49,9 +49,10 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
     """A trace frozen for inference (torch.jit.freeze, then optimize_for_inference), or None where that fails.
 
     Freezing turns the weights into constants, so TorchScript can fold them: convolutions become oneDNN
-    convolutions with prepacked weights, fused with the add and ReLU after them. Measured in process,
-    one thread, batch 64, subpixel_residual 64x8 + attention on an Intel Xeon (AVX-512, no bf16): the
-    trace 416 images/s, frozen 604 (bench/RESULTS.md, session 15). Outputs differ only by float rounding.
+    convolutions with prepacked weights, fused with the add and ReLU after them. Measured as served, one
+    thread, batch 64, on an Intel Xeon (AVX-512, no bf16): subpixel_residual 48x6 1,464 images/s frozen
+    against 1,265 as a plain trace; 64x8 + attention a tie (bench/RESULTS.md, session 15). Outputs differ
+    only by float rounding.
     """
     try:
         with warnings.catch_warnings():
@@ -73,8 +74,8 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
     oneDNN's convolutions work in NHWC: with NCHW tensors every conv reorders its input and output.
     Measured in process, one thread, traced: conv ran 35-40% faster in channels_last at every batch
     size (0.104 -> 0.065 ms an image at 32), subpixel_residual the same, resnet18 slower at small
-    batches (1.45 -> 2.10 ms an image at 8). A frozen trace (`frozen`) ran subpixel_residual 1.45x
-    faster on an Intel Xeon. So each model is timed every way at load, at batch sizes a busy worker
+    batches (1.45 -> 2.10 ms an image at 8). A frozen trace (`frozen`) ran subpixel_residual 48x6
+    16% faster on an Intel Xeon, and 64x8 + attention no faster. So each model is timed every way at load, at batch sizes a busy worker
     sees, and keeps the fastest. Outputs differ from NCHW's trace only by float rounding (sums in
     another order).
 
