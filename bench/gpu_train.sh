@@ -28,7 +28,7 @@
 #   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:6 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' \
 #     LOSS=psnr LR=3e-4 MINUTES=4 bash bench/gpu_train.sh
 # The model that ships with the repository travels with the tree (pretrained/ is tracked), so it needs no packing:
-#   INIT_STORE=pretrained INIT_FROM=upgrader:1 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' ... bash bench/gpu_train.sh
+#   INIT_STORE=pretrained INIT_FROM=upgrader:2 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' ... bash bench/gpu_train.sh
 #
 # OVERLOAD_ROUNDS=N (default 0: off) also runs issue 10's bench/overload.py for N rounds while the model trains,
 # on CPUs the trainer does not use: the servers on OVERLOAD_SERVER_CPUS (0,1: a 2-CPU server, as the development
