@@ -89,6 +89,16 @@ def coarse_targets(targets: torch.Tensor, size: int = 16) -> torch.Tensor:
     return F.interpolate(downsample(targets, size), size=(OUTPUT_SIZE, OUTPUT_SIZE), mode="bilinear", align_corners=False)
 
 
+def distilled_targets(targets: torch.Tensor, taught: torch.Tensor, weight: float) -> torch.Tensor:
+    """Knowledge distillation's target: `weight` of the teacher's output on the same input, the rest the true image.
+
+    One blended target rather than a second loss term: for squared error the two are the same up to a constant,
+    and the psnr loss (which weighs each image by 1 / its error) would otherwise weigh the teacher term, whose error
+    is tiny, tens of times above the ground truth's.
+    """
+    return torch.lerp(targets, taught, weight)
+
+
 def dihedral_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image in one of the 8 flips/rotations of the square, chosen at random per image.
 

@@ -31,11 +31,12 @@ from trainer import distributed
 from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
 from trainer.natural import NaturalData, epoch_images, load_natural_data
-from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_augment, is_coarse_step, learning_rate
+from trainer.recipe import (EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_augment, distilled_targets, is_coarse_step,
+                            learning_rate)
 from trainer.report import loss_curve_png, samples_png
 from upgrader.architectures import ARCHITECTURES, INPUT_SHAPE, OUTPUT_SHAPE, build_model, parameter_count
 from upgrader.cpus import native_bf16_cpu
-from upgrader.ensemble import self_ensemble
+from upgrader.ensemble import ENSEMBLE_SIZES, self_ensemble
 from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_per_image, ssim_per_image, to_8bit, to_float
 
 log = logging.getLogger("trainer")
@@ -128,6 +129,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="start from the weights of a published version (fine-tuning) instead of a random init; the same "
                              "architecture, and the same --arch-params or ones that only add identity-initialised modules "
                              "(e.g. global_attention: a growth, checked on a batch). Recorded in the manifest (recipe.init_from)")
+    recipe.add_argument("--distill-from", default=None, metavar="NAME[:VERSION]",
+                        help="knowledge distillation: a published version (any architecture, e.g. a larger one, or the same "
+                             "one) is the teacher; the model learns (1 - w) * target + w * the teacher's output on the same "
+                             "8x8 input, w = --distill-weight. Recorded in the manifest (recipe.distill)")
+    recipe.add_argument("--distill-views", type=int, choices=ENSEMBLE_SIZES, default=8,
+                        help="the teacher answers as its self-ensemble over this many dihedral views (1 = its plain output; "
+                             "8 scored +0.073 dB over 1 as served, session 13), costing that many forward passes a step")
+    recipe.add_argument("--distill-weight", type=float, default=0.5, metavar="W",
+                        help="share of the teacher's output in each training target, 0 < W <= 1 (1: the teacher alone)")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
 
     run = p.add_argument_group("how it runs")
@@ -176,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--epoch-size", args.epoch_size, args.epoch_size is None or args.epoch_size >= 1),
         ("--epoch-val", args.epoch_val, args.epoch_val is None or args.epoch_val >= 1),
         ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
+        ("--distill-weight", args.distill_weight, 0 < args.distill_weight <= 1),
     ]:
         if not ok:
             parser.error(f"{flag} {value} is out of range")
@@ -199,10 +210,12 @@ def train_one_epoch(
     ema: EMA | None,
     name: str,
     spent_s: float = 0.0,
+    teacher: nn.Module | None = None,
 ) -> tuple[float, int]:
     """One pass over this rank's shard of the (reshuffled) training set; returns the mean loss over all ranks and the step.
 
-    `spent_s`: training time of the earlier epochs, for `--schedule-over time`.
+    `spent_s`: training time of the earlier epochs, for `--schedule-over time`. `teacher`: with --distill-from, each
+    target becomes (1 - w) * target + w * the teacher's self-ensemble output on the same input (`distilled_targets`).
     """
     model.train()
     loss_fn = LOSSES[args.loss]
@@ -230,6 +243,10 @@ def train_one_epoch(
         inputs = downsample(targets)
         if args.quantize_inputs:
             inputs = to_8bit(inputs)
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
+                taught = self_ensemble(teacher, inputs, args.distill_views).float()
+            targets = distilled_targets(targets, taught, args.distill_weight)
         if is_coarse_step(step, total_steps, args.coarse_to_fine):
             targets = coarse_targets(targets)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -347,6 +364,20 @@ def load_initial_weights(model: nn.Module, init_from: str, store_location: str |
     return recorded
 
 
+def load_teacher(distill_from: str, store_location: str | None, device: torch.device) -> tuple[nn.Module, dict]:
+    """The --distill-from version, verified and frozen on `device`; what to record in the recipe (with the views and weight)."""
+    name, _, version = distill_from.partition(":")
+    try:
+        teacher, manifest = ModelStore(store_location).load(name, version or LATEST)
+    except StoreError as exc:  # unknown model or version, or weights that fail their checksum
+        raise ValueError(f"--distill-from {distill_from}: {exc}") from None
+    teacher.to(device).eval().requires_grad_(False)
+    recorded = {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
+                "architecture": manifest["architecture"], "psnr": manifest["metrics"]["model"]["psnr"]}
+    log.info("event=distill_from model=%s version=%d psnr=%.4f", name, manifest["version"], recorded["psnr"])
+    return teacher, recorded
+
+
 def grow(model: nn.Module, state_dict: dict, source: dict, architecture: dict, init_from: str) -> dict:
     """Start a larger model from a published smaller one (--init-from with other --arch-params); `state_dict`
     is the published one, already on the model's device.
@@ -426,6 +457,10 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
     run = {"architecture": {"name": arch, "params": args.arch_params}, "recipe": recipe_of(args, runtime), "dataset": dataset_of(data, natural, args.natural_share)}
     if args.init_from:
         run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, args.store, run["architecture"])
+    teacher = None
+    if args.distill_from:
+        teacher, run["recipe"]["distill"] = load_teacher(args.distill_from, args.store, runtime.device)
+        run["recipe"]["distill"].update(views=args.distill_views, weight=args.distill_weight)
     # On CUDA one fused kernel updates every parameter (the multi-tensor default launches several per step);
     # the CPU keeps the default, which the resume and checkpoint tests pin down.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=runtime.device.type == "cuda")
@@ -466,7 +501,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         started = time.perf_counter()
         images = epoch_images(train, natural, args.natural_share, epoch=epoch, seed=args.seed, size=epoch_size)
         train_loss, step = train_one_epoch(trained, optimizer, images, epoch, step, total_steps, args, runtime, ema, name,
-                                           spent_s=sum(h["seconds"] for h in history))
+                                           spent_s=sum(h["seconds"] for h in history), teacher=teacher)
         train_seconds = time.perf_counter() - started  # the loss is a host float by now: the GPU's work is done
         del images
         if not runtime.is_main:
