@@ -284,6 +284,8 @@ def test_help_documents_the_recipe_flags():
     (["--ema", "1.5"], "--ema 1.5 is out of range"),
     (["--arch-params", "[1, 2]"], "must be a JSON object"),
     (["--loss", "huber"], "invalid choice: 'huber'"),
+    (["--distill-weight", "0"], "--distill-weight 0.0 is out of range"),
+    (["--distill-views", "3"], "invalid choice: 3"),
 ])
 def test_cli_rejects_bad_flags(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -343,6 +345,41 @@ def test_init_from_grows_a_published_version_by_identity_blocks_and_refuses_othe
     with pytest.raises(ValueError, match="the new modules are not the identity at the start"):
         grow(not_identity, state_dict, manifest["architecture"],
              {"name": "subpixel_residual", "params": {"width": 8, "depth": 1, "global_attention": 1}}, "sr:1")
+
+
+def test_distill_from_trains_toward_the_teachers_outputs_and_records_the_teacher(data_dir, cache_dir, tmp_path, caplog):
+    store = ModelStore(tmp_path / "store")
+    small = '{"width": 8, "depth": 1}'
+    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--epochs", "1", "--arch-params", small,
+                         "--publish-as", "sr")) == 0
+    teacher = store.manifest("sr")
+
+    def distil(publish_as: str, *flags: str) -> tuple[dict, dict]:
+        assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--epochs", "1", "--arch-params", small,
+                             "--loss", "l1", "--lr", "1e-2", "--init-from", "sr:1", "--distill-from", "sr:1",
+                             "--publish-as", publish_as, *flags)) == 0
+        return store.manifest(publish_as), store.load_state_dict(publish_as)[0]
+
+    # A student that starts as the teacher, taught by the teacher's plain output alone, already answers every target:
+    # its loss is exactly 0 and even a large lr leaves every weight where it was. With the ground truth in the
+    # target the same run has something to learn, and moves.
+    alone, alone_weights = distil("sr-taught", "--distill-views", "1", "--distill-weight", "1")
+    assert alone["history"][0]["train_loss"] == 0.0
+    start, _ = store.load_state_dict("sr")
+    assert all(torch.equal(start[k], alone_weights[k]) for k in start)
+    assert alone["recipe"]["distill"] == {"name": "sr", "version": 1, "weights_sha256": teacher["weights_sha256"],
+                                         "architecture": teacher["architecture"], "psnr": teacher["metrics"]["model"]["psnr"],
+                                         "views": 1, "weight": 1.0}
+    half, half_weights = distil("sr-half", "--distill-views", "8", "--distill-weight", "0.5")
+    assert half["history"][0]["train_loss"] > 0
+    assert not all(torch.allclose(start[k], half_weights[k], atol=1e-4) for k in start)
+    assert half["recipe"]["distill"]["views"] == 8 and half["recipe"]["distill"]["weight"] == 0.5
+    # A teacher of another architecture teaches as well; one that does not exist is refused by name.
+    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "conv", "--epochs", "1", "--distill-from", "sr")) == 0
+    assert store.manifest("conv")["recipe"]["distill"]["architecture"]["name"] == "subpixel_residual"
+    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "conv", "--publish-as", "x", "--distill-from", "sr:99")) == 1
+    assert "--distill-from sr:99" in caplog.text and "no version 99" in caplog.text
+    assert "x" not in store.models()
 
 
 def test_cli_names_missing_data_and_misfitting_arch_params(tmp_path, data_dir, cache_dir, caplog):
