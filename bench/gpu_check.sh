@@ -25,15 +25,16 @@
 # PYTHON (default python3), LIMIT_TRAIN (default 8192), VENV (default .venv-gpu; its -site folder takes
 # the wheels), WHEELS (a folder
 # of wheels installed first, with no index: for a machine that cannot reach PyPI; default ./.whl if
-# it exists), STEP_TIMEOUT (seconds any one step may run, default 600; a leased GPU is time-boxed),
+# it exists, which bench/gpu_wheels.sh fills here), STEP_TIMEOUT (seconds any one step may run, default 600; a leased GPU is time-boxed),
 # DEADLINE (seconds from the start by which every step must have ended, so the report's tables are
 # still written when a time-boxed lease runs short; default none), BENCH_SECONDS (measured seconds per
 # service-benchmark cell and per throughput figure, default 3).
 # BENCH_MODELS (the published models steps 5 and 6 measure, comma-separated; default
 # subpixel_residual,subpixel_residual_64x8ca,conv,resnet18).
-# In a 15-minute lease (starts included), STEP_TIMEOUT=100 DEADLINE=200 BENCH_SECONDS=2 ran steps 2-5 (session 14),
-# with ~5 minutes left to train, but step 5 measured only 3 of its 4 models in its 100 s: add
-# BENCH_MODELS=subpixel_residual,conv. The steps it skips can follow in a second call while the machine is warm.
+# In a 15-minute lease (starts included), STEP_TIMEOUT=100 DEADLINE=200 BENCH_SECONDS=2
+# BENCH_MODELS=subpixel_residual,conv runs steps 2-5. Session 16 ran it and then `bench/gpu_train.sh` with MINUTES=5
+# in one call (546 s), then steps 6, 7 and verify by hand in a second call (69 s): 660 s held in all. The machine
+# goes back after 30 s idle, so the second call must follow at once.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
