@@ -19,7 +19,8 @@
 # float inputs), EPOCH_SIZE (images per epoch, default 32768), DATA
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
-# the archives go, default ./gpu_train_out), SEED (0). The checkpoints travel back in an archive of their own: the
+# the archives go, default ./gpu_train_out), SEED (0), TRAIN_ARGS (more trainer flags, split on spaces, e.g.
+# "--distill-from upgrader:2 --distill-views 8"). The checkpoints travel back in an archive of their own: the
 # device tool returns files of up to 16 MB, and the store with the checkpoints came to 15.2 MB. INIT_STORE + INIT_FROM fine-tune (or grow) a model
 # trained elsewhere: INIT_STORE a store folder that travels, copied into the run's store, and INIT_FROM its
 # NAME:VERSION (passed to --init-from). One version is enough; gpu_data.py --init packs it. Session 14's lease
@@ -94,11 +95,12 @@ fi
 
 # The trainer's own budget ends training in time; the outer limit only guards a hang (compile, data, evaluation).
 status=0
+# shellcheck disable=SC2086  # TRAIN_ARGS: extra flags, split on purpose
 "${TRAIN_PIN[@]}" timeout -k 10 "$(( ${MINUTES%.*} * 60 + 240 ))" "$PY" -m trainer --models subpixel_residual --arch-params "$ARCH_PARAMS" \
   --data "$DATA/cifar" --natural "$DATA/natural" --natural-share 0.5 --epoch-size "$EPOCH_SIZE" --epoch-val 2000 \
   --loss "$LOSS" "${QUANTIZE[@]}" --lr "$LR" --batch-size "$BATCH" --lr-schedule cosine --schedule-over time --max-minutes "$MINUTES" \
   --epochs 100000 --augment dihedral --ema 0.999 --seed "${SEED:-0}" "${INIT[@]}" "${AMP[@]}" "${COMPILE[@]}" --device "$DEVICE" \
-  --store "$WORK/store" --checkpoint-dir "$WORK/checkpoints" --resume --cache-dir "$WORK/cache" --no-progress \
+  --store "$WORK/store" --checkpoint-dir "$WORK/checkpoints" --resume --cache-dir "$WORK/cache" --no-progress ${TRAIN_ARGS:-} \
   2>&1 | tee "$WORK/train.log" || status=$?
 if [ -n "$overload_pid" ]; then
   wait "$overload_pid" || echo "overload.py exited $? (see overload.txt in the archive)"
