@@ -342,14 +342,19 @@ def dataset_of(data: ImageData, natural: NaturalData | None = None, natural_shar
     return dataset
 
 
+def from_store(flag: str, spec: str, load):
+    """`load(name, version)` for a NAME[:VERSION] flag (latest without a version): (name, what it returns). An unknown
+    model or version, or weights that fail their checksum, become a ValueError that names the flag."""
+    name, _, version = spec.partition(":")
+    try:
+        return name, load(name, version or LATEST)
+    except StoreError as exc:
+        raise ValueError(f"{flag} {spec}: {exc}") from None
+
+
 def load_initial_weights(model: nn.Module, init_from: str, store_location: str | None, architecture: dict) -> dict:
     """Load a published version's verified weights into `model` (--init-from); what to record in the recipe."""
-    name, _, version = init_from.partition(":")
-    store = ModelStore(store_location)
-    try:
-        state_dict, manifest = store.load_state_dict(name, version or LATEST)
-    except StoreError as exc:  # unknown model or version, or weights that fail their checksum
-        raise ValueError(f"--init-from {init_from}: {exc}") from None
+    name, (state_dict, manifest) = from_store("--init-from", init_from, ModelStore(store_location).load_state_dict)
     source = {"name": manifest["architecture"]["name"], "params": manifest["architecture"].get("params", {})}
     device = next(model.parameters()).device
     state_dict = {k: v.to(device) for k, v in state_dict.items()}
@@ -364,16 +369,13 @@ def load_initial_weights(model: nn.Module, init_from: str, store_location: str |
     return recorded
 
 
-def load_teacher(distill_from: str, store_location: str | None, device: torch.device) -> tuple[nn.Module, dict]:
-    """The --distill-from version, verified and frozen on `device`; what to record in the recipe (with the views and weight)."""
-    name, _, version = distill_from.partition(":")
-    try:
-        teacher, manifest = ModelStore(store_location).load(name, version or LATEST)
-    except StoreError as exc:  # unknown model or version, or weights that fail their checksum
-        raise ValueError(f"--distill-from {distill_from}: {exc}") from None
+def load_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict]:
+    """The --distill-from version, verified and frozen on `device`; what to record in the recipe."""
+    name, (teacher, manifest) = from_store("--distill-from", args.distill_from, ModelStore(args.store).load)
     teacher.to(device).eval().requires_grad_(False)
     recorded = {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
-                "architecture": manifest["architecture"], "psnr": manifest["metrics"]["model"]["psnr"]}
+                "architecture": manifest["architecture"], "psnr": manifest["metrics"]["model"]["psnr"],
+                "views": args.distill_views, "weight": args.distill_weight}
     log.info("event=distill_from model=%s version=%d psnr=%.4f", name, manifest["version"], recorded["psnr"])
     return teacher, recorded
 
@@ -459,8 +461,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, args.store, run["architecture"])
     teacher = None
     if args.distill_from:
-        teacher, run["recipe"]["distill"] = load_teacher(args.distill_from, args.store, runtime.device)
-        run["recipe"]["distill"].update(views=args.distill_views, weight=args.distill_weight)
+        teacher, run["recipe"]["distill"] = load_teacher(args, runtime.device)
     # On CUDA one fused kernel updates every parameter (the multi-tensor default launches several per step);
     # the CPU keeps the default, which the resume and checkpoint tests pin down.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=runtime.device.type == "cuda")
