@@ -4,10 +4,10 @@
     .venv/bin/python bench/bench_precision.py --store store        # every model's serving version (make run's store)
     .venv/bin/python bench/bench_precision.py --store store --ensembles 2,4,8   # and the quality dial of ?ensemble=
 
-Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, traced in whichever
-memory format and way, trace or frozen trace, is fastest here) and run through its forward pass
-(`Upscaler.predict`) in float32, the baseline; in float32 as a plain trace (the service before session 15
-could freeze one, a second baseline); and in bf16, as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
+Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, and run in whichever
+memory format and way, plain or frozen trace or OpenVINO, is fastest here) and run through its forward pass
+(`Upscaler.predict`) in float32, the baseline; in float32 as TorchScript only, a plain or frozen trace (the
+service before session 17, a second baseline); as a plain trace (before session 15, a third); and in bf16, as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
 --ensembles, also bf16 with `?ensemble=k` (k views in one forward pass). Columns:
 
 - images/s and images per CPU-second of this process at batch 64 with --threads torch threads (1: the
@@ -37,6 +37,7 @@ from upgrader.imaging import downsample, to_8bit
 
 SPEED_BATCH = 64
 TRACE_ONLY = "float32, trace only"  # the service's forward before frozen traces could be chosen
+TORCHSCRIPT_ONLY = "float32, TorchScript only"  # the service's forwards before OpenVINO could be chosen (sessions 15-16)
 
 
 class AsServed(torch.nn.Module):
@@ -98,6 +99,8 @@ def main() -> None:
                      for precision in ("float32", "bfloat16")}
         upscalers[TRACE_ONLY] = Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, "float32")
         upscalers[TRACE_ONLY].cpu_forwards = ("trace",)  # the service before frozen traces (session 15): the baseline
+        upscalers[TORCHSCRIPT_ONLY] = Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, "float32")
+        upscalers[TORCHSCRIPT_ONLY].cpu_forwards = ("trace", "frozen")  # before OpenVINO (session 17): a second baseline
         for upscaler in upscalers.values():
             upscaler.setup()
         label = f"{name}:{upscalers['float32'].version}"

@@ -18,6 +18,7 @@ import torch
 
 from model_store import ModelStore
 from service import codec
+from service.openvino_forward import openvino_forward
 from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE, OUTPUT_SHAPE
 from upgrader.cpus import native_bf16_cpu
 from upgrader.ensemble import self_ensemble
@@ -63,13 +64,14 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
         return None
 
 
-CPU_FORWARDS = ("trace", "frozen")  # what fastest_cpu_trace may choose from, in each memory format
+CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_trace may choose from (openvino: float32, NCHW)
 
 
 def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
                       formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last),
                       bf16: bool = False, forwards: tuple[str, ...] = CPU_FORWARDS) -> tuple[torch.nn.Module, torch.memory_format, str]:
-    """`model` traced (gil_free), as it is or frozen, in whichever memory format runs it fastest here: (module, format, forward).
+    """`model` traced (gil_free), as it is or frozen, in whichever memory format runs it fastest here, or compiled by
+    OpenVINO where that is faster still: (module, format, forward).
 
     oneDNN's convolutions work in NHWC: with NCHW tensors every conv reorders its input and output.
     Measured in process, one thread, traced: conv ran 35-40% faster in channels_last at every batch
@@ -81,30 +83,40 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
 
     `bf16`: traced under bf16 autocast, which writes its casts into the trace (weights and inputs to
     bf16 before each conv and linear, outputs back where an op needs float32), so the trace runs in
-    bf16 wherever it is called.
+    bf16 wherever it is called. OpenVINO (`service.openvino_forward`) is a float32 candidate only.
     """
-    candidates = {}
+    options: dict[tuple[torch.memory_format, str], torch.nn.Module] = {}
+    fallback = None  # the first format's plain trace, where every forward asked for is unavailable
+    nchw_trace = model
     for memory_format in formats:
         copy_ = copy.deepcopy(model).to(memory_format=memory_format)  # .to converts parameters in place: one copy each
         example = torch.zeros((1, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             traced = gil_free(copy_, example)
         if not isinstance(traced, torch.jit.ScriptModule):
-            options = {"eager": traced}  # tracing failed (logged)
-        else:
-            options = {"trace": traced} if "trace" in forwards else {}
-            if "frozen" in forwards and (frozen_ := frozen(traced)) is not None:
-                options["frozen"] = frozen_
-            options = options or {"trace": traced}
-        for forward, module in options.items():
-            seconds = 0.0
-            for size in batch_sizes:
-                batch = torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
-                module(batch)  # oneDNN picks and caches its kernels on the first call of a shape
-                seconds += best_seconds(lambda: module(batch), runs=3) / size  # noqa: B023 - called before the loop moves on
-            candidates[memory_format, forward] = (seconds, module)
-    memory_format, forward = min(candidates, key=lambda key: candidates[key][0])
-    return candidates[memory_format, forward][1], memory_format, forward
+            options[memory_format, "eager"] = traced  # tracing failed (logged)
+            continue
+        fallback = fallback or ((memory_format, "trace"), traced)
+        if memory_format == torch.contiguous_format:
+            nchw_trace = traced  # OpenVINO converts a trace 2-3x faster than a module (which it would trace again)
+        if "trace" in forwards:
+            options[memory_format, "trace"] = traced
+        if "frozen" in forwards and (frozen_ := frozen(traced)) is not None:
+            options[memory_format, "frozen"] = frozen_
+    if "openvino" in forwards and not bf16 and (compiled := openvino_forward(nchw_trace, torch.get_num_threads())) is not None:
+        options[torch.contiguous_format, "openvino"] = compiled  # reads NCHW
+    if not options and fallback is not None:
+        options[fallback[0]] = fallback[1]
+    candidates = {}
+    for (memory_format, forward), module in options.items():
+        seconds = 0.0
+        for size in batch_sizes:
+            batch = torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
+            module(batch)  # oneDNN and OpenVINO pick and cache their kernels on the first call of a shape
+            seconds += best_seconds(lambda: module(batch), runs=3) / size  # noqa: B023 - called before the loop moves on
+        candidates[memory_format, forward] = seconds
+    memory_format, forward = min(candidates, key=candidates.__getitem__)
+    return options[memory_format, forward], memory_format, forward
 
 
 def best_seconds(call, runs: int) -> float:

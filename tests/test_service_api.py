@@ -510,7 +510,7 @@ def trained_looking(arch: str, params: dict) -> torch.nn.Module:
                                           ("subpixel_residual", {"width": 16, "depth": 1, "global_attention": 1})],
                          ids=["conv", "subpixel_residual", "global_attention"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("forward", ["trace", "frozen"])
+@pytest.mark.parametrize("forward", ["trace", "frozen", "openvino"])
 def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format_it_runs_in(tmp_path, real_images, arch, params,
                                                                                             memory_format, forward):
     store = ModelStore(tmp_path / "store")
@@ -519,13 +519,28 @@ def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format
     upscaler.setup()  # picks the fastest format and forward by timing; here each is forced in turn
     with torch.inference_mode():
         upscaler.model, upscaler.memory_format, chosen = fastest_cpu_trace(model, formats=(memory_format,), forwards=(forward,))
-    assert chosen == forward  # frozen: TorchScript froze and optimised this architecture (no fallback to the trace)
+    assert chosen == forward  # frozen: TorchScript froze and optimised this architecture; openvino: OpenVINO compiled it
     for count in (16, 5):  # traced at other batch sizes: the trace must not have fixed one
         inputs = small_inputs(real_images[:count])
         out = upscaler.run_batch(inputs.numpy())
         assert out.images.shape == (count, 3, 32, 32) and out.images.flags.c_contiguous
         assert_close_to(torch.from_numpy(out.images), expected_outputs(model, inputs))
         assert all(torch.equal(decode_png(png), torch.from_numpy(image)) for png, image in zip(out.pngs, out.images, strict=True))
+
+
+def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tmp_path, real_images, monkeypatch):
+    """OpenVINO is one optional candidate: where it is not installed (simulated by hiding the module), a forward list
+    naming only it falls back to the first format's plain trace and still answers the model's outputs."""
+    import service.openvino_forward
+
+    monkeypatch.setattr(service.openvino_forward, "openvino", None)
+    model = trained_looking("conv", {})
+    with torch.inference_mode():
+        module, memory_format, chosen = fastest_cpu_trace(model, formats=(torch.channels_last,), forwards=("openvino",))
+    assert (chosen, memory_format) == ("trace", torch.channels_last)
+    inputs = small_inputs(real_images[:4]).float() / 255
+    with torch.inference_mode():
+        torch.testing.assert_close(module(inputs.contiguous(memory_format=memory_format)), model(inputs))
 
 
 def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs_in_their_places(tmp_path, real_images):

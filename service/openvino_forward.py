@@ -1,0 +1,63 @@
+"""A model compiled by OpenVINO for this CPU: one of the float32 forwards `fastest_cpu_trace` times at load.
+
+OpenVINO's CPU plugin fuses each conv with its bias, ReLU and residual add and picks kernels for this
+CPU's instruction set. On the Intel Xeon here (AVX-512, one thread, batch 64) it ran the shipped model
+(64x8 + global attention) 11-25% faster than TorchScript's frozen trace, with every output within
+3e-6 of eager PyTorch (bench/RESULTS.md, session 17). Like a trace, `infer` releases the GIL, so the
+event loop keeps running while a batch computes.
+
+The model is converted from its TorchScript trace (or the loaded module) by `openvino.convert_model`, in
+memory, with a dynamic batch dimension: nothing but the store's safetensors is ever read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from upgrader.architectures import INPUT_SHAPE
+
+log = logging.getLogger("service.openvino_forward")
+
+try:
+    import openvino
+except ImportError:  # an optional speed-up: without it the service runs its TorchScript forwards
+    openvino = None
+
+
+class OpenVINOForward(torch.nn.Module):
+    """float N x 3 x 8 x 8 -> float N x 3 x 32 x 32 through the compiled model; any N, from any thread."""
+
+    def __init__(self, model: torch.nn.Module, threads: int) -> None:
+        """`model`: a module in eval mode or its trace (torch.jit.ScriptModule), taking NCHW inputs."""
+        super().__init__()
+        converted = openvino.convert_model(model, example_input=torch.zeros((1, *INPUT_SHAPE)),
+                                           input=[openvino.PartialShape([-1, *INPUT_SHAPE])],
+                                           share_weights=False)  # its own copy: the module may be changed or freed
+        self.compiled = openvino.Core().compile_model(converted, "CPU", {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "f32",  # not the plugin's default bf16 on a CPU with AMX: outputs as trained
+            "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, as the batcher hands them over
+        })
+        self._local = threading.local()  # an infer request holds its inputs and outputs: one per calling thread
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        # share_inputs: the tensor's memory is read in place; outputs are copied out (the request reuses its buffers).
+        outputs = request.infer({0: x.detach().float().contiguous().numpy()}, share_inputs=True)
+        return torch.from_numpy(outputs[0])
+
+
+def openvino_forward(model: torch.nn.Module, threads: int) -> OpenVINOForward | None:
+    """`model` compiled by OpenVINO, or None where OpenVINO is not installed or cannot convert it (logged)."""
+    if openvino is None:
+        return None
+    try:
+        return OpenVINOForward(model, threads)
+    except Exception as exc:  # noqa: BLE001 - a model OpenVINO cannot convert keeps its TorchScript forwards
+        log.warning("model not compiled by OpenVINO; it runs in TorchScript", extra={"reason": f"{type(exc).__name__}: {exc}"})
+        return None
