@@ -65,8 +65,8 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
         return None
 
 
-# The registry loads versions concurrently, but each CPU forward is chosen by timing: one model at a time, or their
-# timings disturb each other. With 5 models loading at once on 2 cores the shipped model kept a frozen trace 12% slower
+# The registry loads versions concurrently, but each CPU forward is chosen by timing (and each fixed cost measured):
+# one model at a time, or their timings disturb each other. With 5 models loading at once on 2 cores the shipped model kept a frozen trace 12% slower
 # than OpenVINO, and resnet18 too, where one at a time they chose OpenVINO.
 CPU_CHOICE_LOCK = threading.Lock()
 CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_trace may choose from (openvino: float32, NCHW)
@@ -203,7 +203,8 @@ class Upscaler:
         # One image through the whole path now, so the first request does not pay for lazy initialisation.
         blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
         self.run_batch(codec.stack_images([self.decode(blank, 0)]))
-        self.fixed_cost_s = self.measure_fixed_cost()
+        with CPU_CHOICE_LOCK:  # timed, like the choice of forward
+            self.fixed_cost_s = self.measure_fixed_cost()
 
     def measure_fixed_cost(self) -> float:
         """Seconds of a forward pass that do not grow with its batch: t(1) - (t(max) - t(1)) / (max - 1), best of a few runs.
