@@ -7,7 +7,8 @@
 Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, and run in whichever
 memory format and way, plain or frozen trace or OpenVINO, is fastest here) and run through its forward pass
 (`Upscaler.predict`) in float32, the baseline; in float32 as TorchScript only, a plain or frozen trace (the
-service before session 17, a second baseline); as a plain trace (before session 15, a third); and in bf16, as UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
+service before session 17, a second baseline); as a plain trace (before session 15, a third); and in bf16, as
+UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
 --ensembles, also bf16 with `?ensemble=k` (k views in one forward pass). Columns:
 
 - images/s and images per CPU-second of this process at batch 64 with --threads torch threads (1: the

@@ -1,4 +1,4 @@
-"""A model compiled by OpenVINO for this CPU: one of the float32 forwards `fastest_cpu_trace` times at load.
+"""A model compiled by OpenVINO for this CPU: one of the float32 forwards `fastest_cpu_forward` times at load.
 
 OpenVINO's CPU plugin fuses each conv with its bias, ReLU and residual add and picks kernels for this
 CPU's instruction set. On the Intel Xeon here (AVX-512, one thread, batch 64) it ran the shipped model

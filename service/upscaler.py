@@ -65,14 +65,14 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
         return None
 
 
-# The registry loads versions concurrently, but each CPU forward is chosen by timing (and each fixed cost measured):
-# one model at a time, or their timings disturb each other. With 5 models loading at once on 2 cores the shipped model kept a frozen trace 12% slower
-# than OpenVINO, and resnet18 too, where one at a time they chose OpenVINO.
-CPU_CHOICE_LOCK = threading.Lock()
-CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_trace may choose from (openvino: float32, NCHW)
+# The registry loads versions concurrently, but what setup times (the CPU forward it chooses, the fixed cost the batcher
+# waits on) it times one model at a time, or the timings disturb each other: with 5 models loading at once on 2 cores
+# the shipped model and resnet18 kept frozen traces 12-26% slower than OpenVINO, which each chose alone.
+TIMING_LOCK = threading.Lock()
+CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_forward may choose from (openvino: float32, NCHW)
 
 
-def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
+def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
                       formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last),
                       bf16: bool = False, forwards: tuple[str, ...] = CPU_FORWARDS) -> tuple[torch.nn.Module, torch.memory_format, str]:
     """`model` traced (gil_free), as it is or frozen, in whichever memory format runs it fastest here, or compiled by
@@ -91,8 +91,7 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
     bf16 wherever it is called. OpenVINO (`service.openvino_forward`) is a float32 candidate only.
     """
     options: dict[tuple[torch.memory_format, str], torch.nn.Module] = {}
-    fallback = None  # the first format's plain trace, where every forward asked for is unavailable
-    nchw_trace = model
+    traces: dict[torch.memory_format, torch.jit.ScriptModule] = {}
     for memory_format in formats:
         copy_ = copy.deepcopy(model).to(memory_format=memory_format)  # .to converts parameters in place: one copy each
         example = torch.zeros((1, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
@@ -101,17 +100,18 @@ def fastest_cpu_trace(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8,
         if not isinstance(traced, torch.jit.ScriptModule):
             options[memory_format, "eager"] = traced  # tracing failed (logged)
             continue
-        fallback = fallback or ((memory_format, "trace"), traced)
-        if memory_format == torch.contiguous_format:
-            nchw_trace = traced  # OpenVINO converts a trace 2-3x faster than a module (which it would trace again)
+        traces[memory_format] = traced
         if "trace" in forwards:
             options[memory_format, "trace"] = traced
         if "frozen" in forwards and (frozen_ := frozen(traced)) is not None:
             options[memory_format, "frozen"] = frozen_
-    if "openvino" in forwards and not bf16 and (compiled := openvino_forward(nchw_trace, torch.get_num_threads())) is not None:
-        options[torch.contiguous_format, "openvino"] = compiled  # reads NCHW
-    if not options and fallback is not None:
-        options[fallback[0]] = fallback[1]
+    if "openvino" in forwards and not bf16:
+        # From the NCHW trace where there is one: OpenVINO converts a trace 2-3x faster than a module (which it traces).
+        if (compiled := openvino_forward(traces.get(torch.contiguous_format, model), torch.get_num_threads())) is not None:
+            options[torch.contiguous_format, "openvino"] = compiled  # reads NCHW
+    if not options:  # no forward asked for is available: the first format's plain trace
+        memory_format, traced = next(iter(traces.items()))
+        options[memory_format, "trace"] = traced
     inputs = {(memory_format, size): torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
               for memory_format, _ in options for size in batch_sizes}
     for (memory_format, _), module in options.items():
@@ -182,28 +182,29 @@ class Upscaler:
         self.autocast = self.bf16  # predict's own autocast: off for a CPU trace made in bf16, which carries its casts
         self.model: torch.nn.Module | None = None
         self.manifest: dict = {}
-        self.memory_format = torch.contiguous_format  # of the model's input, chosen at load on the CPU (fastest_cpu_trace)
-        self.cpu_forwards = CPU_FORWARDS  # the CPU forwards fastest_cpu_trace may choose from (a bench's baseline narrows them)
-        self.forward = "eager"  # what runs: eager, trace or frozen (chosen at load on the CPU)
+        self.memory_format = torch.contiguous_format  # of the model's input, chosen at load on the CPU (fastest_cpu_forward)
+        self.cpu_forwards = CPU_FORWARDS  # the CPU forwards fastest_cpu_forward may choose from (a bench's baseline narrows them)
+        self.forward = "eager"  # what runs: eager, trace, frozen or openvino (chosen at load on the CPU)
         self.fixed_cost_s = 0.0  # the part of a forward pass's time that does not grow with the batch (measure_fixed_cost)
 
     def setup(self) -> None:
         """Verify every artifact, rebuild the architecture and load the weights onto the device."""
         self.store.verify(self.name, self.version)
         self.model, self.manifest = self.store.load(self.name, self.version, self.device)
-        if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
-            with CPU_CHOICE_LOCK, torch.inference_mode():
-                self.model, self.memory_format, self.forward = fastest_cpu_trace(self.model, bf16=self.bf16, forwards=self.cpu_forwards)
-            self.autocast = self.bf16 and self.forward == "eager"  # eager if tracing failed
         if self.device.type == "cuda":
             # Batches go through pinned host buffers, allocated once (cudaHostAlloc is slow), so both
             # copies are asynchronous DMA.
             self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
             self._pinned_out = torch.empty((self.max_batch_images, *OUTPUT_SHAPE), dtype=torch.uint8).pin_memory()
-        # One image through the whole path now, so the first request does not pay for lazy initialisation.
-        blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
-        self.run_batch(codec.stack_images([self.decode(blank, 0)]))
-        with CPU_CHOICE_LOCK:  # timed, like the choice of forward
+        with TIMING_LOCK:
+            if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
+                with torch.inference_mode():
+                    self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, bf16=self.bf16,
+                                                                                       forwards=self.cpu_forwards)
+                self.autocast = self.bf16 and self.forward == "eager"  # eager if tracing failed
+            # One image through the whole path now, so the first request does not pay for lazy initialisation.
+            blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
+            self.run_batch(codec.stack_images([self.decode(blank, 0)]))
             self.fixed_cost_s = self.measure_fixed_cost()
 
     def measure_fixed_cost(self) -> float:

@@ -33,7 +33,7 @@ from model_store import ModelStore
 from service import Settings, create_app
 from service.batching import Batcher
 from service.metrics import Metrics
-from service.upscaler import BatchOutput, Upscaler, fastest_cpu_trace
+from service.upscaler import BatchOutput, Upscaler, fastest_cpu_forward
 from upgrader.architectures import build_model
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
@@ -520,7 +520,7 @@ def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format
     upscaler = Upscaler(store, arch, 1, torch.device("cpu"), 64)
     upscaler.setup()  # picks the fastest format and forward by timing; here each is forced in turn
     with torch.inference_mode():
-        upscaler.model, upscaler.memory_format, chosen = fastest_cpu_trace(model, formats=(memory_format,), forwards=(forward,))
+        upscaler.model, upscaler.memory_format, chosen = fastest_cpu_forward(model, formats=(memory_format,), forwards=(forward,))
     assert chosen == forward  # frozen: TorchScript froze and optimised this architecture; openvino: OpenVINO compiled it
     for count in (16, 5):  # traced at other batch sizes: the trace must not have fixed one
         inputs = small_inputs(real_images[:count])
@@ -538,7 +538,7 @@ def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tm
     monkeypatch.setattr(service.openvino_forward, "openvino", None)
     model = trained_looking("conv", {})
     with torch.inference_mode():
-        module, memory_format, chosen = fastest_cpu_trace(model, formats=(torch.channels_last,), forwards=("openvino",))
+        module, memory_format, chosen = fastest_cpu_forward(model, formats=(torch.channels_last,), forwards=("openvino",))
     assert (chosen, memory_format) == ("trace", torch.channels_last)
     inputs = small_inputs(real_images[:4]).float() / 255
     with torch.inference_mode():
