@@ -7,12 +7,8 @@ merged from many requests.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import logging
-import os
-import tempfile
 import threading
 import time
 import warnings
@@ -71,29 +67,8 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
 
 # The registry loads versions concurrently, but what setup times (the CPU forward it chooses, the fixed cost the batcher
 # waits on) it times one model at a time, or the timings disturb each other: with 5 models loading at once on 2 cores
-# the shipped model and resnet18 kept frozen traces 12-26% slower than OpenVINO, which each chose alone. The service's
-# worker processes (UPGRADER_WORKERS) load at the same moment too, so the turn is also a lock file every process opens.
+# the shipped model and resnet18 kept frozen traces 12-26% slower than OpenVINO, which each chose alone.
 TIMING_LOCK = threading.Lock()
-TIMING_LOCK_FILE = os.path.join(tempfile.gettempdir(), "upgrader-timing.lock")
-
-
-@contextlib.contextmanager
-def timing_turn(path: str = TIMING_LOCK_FILE):
-    """This thread's turn to time something, alone among the threads of this process and every process that takes
-    its turn through the same lock file (the workers of one service, and other services on the same host, whose
-    timings would disturb these as much). A lock file that cannot be opened (another user's, a read-only /tmp)
-    leaves the turn to this process's threads alone (logged)."""
-    with TIMING_LOCK, contextlib.ExitStack() as stack:
-        try:
-            handle = stack.enter_context(open(path, "a"))  # closing it (on leaving) releases the flock
-        except OSError as exc:
-            log.warning("timing lock file not opened; timing is serialised within this process only",
-                        extra={"path": path, "reason": f"{type(exc).__name__}: {exc}"})
-        else:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released on close, or when the process dies
-        yield
-
-
 CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_forward may choose from (openvino: float32, NCHW)
 
 
@@ -221,7 +196,7 @@ class Upscaler:
             # copies are asynchronous DMA.
             self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
             self._pinned_out = torch.empty((self.max_batch_images, *OUTPUT_SHAPE), dtype=torch.uint8).pin_memory()
-        with timing_turn():
+        with TIMING_LOCK:
             if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
                 with torch.inference_mode():
                     self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, bf16=self.bf16,

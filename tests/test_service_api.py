@@ -6,8 +6,6 @@ import asyncio
 import base64
 import json
 import re
-import subprocess
-import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -35,7 +33,7 @@ from model_store import ModelStore
 from service import Settings, create_app
 from service.batching import Batcher
 from service.metrics import Metrics
-from service.upscaler import BatchOutput, Upscaler, fastest_cpu_forward, timing_turn
+from service.upscaler import BatchOutput, Upscaler, fastest_cpu_forward
 from upgrader.architectures import build_model
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
@@ -545,39 +543,6 @@ def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tm
     inputs = small_inputs(real_images[:4]).float() / 255
     with torch.inference_mode():
         torch.testing.assert_close(module(inputs.contiguous(memory_format=memory_format)), model(inputs))
-
-
-HOLD_THE_TIMING_TURN = """
-import pathlib, sys, time
-from service.upscaler import timing_turn
-lock, held, released = sys.argv[1:]
-with timing_turn(lock):
-    pathlib.Path(held).touch()
-    time.sleep(1.0)
-    pathlib.Path(released).write_text(repr(time.time()))
-"""
-
-
-def test_the_timing_turn_is_taken_one_process_at_a_time(tmp_path):
-    """The service's worker processes load their models at the same moment: while another process times, this one
-    waits for its turn (through the lock file) instead of timing beside it. A lock file that cannot be opened
-    leaves the turn to this process's own threads, and setup still runs."""
-    lock, held, released = tmp_path / "timing.lock", tmp_path / "held", tmp_path / "released"
-    other = subprocess.Popen([sys.executable, "-c", HOLD_THE_TIMING_TURN, str(lock), str(held), str(released)])
-    try:
-        deadline = time.monotonic() + 60
-        while not held.exists():
-            assert other.poll() is None and time.monotonic() < deadline, "the other process never took its turn"
-            time.sleep(0.01)
-        with timing_turn(str(lock)):
-            entered = time.time()
-            assert released.exists(), "this process timed while the other still held its turn"
-        assert entered >= float(released.read_text())
-    finally:
-        other.wait(timeout=60)
-    assert other.returncode == 0
-    with timing_turn(str(tmp_path / "no such directory" / "timing.lock")):  # logged, and the turn is still this thread's
-        pass
 
 
 def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs_in_their_places(tmp_path, real_images):
