@@ -117,28 +117,8 @@ def test_refine_blocks_grow_a_trained_model_deeper_from_its_own_outputs(options)
         assert not torch.allclose(grown(inputs), trained(inputs), atol=1e-4)
 
 
-@pytest.mark.parametrize("convs", [2, 3])
-def test_a_high_res_tail_grows_a_trained_model_from_its_own_outputs_and_then_refines_at_16x16(convs):
-    torch.manual_seed(0)
-    trained = build_model("subpixel_residual", width=16, depth=2, global_attention=1)
-    for tensor in trained.parameters():  # stands for a trained model: nothing left at its zero start
-        torch.nn.init.normal_(tensor, std=0.1)
-    grown = build_model("subpixel_residual", width=16, depth=2, global_attention=1, hr_tail=8, hr_tail_convs=convs)
-    missing = grown.load_state_dict(trained.state_dict(), strict=False).missing_keys
-    assert missing and all(key.startswith("hr_tail.") for key in missing)  # no published tensor moved
-    inputs = torch.rand(4, 3, 8, 8) * 0.5 + 0.25  # mid-grey, so the final clamp hides nothing
-    with torch.inference_mode():
-        assert torch.equal(grown(inputs), trained(inputs))
-        torch.nn.init.normal_(grown.hr_tail.convs[-1].weight, std=0.1)  # once trained, the tail changes the answer
-        assert not torch.allclose(grown(inputs), trained(inputs), atol=1e-4)
-        assert tuple(grown(inputs).shape) == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="hr_tail_convs must be at least 2"):
-        build_model("subpixel_residual", width=16, depth=1, hr_tail=8, hr_tail_convs=1)
-
-
 @pytest.mark.parametrize("params", [{"rep": True}, {"attention": 16}, {"width": 64, "depth": 8, "attention": 16},
-                                    {"width": 64, "depth": 8, "global_attention": 1}, {"width": 16, "depth": 2, "refine": 2},
-                                    {"width": 16, "depth": 2, "hr_tail": 8, "hr_tail_convs": 3}])
+                                    {"width": 64, "depth": 8, "global_attention": 1}, {"width": 16, "depth": 2, "refine": 2}])
 def test_every_option_starts_as_bicubic_and_keeps_the_default_model_unchanged(params, real_images):
     inputs = downsample(to_float(real_images[:8]))
     model = build_model("subpixel_residual", **params).eval()

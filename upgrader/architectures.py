@@ -185,38 +185,6 @@ class _GlobalAttention(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-class _HighResTail(nn.Module):
-    """Refines the 32x32 answer with convolutions at 16x16, where the body works only at 8x8.
-
-    Without it, each 4x4 block of output pixels is a *linear* function of the 64-wide features at its 8x8
-    position and their neighbours (the sub-pixel conv): no nonlinearity ever sees two output pixels side by
-    side. The tail lifts the features to `channels` at 16x16 (a 1x1 conv and PixelShuffle(2)), reads the answer
-    so far folded to the same grid (PixelUnshuffle(2): 12 channels), and adds a correction made by `convs`
-    3x3 convs with ReLUs between them, unfolded back to 32x32. Its last conv starts at zero, so a new tail is
-    the identity: a published model grows by it (`--init-from`) from exactly its own outputs.
-    """
-
-    def __init__(self, width: int, channels: int, convs: int = 2) -> None:
-        super().__init__()
-        if convs < 2:
-            raise ValueError(f"hr_tail_convs must be at least 2, got {convs}")
-        folded = CHANNELS * 4
-        self.lift = nn.Conv2d(width, 4 * channels, 1)
-        self.convs = nn.ModuleList(
-            [nn.Conv2d(channels + folded, channels, 3, padding=1)]
-            + [nn.Conv2d(channels, channels, 3, padding=1) for _ in range(convs - 2)]
-            + [nn.Conv2d(channels, folded, 3, padding=1)]
-        )
-        nn.init.zeros_(self.convs[-1].weight)
-        nn.init.zeros_(self.convs[-1].bias)
-
-    def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([nn.functional.pixel_shuffle(self.lift(features), 2), nn.functional.pixel_unshuffle(image, 2)], 1)
-        for conv in self.convs[:-1]:
-            x = torch.relu(conv(x))
-        return image + nn.functional.pixel_shuffle(self.convs[-1](x), 2)
-
-
 class _ResidualBlock(nn.Module):
     """EDSR block: conv-ReLU-conv without BatchNorm, scaled before it is added back.
 
@@ -255,8 +223,6 @@ class SubpixelResidualUpgrader(nn.Module):
     body (off by default; see `_GlobalAttention`). `refine` = N adds N residual blocks
     after the long skip, whose last conv starts at zero: a trained model grows deeper
     (`--init-from`) starting from exactly its own outputs, with no state-dict name moved.
-    `hr_tail` = C adds a `_HighResTail` of C channels at 16x16 (`hr_tail_convs` convs) that
-    refines the answer after the sub-pixel conv; it too starts as the identity.
     """
 
     # No layer knows where in a larger image its 8x8 tile sits (convolutions, pixel shuffle, bicubic; the optional
@@ -264,7 +230,7 @@ class SubpixelResidualUpgrader(nn.Module):
     fully_convolutional = True
 
     def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0, rep: bool = False, attention: int = 0,
-                 global_attention: int = 0, refine: int = 0, hr_tail: int = 0, hr_tail_convs: int = 2) -> None:
+                 global_attention: int = 0, refine: int = 0) -> None:
         super().__init__()
         # Imported here because upgrader.imaging imports this module's sizes.
         from upgrader.imaging import bicubic_upscale
@@ -286,12 +252,9 @@ class SubpixelResidualUpgrader(nn.Module):
         nn.init.zeros_(self.to_subpixels.weight)
         nn.init.zeros_(self.to_subpixels.bias)
         self.shuffle = nn.PixelShuffle(scale)
-        self.hr_tail = _HighResTail(width, hr_tail, hr_tail_convs) if hr_tail > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.head(x)
         features = self.context(self.refine(features + self.body(features)))
-        image = self.bicubic_upscale(x) + self.shuffle(self.to_subpixels(features))
-        if self.hr_tail is not None:
-            image = self.hr_tail(features, image)
-        return image.clamp(0, 1)
+        residual = self.shuffle(self.to_subpixels(features))
+        return (self.bicubic_upscale(x) + residual).clamp(0, 1)
