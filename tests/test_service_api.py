@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import re
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -543,6 +544,41 @@ def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tm
     inputs = small_inputs(real_images[:4]).float() / 255
     with torch.inference_mode():
         torch.testing.assert_close(module(inputs.contiguous(memory_format=memory_format)), model(inputs))
+
+
+def test_models_set_up_at_once_time_their_forwards_one_at_a_time(tmp_path, monkeypatch):
+    """The registry sets versions up concurrently; what setup times (the choice of forward, the fixed cost) must not
+    run beside another model's timing (service.upscaler.TIMING_LOCK). Each timed step is recorded as it runs."""
+    import service.upscaler
+
+    spans: list[tuple[str, str, float, float]] = []
+
+    def recorded(step, what):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                spans.append((threading.current_thread().name, what, started, time.perf_counter()))
+        return run
+
+    monkeypatch.setattr(service.upscaler, "fastest_cpu_forward", recorded(service.upscaler.fastest_cpu_forward, "choice"))
+    monkeypatch.setattr(Upscaler, "measure_fixed_cost", recorded(Upscaler.measure_fixed_cost, "fixed cost"))
+    store = ModelStore(tmp_path / "store")
+    for name, seed in (("first", 1), ("second", 2)):
+        publish(store, name, "conv", seed=seed)
+    upscalers = [Upscaler(store, name, 1, torch.device("cpu"), 64) for name in ("first", "second")]
+    threads = [threading.Thread(target=upscaler.setup, name=upscaler.name) for upscaler in upscalers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted((who, what) for who, what, _, _ in spans) == [("first", "choice"), ("first", "fixed cost"),
+                                                                 ("second", "choice"), ("second", "fixed cost")]
+    by_model = {who: (min(s for w, _, s, _ in spans if w == who), max(e for w, _, _, e in spans if w == who))
+                for who in ("first", "second")}
+    earlier, later = sorted(by_model.values())
+    assert earlier[1] <= later[0], f"one model's timing ran beside the other's: {by_model}"
 
 
 def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs_in_their_places(tmp_path, real_images):
