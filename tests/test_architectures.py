@@ -100,26 +100,6 @@ def test_global_attention_starts_as_the_identity_and_then_mixes_every_position()
         build_model("subpixel_residual", width=18, depth=1, global_attention=1)
 
 
-def test_a_coarse_stage_reaches_twice_as_far_as_a_fine_block_with_4x_the_weights_per_conv():
-    torch.manual_seed(0)
-    model = build_model("subpixel_residual", width=16, depth=2, coarse=1, coarse_width=32)
-    fine, coarse = model.body[0], model.body[1]  # the coarse stage sits after the first half of the blocks
-    assert type(coarse).__name__ == "_CoarseStage" and len(model.body) == 4  # 2 blocks + the stage + the body's conv
-    # a 3x3 conv of 32 channels on 4x4 positions: 4x the weights of one of 16 channels, the same multiply-adds
-    assert coarse.blocks[0].conv1.weight.numel() == 4 * fine.conv1.weight.numel()
-    x = torch.rand(1, 16, 8, 8)
-    nudged = x.clone()
-    nudged[:, :, 0, 0] += 1.0
-    with torch.inference_mode():
-        for stage in (fine, coarse):
-            for tensor in stage.parameters():
-                torch.nn.init.normal_(tensor, std=0.3)
-        reach = {name: (stage(nudged) - stage(x)).abs().amax(dim=(0, 1)) > 1e-5 for name, stage in [("fine", fine), ("coarse", coarse)]}
-    # two 3x3 convs carry a pixel 2 positions; at 4x4, 2 cells of 2x2 pixels and the cell it sits in: 5
-    assert reach["fine"][2, 2] and not reach["fine"][3, 3]
-    assert reach["coarse"][5, 5] and not reach["coarse"][6, 6]
-
-
 @pytest.mark.parametrize("options", [{}, {"rep": True}, {"attention": 16}])
 def test_refine_blocks_grow_a_trained_model_deeper_from_its_own_outputs(options):
     torch.manual_seed(0)
@@ -138,8 +118,7 @@ def test_refine_blocks_grow_a_trained_model_deeper_from_its_own_outputs(options)
 
 
 @pytest.mark.parametrize("params", [{"rep": True}, {"attention": 16}, {"width": 64, "depth": 8, "attention": 16},
-                                    {"width": 64, "depth": 8, "global_attention": 1}, {"width": 16, "depth": 2, "refine": 2},
-                                    {"width": 16, "depth": 2, "coarse": 2, "coarse_width": 32}])
+                                    {"width": 64, "depth": 8, "global_attention": 1}, {"width": 16, "depth": 2, "refine": 2}])
 def test_every_option_starts_as_bicubic_and_keeps_the_default_model_unchanged(params, real_images):
     inputs = downsample(to_float(real_images[:8]))
     model = build_model("subpixel_residual", **params).eval()
