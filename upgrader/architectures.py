@@ -205,23 +205,6 @@ class _ResidualBlock(nn.Module):
         return x + self.attention(self.conv2(torch.relu(self.conv1(x)))) * self.res_scale
 
 
-class _CoarseStage(nn.Module):
-    """A detour through a 4x4 grid: features folded 2x2 into channels (PixelUnshuffle), residual blocks
-    there, unfolded and added back. A 3x3 conv on 16 positions of `width` channels costs what one on the
-    64 positions of `width / 2` costs, with 4x the weights: more parameters for the same multiply-adds,
-    and twice the reach per conv. Nothing is lost by the fold (it is a permutation of the features).
-    """
-
-    def __init__(self, fine_width: int, width: int, depth: int, res_scale: float) -> None:
-        super().__init__()
-        self.down = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * fine_width, width, 1))
-        self.blocks = nn.Sequential(*(_ResidualBlock(width, res_scale) for _ in range(depth)))
-        self.up = nn.Sequential(nn.Conv2d(width, 4 * fine_width, 1), nn.PixelShuffle(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.blocks(self.down(x)))
-
-
 @register("subpixel_residual")
 class SubpixelResidualUpgrader(nn.Module):
     """Learns what bicubic misses: bicubic(x) + a residual made entirely at 8x8.
@@ -240,8 +223,6 @@ class SubpixelResidualUpgrader(nn.Module):
     body (off by default; see `_GlobalAttention`). `refine` = N adds N residual blocks
     after the long skip, whose last conv starts at zero: a trained model grows deeper
     (`--init-from`) starting from exactly its own outputs, with no state-dict name moved.
-    `coarse` = N puts a `_CoarseStage` of N blocks, `coarse_width` wide, at 4x4 after the
-    first half of the body's blocks (off by default).
     """
 
     # No layer knows where in a larger image its 8x8 tile sits (convolutions, pixel shuffle, bicubic; the optional
@@ -249,7 +230,7 @@ class SubpixelResidualUpgrader(nn.Module):
     fully_convolutional = True
 
     def __init__(self, width: int = 48, depth: int = 6, res_scale: float = 1.0, rep: bool = False, attention: int = 0,
-                 global_attention: int = 0, refine: int = 0, coarse: int = 0, coarse_width: int = 128) -> None:
+                 global_attention: int = 0, refine: int = 0) -> None:
         super().__init__()
         # Imported here because upgrader.imaging imports this module's sizes.
         from upgrader.imaging import bicubic_upscale
@@ -257,10 +238,10 @@ class SubpixelResidualUpgrader(nn.Module):
         self.bicubic_upscale = bicubic_upscale
         scale = OUTPUT_SIZE // INPUT_SIZE
         self.head = nn.Conv2d(CHANNELS, width, 3, padding=1)
-        blocks: list[nn.Module] = [_ResidualBlock(width, res_scale, rep, attention) for _ in range(depth)]
-        if coarse:  # off by default, so existing manifests rebuild the same body and state-dict names
-            blocks.insert(depth // 2, _CoarseStage(width, coarse_width, coarse, res_scale))
-        self.body = nn.Sequential(*blocks, nn.Conv2d(width, width, 3, padding=1))
+        self.body = nn.Sequential(
+            *(_ResidualBlock(width, res_scale, rep, attention) for _ in range(depth)),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
         # Both off by default (0 blocks), so existing manifests rebuild the same model and state dict.
         self.refine = nn.Sequential(*(_ResidualBlock(width, res_scale, rep, attention) for _ in range(refine)))
         for block in self.refine:
