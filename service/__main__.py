@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (UPGRADER_DEVICE, default auto)")
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
                         help="forward-pass precision (UPGRADER_PRECISION, default auto: bfloat16 on a CPU with native bf16)")
+    parser.add_argument("--cpu-forward", choices=["auto", "trace", "frozen", "openvino"],
+                        help="what runs a model on the CPU (UPGRADER_CPU_FORWARD, default auto: the fastest, timed at load)")
     parser.add_argument("--max-batch-images", type=int, help="images per forward pass (UPGRADER_MAX_BATCH_IMAGES, default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batching window (UPGRADER_MAX_WAIT_MS, default 2)")
     parser.add_argument("--workers", type=int, help="server processes (UPGRADER_WORKERS; default 2 on a multi-core CPU, 1 on CUDA)")
@@ -78,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     # Worker processes build their own app from the environment: hand them the flags that way.
     os.environ.update({f"UPGRADER_{key.upper()}": str(value) for key, value in overrides.items()})
     os.environ["UPGRADER_WORKERS"] = str(workers)  # each worker sizes its torch threads by it
-    with tempfile.TemporaryDirectory(prefix="upgrader-metrics-") as metrics_dir:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)  # before any worker imports prometheus_client
+    with tempfile.TemporaryDirectory(prefix="upgrader-workers-") as run_dir:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", run_dir)  # before any worker imports prometheus_client
+        # The workers time each version's CPU forward once, in turns, and all run that one (service/forward_choices.py).
+        os.environ.setdefault("UPGRADER_FORWARD_CHOICES", os.path.join(run_dir, "forward_choices.json"))
         host, port = common.pop("host"), common.pop("port")
         sys.exit(run_workers(workers, host, port, settings.log_level, common, grace_s=settings.request_timeout_s + 10))
 

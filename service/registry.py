@@ -32,6 +32,7 @@ from service.errors import ApiError, echo, unavailable
 from service.metrics import Metrics
 from service.redact import scrub_text
 from service.settings import Settings
+from service.forward_choices import ForwardChoices
 from service.upscaler import Upscaler, pick_device, pick_precision
 
 log = logging.getLogger("service.registry")
@@ -82,6 +83,7 @@ class ModelManager:
         self.store = ModelStore(settings.store, cache_dir=settings.model_cache)
         self.device = pick_device(settings.device)
         self.precision = pick_precision(settings.precision, self.device)
+        self.forward_choices = ForwardChoices(settings.forward_choices) if settings.forward_choices else None
         self.models: dict[str, ModelState] = {}
         self.default_model: str | None = settings.default_model
         self._watcher: asyncio.Task | None = None
@@ -267,6 +269,9 @@ class ModelManager:
     async def _load(self, state: ModelState, version: int) -> Served:
         s = self.settings
         upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, self.precision, s.png_compression)
+        if s.cpu_forward != "auto":
+            upscaler.cpu_forwards = (s.cpu_forward,)
+        upscaler.forward_choices = self.forward_choices
         started = time.perf_counter()
         try:
             await asyncio.to_thread(upscaler.setup)
@@ -284,7 +289,8 @@ class ModelManager:
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
                                           "seconds": round(time.perf_counter() - started, 3),
                                           "fixed_cost_ms": round(upscaler.fixed_cost_s * 1000, 3), "precision": self.precision,
-                                          "memory_format": str(upscaler.memory_format).removeprefix("torch."), "forward": upscaler.forward})
+                                          "memory_format": str(upscaler.memory_format).removeprefix("torch."), "forward": upscaler.forward,
+                                          "forward_source": upscaler.forward_source})
         self._update_gauges(state)
         # A loaded model is thousands of long-lived objects: move them out of the collector's
         # reach, or every full collection walks them (measured: ~200 ms pauses -> ~2 ms).

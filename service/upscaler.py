@@ -7,6 +7,7 @@ merged from many requests.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -19,6 +20,7 @@ import torch
 
 from model_store import ModelStore
 from service import codec
+from service.forward_choices import ForwardChoices, signature
 from service.openvino_forward import openvino_forward
 from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE, OUTPUT_SHAPE
 from upgrader.cpus import native_bf16_cpu
@@ -70,10 +72,11 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
 # the shipped model and resnet18 kept frozen traces 12-26% slower than OpenVINO, which each chose alone.
 TIMING_LOCK = threading.Lock()
 CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_forward may choose from (openvino: float32, NCHW)
+MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
-                      formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last),
+                      formats: tuple[torch.memory_format, ...] = tuple(MEMORY_FORMATS.values()),
                       bf16: bool = False, forwards: tuple[str, ...] = CPU_FORWARDS) -> tuple[torch.nn.Module, torch.memory_format, str]:
     """`model` traced (gil_free), as it is or frozen, in whichever memory format runs it fastest here, or compiled by
     OpenVINO where that is faster still: (module, format, forward).
@@ -112,6 +115,9 @@ def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (
     if not options:  # no forward asked for is available: the first format's plain trace
         memory_format, traced = next(iter(traces.items()))
         options[memory_format, "trace"] = traced
+    if len(options) == 1:  # nothing to choose between (a pinned or shared choice): no timing
+        (memory_format, forward), module = next(iter(options.items()))
+        return module, memory_format, forward
     inputs = {(memory_format, size): torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
               for memory_format, _ in options for size in batch_sizes}
     for (memory_format, _), module in options.items():
@@ -185,6 +191,8 @@ class Upscaler:
         self.memory_format = torch.contiguous_format  # of the model's input, chosen at load on the CPU (fastest_cpu_forward)
         self.cpu_forwards = CPU_FORWARDS  # the CPU forwards fastest_cpu_forward may choose from (a bench's baseline narrows them)
         self.forward = "eager"  # what runs: eager, trace, frozen or openvino (chosen at load on the CPU)
+        self.forward_source = "none"  # how it was chosen on the CPU: timed here, pinned (UPGRADER_CPU_FORWARD) or shared (by another worker)
+        self.forward_choices: ForwardChoices | None = None  # the service's shared choices (service.forward_choices)
         self.fixed_cost_s = 0.0  # the part of a forward pass's time that does not grow with the batch (measure_fixed_cost)
 
     def setup(self) -> None:
@@ -196,16 +204,33 @@ class Upscaler:
             # copies are asynchronous DMA.
             self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
             self._pinned_out = torch.empty((self.max_batch_images, *OUTPUT_SHAPE), dtype=torch.uint8).pin_memory()
-        with TIMING_LOCK:
+        # The turn on the shared choices file (when there is one) covers what TIMING_LOCK covers, so a service's
+        # workers time one at a time too, and the second to set a version up builds the first one's choice.
+        turn = self.forward_choices.turn() if self.forward_choices and self.device.type == "cpu" else contextlib.nullcontext()
+        with TIMING_LOCK, turn:
             if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
                 with torch.inference_mode():
-                    self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, bf16=self.bf16,
-                                                                                       forwards=self.cpu_forwards)
+                    self.choose_cpu_forward()
                 self.autocast = self.bf16 and self.forward == "eager"  # eager if tracing failed
             # One image through the whole path now, so the first request does not pay for lazy initialisation.
             blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
             self.run_batch(codec.stack_images([self.decode(blank, 0)]))
             self.fixed_cost_s = self.measure_fixed_cost()
+
+    def choose_cpu_forward(self) -> None:
+        """The forward and memory format to run: one candidate alone (pinned), another worker's choice (shared), or
+        the fastest timed here (and then shared). Called within the choices file's turn."""
+        key = f"{self.name}:{self.version}"
+        wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards)
+        known = self.forward_choices.get(key, wanted) if self.forward_choices else None
+        if known and known[1] in MEMORY_FORMATS:
+            forwards, formats, self.forward_source = (known[0],), (MEMORY_FORMATS[known[1]],), "shared"
+        else:
+            forwards, formats = self.cpu_forwards, tuple(MEMORY_FORMATS.values())
+            self.forward_source = "pinned" if len(forwards) == 1 else "timed"  # pinned: its memory format may be timed
+        self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, formats=formats, bf16=self.bf16, forwards=forwards)
+        if self.forward_choices and self.forward_source != "shared":
+            self.forward_choices.put(key, wanted, self.forward, str(self.memory_format).removeprefix("torch."))
 
     def measure_fixed_cost(self) -> float:
         """Seconds of a forward pass that do not grow with its batch: t(1) - (t(max) - t(1)) / (max - 1), best of a few runs.

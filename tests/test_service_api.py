@@ -33,6 +33,7 @@ from test_service_support import (
 from model_store import ModelStore
 from service import Settings, create_app
 from service.batching import Batcher
+from service.forward_choices import ForwardChoices
 from service.metrics import Metrics
 from service.upscaler import BatchOutput, Upscaler, fastest_cpu_forward
 from upgrader.architectures import build_model
@@ -579,6 +580,66 @@ def test_models_set_up_at_once_time_their_forwards_one_at_a_time(tmp_path, monke
                 for who in ("first", "second")}
     earlier, later = sorted(by_model.values())
     assert earlier[1] <= later[0], f"one model's timing ran beside the other's: {by_model}"
+
+
+def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_where_its_signature_differs(tmp_path, real_images,
+                                                                                                            monkeypatch, caplog):
+    """service.forward_choices: what the service's workers share. The first upscaler of a version times every
+    candidate and writes its choice; the next, with the same file, builds exactly that forward without timing; a
+    different thread count (or weights, CPU, versions) is another signature and is timed again. Here the workers
+    are upscalers in one process; tests/test_service_e2e.py has two worker processes."""
+    import service.upscaler
+
+    asked: list[tuple[tuple, tuple]] = []
+    real_fastest = service.upscaler.fastest_cpu_forward
+
+    def recorded(model, **kwargs):
+        asked.append((kwargs["formats"], kwargs["forwards"]))
+        return real_fastest(model, **kwargs)
+
+    monkeypatch.setattr(service.upscaler, "fastest_cpu_forward", recorded)
+    store = ModelStore(tmp_path / "store")
+    _, model = publish(store, "conv", "conv", seed=8)
+    choices = ForwardChoices(tmp_path / "run" / "forward_choices.json")
+
+    def set_up() -> Upscaler:
+        upscaler = Upscaler(store, "conv", 1, torch.device("cpu"), 64)
+        upscaler.forward_choices = choices
+        upscaler.setup()
+        return upscaler
+
+    first, second = set_up(), set_up()
+    assert first.forward_source == "timed" and len(asked[0][0]) == 2 and len(asked[0][1]) == 3
+    assert second.forward_source == "shared" and asked[1] == ((first.memory_format,), (first.forward,))
+    assert (second.forward, second.memory_format) == (first.forward, first.memory_format)
+    entry = json.loads(choices.path.read_text())["conv:1"]
+    assert entry["forward"] == first.forward and entry["signature"]["weights_sha256"] == second.manifest["weights_sha256"]
+    inputs = small_inputs(real_images[:6])
+    assert_close_to(torch.from_numpy(second.run_batch(inputs.numpy()).images), expected_outputs(model, inputs))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert set_up().forward_source == "timed"
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(choices.path.read_text())["conv:1"]["signature"]["threads"] == threads + 1  # the newest choice replaces it
+
+    choices.path.write_text("{not json")  # a damaged file costs one timing, never a load
+    with caplog.at_level("WARNING", logger="service.forward_choices"):
+        assert set_up().forward_source == "timed"
+    assert any(r.getMessage() == "forward choices unreadable; timing again" for r in caplog.records)
+    assert set(json.loads(choices.path.read_text())) == {"conv:1"}
+
+
+def test_a_pinned_cpu_forward_is_the_one_that_runs(tmp_path):
+    """UPGRADER_CPU_FORWARD=frozen: the registry narrows the candidates to it; only its memory format is timed."""
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", "conv", seed=9)
+    upscaler = Upscaler(store, "conv", 1, torch.device("cpu"), 64)
+    upscaler.cpu_forwards = ("frozen",)
+    upscaler.setup()
+    assert (upscaler.forward, upscaler.forward_source) == ("frozen", "pinned")
 
 
 def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs_in_their_places(tmp_path, real_images):

@@ -225,6 +225,9 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
         assert images == sum(len(pick) for pick in picks)
     process, output = run.process, run.output
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    loaded_by = {entry["pid"] for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"}
-    assert len(loaded_by) == 2, f"expected two worker processes to load conv, got pids {loaded_by}"
+    loaded = [entry for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"]
+    assert len({entry["pid"] for entry in loaded}) == 2, f"expected two worker processes to load conv, got {loaded}"
+    # One worker timed the CPU forwards; the other ran its choice (service/forward_choices.py): both run the same.
+    assert sorted(entry["forward_source"] for entry in loaded) == ["shared", "timed"], loaded
+    assert len({(entry["forward"], entry["memory_format"]) for entry in loaded}) == 1, loaded
     assert process.returncode in (0, -signal.SIGTERM), output
