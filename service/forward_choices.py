@@ -7,9 +7,10 @@ different forwards for 1 to 4 of the 5 models in every round measured, even for 
 rounding apart, speed up to 13% apart) depending on the worker the kernel hashed its connection to.
 
 With a choices file (UPGRADER_FORWARD_CHOICES; the worker supervisor makes one per run when unset), the first
-worker to set a version up times its candidates and writes its choice, holding an exclusive lock (flock) on the
-file over the timing; every other worker, waiting on that lock, then reads the choice and builds that one forward
-without timing anything. The lock also keeps two workers from timing side by side. An entry is reused only under
+worker to set a version up times its candidates and writes its choice, with the forward's fixed cost (which sets
+the batcher's regrouping wait, service.batching), holding an exclusive lock (flock) on the file over the timing;
+every other worker, waiting on that lock, then reads them and builds that one forward without timing anything.
+The lock also keeps two workers from timing side by side. An entry is reused only under
 the same signature (weights, threads, precision, candidates, CPU, torch and OpenVINO versions), so a file kept
 across restarts (a path set by hand) is never applied to another machine or build.
 """
@@ -53,7 +54,7 @@ def signature(weights_sha256: str, threads: int, bf16: bool, candidates: tuple[s
 
 
 class ForwardChoices:
-    """A JSON file: "name:version" -> {"signature", "forward", "memory_format", "pid"}, read and written in turns."""
+    """A JSON file: "name:version" -> {"signature", "forward", "memory_format", "fixed_cost_s", "pid"}, in turns."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -80,17 +81,23 @@ class ForwardChoices:
             return {}
         return entries if isinstance(entries, dict) else {}
 
-    def get(self, key: str, wanted: dict) -> tuple[str, str] | None:
-        """(forward, memory format name) chosen for `key` under the signature `wanted`, or None. Call within a turn."""
+    def get(self, key: str, wanted: dict) -> dict | None:
+        """The measurements recorded for `key` under the signature `wanted` ({"forward", "memory_format",
+        "fixed_cost_s", ...}), or None. Call within a turn."""
         entry = self._read().get(key)
         if not isinstance(entry, dict) or entry.get("signature") != wanted:
             return None
-        return entry.get("forward"), entry.get("memory_format")
+        if not (isinstance(entry.get("forward"), str) and entry.get("memory_format") in ("contiguous_format", "channels_last")
+                and isinstance(entry.get("fixed_cost_s"), (int, float))):
+            log.warning("forward choice incomplete; timing again", extra={"path": str(self.path), "key": key})
+            return None
+        return entry
 
-    def put(self, key: str, wanted: dict, forward: str, memory_format: str) -> None:
-        """Record a choice (the whole file rewritten and renamed into place: readers never see half). Call within a turn."""
+    def put(self, key: str, wanted: dict, **measured) -> None:
+        """Record a version's measurements (the whole file rewritten and renamed into place: readers never see half).
+        Call within a turn."""
         entries = self._read()
-        entries[key] = {"signature": wanted, "forward": forward, "memory_format": memory_format, "pid": os.getpid()}
+        entries[key] = {"signature": wanted, **measured, "pid": os.getpid()}
         with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=self.path.name, delete=False) as out:
             json.dump(entries, out, indent=1)
         os.replace(out.name, self.path)

@@ -115,14 +115,14 @@ def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (
     if not options:  # no forward asked for is available: the first format's plain trace
         memory_format, traced = next(iter(traces.items()))
         options[memory_format, "trace"] = traced
-    if len(options) == 1:  # nothing to choose between (a pinned or shared choice): no timing
-        (memory_format, forward), module = next(iter(options.items()))
-        return module, memory_format, forward
     inputs = {(memory_format, size): torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
               for memory_format, _ in options for size in batch_sizes}
     for (memory_format, _), module in options.items():
         for size in batch_sizes:
             module(inputs[memory_format, size])  # oneDNN and OpenVINO pick and cache their kernels on the first call of a shape
+    if len(options) == 1:  # nothing to choose between (a pinned or shared choice): warmed up, not timed
+        (memory_format, forward), module = next(iter(options.items()))
+        return module, memory_format, forward
     # Best of 3 runs per candidate and batch size, the runs interleaved: a burst of other work on the core slows one
     # run of every candidate rather than all of one candidate's runs (which once made a 20% faster forward lose).
     best = dict.fromkeys(((key, size) for key in options for size in batch_sizes), float("inf"))
@@ -205,32 +205,35 @@ class Upscaler:
             self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
             self._pinned_out = torch.empty((self.max_batch_images, *OUTPUT_SHAPE), dtype=torch.uint8).pin_memory()
         # The turn on the shared choices file (when there is one) covers what TIMING_LOCK covers, so a service's
-        # workers time one at a time too, and the second to set a version up builds the first one's choice.
-        turn = self.forward_choices.turn() if self.forward_choices and self.device.type == "cpu" else contextlib.nullcontext()
-        with TIMING_LOCK, turn:
-            if self.device.type == "cpu":  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
+        # workers time one at a time too, and the second to set a version up takes the first one's measurements.
+        cpu = self.device.type == "cpu"
+        shares = self.forward_choices is not None and cpu
+        with TIMING_LOCK, self.forward_choices.turn() if shares else contextlib.nullcontext():
+            key = f"{self.name}:{self.version}"
+            wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards)
+            shared = self.forward_choices.get(key, wanted) if shares else None
+            if cpu:  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
                 with torch.inference_mode():
-                    self.choose_cpu_forward()
+                    self.choose_cpu_forward(shared)
                 self.autocast = self.bf16 and self.forward == "eager"  # eager if tracing failed
             # One image through the whole path now, so the first request does not pay for lazy initialisation.
             blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
             self.run_batch(codec.stack_images([self.decode(blank, 0)]))
-            self.fixed_cost_s = self.measure_fixed_cost()
+            # The batcher's regrouping wait is this fixed cost: workers that measured it apart batched apart.
+            self.fixed_cost_s = shared["fixed_cost_s"] if shared else self.measure_fixed_cost()
+            if shares and not shared:
+                self.forward_choices.put(key, wanted, forward=self.forward, memory_format=str(self.memory_format).removeprefix("torch."),
+                                         fixed_cost_s=self.fixed_cost_s)
 
-    def choose_cpu_forward(self) -> None:
-        """The forward and memory format to run: one candidate alone (pinned), another worker's choice (shared), or
-        the fastest timed here (and then shared). Called within the choices file's turn."""
-        key = f"{self.name}:{self.version}"
-        wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards)
-        known = self.forward_choices.get(key, wanted) if self.forward_choices else None
-        if known and known[1] in MEMORY_FORMATS:
-            forwards, formats, self.forward_source = (known[0],), (MEMORY_FORMATS[known[1]],), "shared"
+    def choose_cpu_forward(self, shared: dict | None) -> None:
+        """The forward and memory format to run: another worker's choice (`shared`), one candidate alone (pinned),
+        or the fastest timed here."""
+        if shared:
+            forwards, formats, self.forward_source = (shared["forward"],), (MEMORY_FORMATS[shared["memory_format"]],), "shared"
         else:
             forwards, formats = self.cpu_forwards, tuple(MEMORY_FORMATS.values())
             self.forward_source = "pinned" if len(forwards) == 1 else "timed"  # pinned: its memory format may be timed
         self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, formats=formats, bf16=self.bf16, forwards=forwards)
-        if self.forward_choices and self.forward_source != "shared":
-            self.forward_choices.put(key, wanted, self.forward, str(self.memory_format).removeprefix("torch."))
 
     def measure_fixed_cost(self) -> float:
         """Seconds of a forward pass that do not grow with its batch: t(1) - (t(max) - t(1)) / (max - 1), best of a few runs.

@@ -585,7 +585,8 @@ def test_models_set_up_at_once_time_their_forwards_one_at_a_time(tmp_path, monke
 def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_where_its_signature_differs(tmp_path, real_images,
                                                                                                             monkeypatch, caplog):
     """service.forward_choices: what the service's workers share. The first upscaler of a version times every
-    candidate and writes its choice; the next, with the same file, builds exactly that forward without timing; a
+    candidate and writes its choice and fixed cost; the next, with the same file, builds exactly that forward and
+    takes that fixed cost without timing; a
     different thread count (or weights, CPU, versions) is another signature and is timed again. Here the workers
     are upscalers in one process; tests/test_service_e2e.py has two worker processes."""
     import service.upscaler
@@ -611,9 +612,11 @@ def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_
     first, second = set_up(), set_up()
     assert first.forward_source == "timed" and len(asked[0][0]) == 2 and len(asked[0][1]) == 3
     assert second.forward_source == "shared" and asked[1] == ((first.memory_format,), (first.forward,))
-    assert (second.forward, second.memory_format) == (first.forward, first.memory_format)
+    # The same forward, and the same fixed cost (the batcher's regrouping wait), measured once.
+    assert (second.forward, second.memory_format, second.fixed_cost_s) == (first.forward, first.memory_format, first.fixed_cost_s)
     entry = json.loads(choices.path.read_text())["conv:1"]
-    assert entry["forward"] == first.forward and entry["signature"]["weights_sha256"] == second.manifest["weights_sha256"]
+    assert (entry["forward"], entry["fixed_cost_s"]) == (first.forward, first.fixed_cost_s)
+    assert entry["signature"]["weights_sha256"] == second.manifest["weights_sha256"]
     inputs = small_inputs(real_images[:6])
     assert_close_to(torch.from_numpy(second.run_batch(inputs.numpy()).images), expected_outputs(model, inputs))
 

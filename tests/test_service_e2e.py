@@ -227,7 +227,7 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     loaded = [entry for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"]
     assert len({entry["pid"] for entry in loaded}) == 2, f"expected two worker processes to load conv, got {loaded}"
-    # One worker timed the CPU forwards; the other ran its choice (service/forward_choices.py): both run the same.
+    # One worker timed the CPU forwards; the other took its choice and fixed cost (service/forward_choices.py).
     assert sorted(entry["forward_source"] for entry in loaded) == ["shared", "timed"], loaded
-    assert len({(entry["forward"], entry["memory_format"]) for entry in loaded}) == 1, loaded
+    assert len({(entry["forward"], entry["memory_format"], entry["fixed_cost_ms"]) for entry in loaded}) == 1, loaded
     assert process.returncode in (0, -signal.SIGTERM), output
