@@ -40,6 +40,11 @@ class OpenVINOForward(torch.nn.Module):
             "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": "f32",  # not the plugin's default bf16 on a CPU with AMX: outputs as trained
             "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, as the batcher hands them over
+            # Pinning (on by default on Linux) put the inference threads of both worker processes on the same core:
+            # two processes running the shipped model at batch 64 made 905-1,040 images/s together with it, and
+            # 1,489-1,953 without (bench/RESULTS.md, session 20). The workers are sized to the usable CPUs; the
+            # kernel's scheduler spreads them.
+            "ENABLE_CPU_PINNING": False,
         })
         self._local = threading.local()  # an infer request holds its inputs and outputs: one per calling thread
 

@@ -532,6 +532,17 @@ def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format
         assert all(torch.equal(decode_png(png), torch.from_numpy(image)) for png, image in zip(out.pngs, out.images, strict=True))
 
 
+def test_openvino_leaves_its_threads_to_the_kernels_scheduler():
+    """OpenVINO pins its inference threads to cores by default on Linux, and then the service's two worker
+    processes shared one core (bench/RESULTS.md, session 20: 905-1,040 images/s together, 1,489-1,953 unpinned)."""
+    pytest.importorskip("openvino", reason="openvino is a dependency (pyproject.toml), absent from this environment")
+    from service.openvino_forward import openvino_forward
+
+    compiled = openvino_forward(trained_looking("conv", {}).eval(), threads=1)
+    assert compiled is not None and compiled.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert compiled.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
 def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tmp_path, real_images, monkeypatch):
     """OpenVINO is one optional candidate: where it is not installed (simulated by hiding the module), a forward list
     naming only it falls back to the first format's plain trace and still answers the model's outputs."""
