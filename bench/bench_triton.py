@@ -101,7 +101,8 @@ def write_repository(root: Path, store: ModelStore, models: list[str], args) -> 
         (repo / name / "1").mkdir(parents=True)
         shutil.copy(PROJECT_ROOT / "bench" / "triton" / "model.py", repo / name / "1" / "model.py")
         (repo / name / "1" / "sys_path.txt").write_text(f"{PROJECT_ROOT}\n{site_packages(sys.executable)}\n")
-        parameters = {"store": str(store.root), "model": name, "version": str(version), "torch_threads": str(args.threads)}
+        parameters = {"store": str(store.root), "model": name, "version": str(version), "torch_threads": str(args.threads),
+                      "forward": args.triton_forward}
         (repo / name / "config.pbtxt").write_text(f"""name: "{name}"
 backend: "python"
 max_batch_size: 64
@@ -307,6 +308,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--upgrader-precision", choices=["float32", "bfloat16", "auto"], default="float32",
                         help="Upgrader's UPGRADER_PRECISION: float32, as Triton's Python backend runs the model (bfloat16/auto: "
                              "Upgrader's bf16 forward where this CPU has it; trees before it ignore the variable)")
+    parser.add_argument("--triton-forward", choices=["eager", "openvino"], default="eager",
+                        help="how Triton's Python backend runs the model: eager PyTorch (as in every run before session 20), or "
+                             "compiled by OpenVINO with the service's own settings (service/openvino_forward.py), the forward "
+                             "Upgrader chooses for most models on this CPU: what Triton's OpenVINO backend would run")
     parser.add_argument("--baseline-ref", default=None, help="also serve Upgrader as of this git ref, measured in the same rotation")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -320,7 +325,7 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers' process groups are stopped on the way out
     print(f"load average {os.getloadavg()}, {os.cpu_count()} cpus; {args.instances} instances x {args.threads} torch thread(s); "
-          f"queue delay {args.max_queue_delay_us} us; perf_analyzer window {args.interval_s:g}s", flush=True)
+          f"queue delay {args.max_queue_delay_us} us; perf_analyzer window {args.interval_s:g}s; Triton's forward: {args.triton_forward}", flush=True)
     store = ModelStore(args.store)
     targets, _ = load_images(args.data, args.images)
     from upgrader.imaging import downsample, to_float

@@ -28,7 +28,14 @@ class TritonPythonModel:
         torch.set_num_threads(int(parameters.get("torch_threads", "1")))
         self.model, manifest = ModelStore(parameters["store"]).load(parameters["model"], int(parameters["version"]))
         self.model.eval()
-        pb_utils.Logger.log_info(f"pid {os.getpid()}: {parameters['model']} v{manifest['version']} loaded, torch threads {torch.get_num_threads()}")
+        if parameters.get("forward", "eager") == "openvino":  # bench_triton.py --triton-forward openvino
+            from service.openvino_forward import openvino_forward
+
+            self.model = openvino_forward(self.model, torch.get_num_threads())
+            if self.model is None:
+                raise RuntimeError(f"{parameters['model']}: OpenVINO could not compile it (see the log)")
+        pb_utils.Logger.log_info(f"pid {os.getpid()}: {parameters['model']} v{manifest['version']} loaded, torch threads {torch.get_num_threads()}, "
+                           f"forward {parameters.get('forward', 'eager')}")
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
