@@ -13,6 +13,7 @@ memory, with a dynamic batch dimension: nothing but the store's safetensors is e
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 import torch
@@ -20,6 +21,12 @@ import torch
 from upgrader.architectures import INPUT_SHAPE
 
 log = logging.getLogger("service.openvino_forward")
+
+# OpenVINO's model converter sends usage telemetry (Google Analytics) unless the user opted out in ~/intel, writing
+# a client id and counters there and forking a process for every event: 32 forks a model converted here, each a
+# copy of a worker holding torch. A self-hosted service does not phone home. Where the openvino_telemetry package
+# cannot be imported, the converter runs its own no-op stub (openvino.tools.ovc.telemetry_stub): so it cannot.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type] - None in sys.modules fails the import
 
 try:
     import openvino

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -541,6 +545,32 @@ def test_openvino_leaves_its_threads_to_the_kernels_scheduler():
     compiled = openvino_forward(trained_looking("conv", {}).eval(), threads=1)
     assert compiled is not None and compiled.compiled.get_property("ENABLE_CPU_PINNING") is False
     assert compiled.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+def test_openvino_converts_a_model_without_telemetry_forks_or_files_in_home(tmp_path):
+    """OpenVINO's converter phones home (Google Analytics) unless the user opted out: it forked a process per event,
+    32 a model, and wrote a client id under ~/intel. In a fresh interpreter with an empty HOME, converting a model
+    through service.openvino_forward must fork nothing and write nothing there."""
+    pytest.importorskip("openvino", reason="openvino is a dependency (pyproject.toml), absent from this environment")
+    script = """
+import sys
+forks = []
+sys.addaudithook(lambda event, args: forks.append(event) if event == "os.fork" else None)  # telemetry forked per event
+import torch
+from service.openvino_forward import openvino_forward
+from upgrader.architectures import build_model
+compiled = openvino_forward(build_model("conv").eval(), threads=1)
+assert compiled is not None
+print("forks", len(forks))
+"""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("CI", None)  # the telemetry library stays quiet under CI=true; the service must be quiet everywhere
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "forks 0" in done.stdout, done.stdout
+    assert not any(home.iterdir()), f"written under HOME: {sorted(p.name for p in home.rglob('*'))}"
 
 
 def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tmp_path, real_images, monkeypatch):
