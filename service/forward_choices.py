@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from service.openvino_forward import openvino  # None where it is not installed
+
 log = logging.getLogger("service.forward_choices")
 
 
@@ -43,18 +45,12 @@ def cpu_name() -> str:
 
 def signature(weights_sha256: str, threads: int, bf16: bool, candidates: tuple[str, ...]) -> dict:
     """What a timed choice depends on; a stored choice is reused only where all of it is equal."""
-    try:
-        import openvino
-
-        openvino_version = openvino.__version__
-    except ImportError:
-        openvino_version = None
     return {"weights_sha256": weights_sha256, "threads": threads, "bf16": bf16, "candidates": list(candidates),
-            "cpu": cpu_name(), "torch": torch.__version__, "openvino": openvino_version}
+            "cpu": cpu_name(), "torch": torch.__version__, "openvino": openvino and openvino.__version__}
 
 
 class ForwardChoices:
-    """A JSON file: "name:version" -> {"signature", "forward", "memory_format", "fixed_cost_s", "pid"}, in turns."""
+    """A JSON file: "name:version" -> {"signature", "forward", "memory_format", "fixed_cost_s"}, in turns."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -97,7 +93,7 @@ class ForwardChoices:
         """Record a version's measurements (the whole file rewritten and renamed into place: readers never see half).
         Call within a turn."""
         entries = self._read()
-        entries[key] = {"signature": wanted, **measured, "pid": os.getpid()}
+        entries[key] = {"signature": wanted, **measured}
         with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=self.path.name, delete=False) as out:
             json.dump(entries, out, indent=1)
         os.replace(out.name, self.path)

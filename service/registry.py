@@ -29,10 +29,10 @@ import torch
 from model_store import LATEST, ModelStore, StoreUnavailable, parse_version
 from service.batching import Batcher
 from service.errors import ApiError, echo, unavailable
+from service.forward_choices import ForwardChoices
 from service.metrics import Metrics
 from service.redact import scrub_text
 from service.settings import Settings
-from service.forward_choices import ForwardChoices
 from service.upscaler import Upscaler, pick_device, pick_precision
 
 log = logging.getLogger("service.registry")

@@ -210,7 +210,7 @@ class Upscaler:
         shares = self.forward_choices is not None and cpu
         with TIMING_LOCK, self.forward_choices.turn() if shares else contextlib.nullcontext():
             key = f"{self.name}:{self.version}"
-            wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards)
+            wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards) if shares else {}
             shared = self.forward_choices.get(key, wanted) if shares else None
             if cpu:  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
                 with torch.inference_mode():

@@ -676,14 +676,16 @@ def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_
     assert set(json.loads(choices.path.read_text())) == {"conv:1"}
 
 
-def test_a_pinned_cpu_forward_is_the_one_that_runs(tmp_path):
-    """UPGRADER_CPU_FORWARD=frozen: the registry narrows the candidates to it; only its memory format is timed."""
+def test_a_pinned_cpu_forward_is_the_one_that_runs(tmp_path, real_images, caplog):
+    """UPGRADER_CPU_FORWARD=frozen: the service narrows the candidates to it (only its memory format is timed), and
+    says so in the version's load log."""
     store = ModelStore(tmp_path / "store")
     publish(store, "conv", "conv", seed=9)
-    upscaler = Upscaler(store, "conv", 1, torch.device("cpu"), 64)
-    upscaler.cpu_forwards = ("frozen",)
-    upscaler.setup()
-    assert (upscaler.forward, upscaler.forward_source) == ("frozen", "pinned")
+    with caplog.at_level("INFO", logger="service.registry"), in_process_client(store=store.root, poll_interval_s=60,
+                                                                              cpu_forward="frozen") as client:
+        assert client.post("/upscale?model=conv", files=multipart(png_list(small_inputs(real_images[:1])))).status_code == 200
+    loaded = [r for r in caplog.records if r.getMessage() == "loaded version"]
+    assert [(r.forward, r.forward_source) for r in loaded] == [("frozen", "pinned")]
 
 
 def test_a_batch_shared_by_png_and_pixel_answers_encodes_only_the_marked_outputs_in_their_places(tmp_path, real_images):
