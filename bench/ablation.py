@@ -1,33 +1,31 @@
-"""The ablation table of issue 5: each training idea switched against the default recipe of subpixel_residual.
+"""The ablation tables: each training idea switched against the default recipe of subpixel_residual.
 
     .venv/bin/python bench/ablation.py                         # 8 trainings of 3 minutes: ~35 minutes on 2 cores
     .venv/bin/python bench/ablation.py --minutes-per-row 0.5 --limit-train 2000 --limit-val 500   # a quick look
     .venv/bin/python bench/ablation.py --speed-only                # inference images/s vs resnet18 (~1 minute)
-    .venv/bin/python bench/ablation.py --suite model-data --natural ../shared/datasets/sr-natural   # issue 12's rows
+    .venv/bin/python bench/ablation.py --suite model-data --natural ../shared/datasets/sr-natural   # data mix and architecture rows
 
-Suite `recipe` (issue 5, the default) is described first, suite `model-data` (issue 12) after it.
+Suite `recipe` (the default) is described first, suite `model-data` after it.
 
 Every row trains with the real trainer (`trainer.train.main`, in this process) on the same seeded
 subsets (--limit-train / --limit-val), with the same seed (so the same initial weights and batch
 order) and the same number of epochs: as many as the default recipe fits in --minutes-per-row,
 measured on this machine at the start. Every row publishes into one store name (--store, default
-a temporary directory), so the rows are versions of one model and can be souped.
+a temporary directory), so the rows are versions of one model.
 
     bicubic            the baseline: no training
     default            DEFAULT_RECIPE
     <flag>=<value>     the default with one idea changed (every alternative of every flag in IDEAS)
     + self-ensemble    the default row's weights, evaluated with the 8-view test-time ensemble
-    soup of ...        `trainer.soup` of the rows that differ only in their loss (same initial weights),
-                       compared with the best of them
 
 Suite `model-data`: the rows of MODEL_DATA_ROWS (natural-data share, then body width/depth, channel
-attention and re-parameterised convs), each a real training run with the issue-5 recipe (l1, cosine,
+attention and re-parameterised convs), each a real training run with DEFAULT_RECIPE (l1, cosine,
 dihedral, EMA 0.999) for the same --epochs of the same --epoch-size images, same seed. Every row is
 evaluated on the CIFAR-10 validation subset and on the fixed natural validation set (trainer/natural.py),
 each against bicubic; inference speed is measured for every architecture in the same interleaved rounds.
 
 Columns: validation PSNR and SSIM, gain over bicubic, difference to the default row, epochs, training
-minutes (wall; the soup's are its ingredients'), and inference speed at batch 64 in this process
+minutes (wall), and inference speed at batch 64 in this process
 (images/s, and images per CPU-second of this process, which other jobs on the cores disturb less;
 medians of interleaved rounds). The speed of resnet18 is measured in the same run as a reference;
 `--speed-only` prints just the speeds. A row's training is capped at twice
@@ -53,7 +51,6 @@ from rich.table import Table
 
 from model_store import ModelStore
 from trainer.recipe import LOSSES
-from trainer.soup import main as soup_main
 from trainer.train import main as train_main
 from upgrader.architectures import INPUT_SHAPE, build_model
 from upgrader.ensemble import self_ensemble
@@ -63,13 +60,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = os.environ.get("UPGRADER_DATA") or str(PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
 ARCHITECTURE = "subpixel_residual"
 STORE_NAME = "ablation"
-# The recipe chosen for subpixel_residual (the trainer's own defaults are the reference recipe of issue 2).
+# The recipe chosen for subpixel_residual (the trainer's own defaults are the reference recipe).
 DEFAULT_RECIPE = {
     "--loss": "l1",
     "--lr-schedule": "cosine",
     "--augment": "dihedral",
     "--ema": "0.999",
-    "--coarse-to-fine": "0",
 }
 # Every value each idea can take; a row per value the default does not use.
 IDEAS = {
@@ -77,11 +73,10 @@ IDEAS = {
     "--lr-schedule": ["constant", "cosine", "onecycle"],
     "--augment": ["none", "dihedral"],
     "--ema": ["0", "0.999"],
-    "--coarse-to-fine": ["0", "0.3"],
 }
-OFF = {"0": "off", "0.3": "on (30%)", "0.999": "on (0.999)"}
+OFF = {"0": "off", "0.999": "on (0.999)"}
 SPEED_BATCH = 64
-# Issue 12: (row, --arch-params, --natural-share). The first row is today's model on today's data.
+# (row, --arch-params, --natural-share). The first row is today's model on today's data.
 MODEL_DATA_ROWS = [
     ("48x6, CIFAR-10 only (today)", {}, 0.0),
     ("48x6, natural share 0.5", {}, 0.5),
@@ -191,7 +186,7 @@ def recipe_rows() -> list[tuple[str, dict[str, str]]]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["recipe", "model-data"], default="recipe",
-                   help="recipe: issue 5's training ideas; model-data: issue 12's data mix and architectures (default: %(default)s)")
+                   help="recipe: the training ideas; model-data: the data mix and architectures (default: %(default)s)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset (default: %(default)s)")
     p.add_argument("--natural", type=Path, default=PROJECT_ROOT.parent / "shared" / "datasets" / "sr-natural",
                    help="natural photographs for --suite model-data (default: %(default)s)")
@@ -253,17 +248,6 @@ def main() -> None:
         version = store.versions(STORE_NAME)[-1]
         trained[name] = (version, store.manifest(STORE_NAME, version))
 
-    loss_rows = [name for name, recipe in recipe_rows() if all(recipe[f] == DEFAULT_RECIPE[f] for f in IDEAS if f != "--loss")]
-    soup_versions = [trained[name][0] for name in loss_rows]
-    soup_args = ["--model", STORE_NAME, "--versions", ",".join(map(str, soup_versions)), "--store", str(store_root),
-                 "--data", str(args.data), "--limit-val", str(args.limit_val), "--seed", str(args.seed), "--no-progress"]
-    if args.cache_dir:
-        soup_args += ["--cache-dir", str(args.cache_dir)]
-    if soup_main(soup_args) != 0:
-        raise SystemExit("the soup failed (see the log above)")
-    soup_version = store.versions(STORE_NAME)[-1]
-    soup_manifest = store.manifest(STORE_NAME, soup_version)
-
     console.print(f"measuring inference speed at batch {SPEED_BATCH}")
     model, _ = store.load(STORE_NAME, trained["default"][0])
     speeds = inference_speeds(speed_forwards(model), SPEED_BATCH, args.speed_seconds, args.speed_rounds)
@@ -281,11 +265,6 @@ def main() -> None:
     default_version, default_manifest = trained["default"]
     rows.insert(2, row("default + self-ensemble", default_manifest["metrics"]["self_ensemble"], default_manifest,
                        ensemble_speed, default_version))
-    best_ingredient = max(loss_rows, key=lambda name: trained[name][1]["metrics"]["model"]["psnr"])
-    rows.append(row(f"soup of the {len(loss_rows)} loss rows (best alone: {best_ingredient})", soup_manifest["metrics"]["model"],
-                    soup_manifest, speed, soup_version))
-    rows.append(row("soup + self-ensemble", soup_manifest["metrics"]["self_ensemble"], soup_manifest, ensemble_speed,
-                    soup_version))
 
     default_psnr = default_manifest["metrics"]["model"]["psnr"]
     table = Table(title=f"{ARCHITECTURE} ablation: {args.limit_train:,} training / {args.limit_val:,} validation images, "
@@ -312,7 +291,7 @@ def main() -> None:
 
 
 def model_data_ablation(args: argparse.Namespace, console: Console) -> None:
-    """Issue 12's rows: natural-data share and architecture, at the same epochs, data and seed; both validation sets."""
+    """The model-data rows: natural-data share and architecture, at the same epochs, data and seed; both validation sets."""
     store_root = args.store or Path(tempfile.mkdtemp(prefix="ablation-store-"))
     store = ModelStore(store_root)
     chosen = [int(n) for n in args.rows.split(",")] if args.rows else list(range(1, len(MODEL_DATA_ROWS) + 1))

@@ -20,7 +20,7 @@
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
 # the archives go, default ./gpu_train_out), SEED (0), TRAIN_ARGS (more trainer flags, split on spaces, e.g.
-# "--distill-from upgrader:2 --distill-views 8"). The checkpoints travel back in an archive of their own: the
+# "--epoch-val 2000 --no-ensemble-metrics"). The checkpoints travel back in an archive of their own: the
 # device tool returns files of up to 16 MB, and the store with the checkpoints came to 15.2 MB. INIT_STORE + INIT_FROM fine-tune (or grow) a model
 # trained elsewhere: INIT_STORE a store folder that travels, copied into the run's store, and INIT_FROM its
 # NAME:VERSION (passed to --init-from). One version is enough; gpu_data.py --init packs it. Session 14's lease

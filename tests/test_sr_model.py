@@ -1,4 +1,4 @@
-"""The model that beats bicubic (issue 5): its architecture, test-time self-ensemble and weight soups."""
+"""The model that beats bicubic: its architecture and its test-time self-ensemble."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from torch import nn
 
 from model_store import ModelStore
 from trainer.data import load_image_data
-from trainer.soup import main as soup_main
-from trainer.soup import make_soup
 from trainer.train import evaluate
 from trainer.train import main as train_main
 from upgrader.architectures import OUTPUT_SHAPE, build_model, parameter_count
@@ -136,26 +134,24 @@ def test_ensemble_views_are_subgroups_of_the_dihedral_group():
         assert reached == {dihedral(x, *v).numpy().tobytes() for v in views}, size
 
 
-# ---- published with self-ensemble metrics, and souped ---------------------------------
+# ---- published with self-ensemble metrics ----------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def souped(data_dir, tmp_path_factory) -> tuple[ModelStore, Path, torch.Tensor]:
-    """Two tiny real trainings from the same initial weights (mse, l1) published as versions 1 and 2, their soup as 3."""
-    root = tmp_path_factory.mktemp("soup")
+def published(data_dir, tmp_path_factory) -> tuple[ModelStore, torch.Tensor]:
+    """A tiny real training published as version 1, and the validation images it was measured on."""
+    root = tmp_path_factory.mktemp("published")
     store, cache = root / "store", root / "cache"
-    where = ["--data", str(data_dir), "--store", str(store), "--cache-dir", str(cache), "--limit-val", str(LIMIT_VAL), "--no-progress"]
-    for loss in ("mse", "l1"):
-        assert train_main(["--models", SR, "--arch-params", json.dumps(TINY), "--epochs", "1", "--lr", "3e-3",
-                           "--limit-train", str(LIMIT_TRAIN), "--loss", loss, *where]) == 0
-    assert soup_main(["--model", SR, "--versions", "1,2", *where]) == 0
+    assert train_main(["--models", SR, "--arch-params", json.dumps(TINY), "--epochs", "1", "--lr", "3e-3",
+                       "--limit-train", str(LIMIT_TRAIN), "--data", str(data_dir), "--store", str(store),
+                       "--cache-dir", str(cache), "--limit-val", str(LIMIT_VAL), "--no-progress"]) == 0
     val = load_image_data(data_dir, cache_dir=cache, limit_train=LIMIT_TRAIN, limit_val=LIMIT_VAL, seed=0, progress=False).val
-    return ModelStore(store), cache, val
+    return ModelStore(store), val
 
 
 @pytest.mark.slow
-def test_trained_model_publishes_reproducible_self_ensemble_metrics(souped):
-    store, _, val = souped
+def test_trained_model_publishes_reproducible_self_ensemble_metrics(published):
+    store, val = published
     model, manifest = store.load(SR, 1)
     assert set(manifest["metrics"]) == {"model", "bicubic", "self_ensemble", "images"}
     assert set(manifest["metrics"]["self_ensemble"]) == {"mse", "psnr", "ssim"}
@@ -163,44 +159,3 @@ def test_trained_model_publishes_reproducible_self_ensemble_metrics(souped):
     metrics = evaluate(model, val, torch.device("cpu"), loss_name="mse", baseline=True, ensemble=True)
     metrics.pop("loss")
     assert metrics == manifest["metrics"]
-
-
-@pytest.mark.slow
-def test_soup_is_the_elementwise_mean_of_its_versions_and_says_so(souped):
-    store, _, val = souped
-    assert store.versions(SR) == [1, 2, 3]
-    first, _ = store.load_state_dict(SR, 1)
-    second, _ = store.load_state_dict(SR, 2)
-    soup, manifest = store.load(SR, 3)  # verified checksum, strict architecture fit
-    assert not torch.equal(first["head.weight"], second["head.weight"])  # two different models went in
-    for key, tensor in soup.state_dict().items():
-        torch.testing.assert_close(tensor, torch.stack([first[key], second[key]]).mean(0), rtol=0, atol=1e-7)
-    assert manifest["soup"]["versions"] == [1, 2] and manifest["recipe"] == {"soup": "uniform", "versions": [1, 2]}
-    assert [i["recipe"]["loss"] for i in manifest["soup"]["ingredients"]] == ["mse", "l1"]
-    assert manifest["architecture"] == {"name": SR, "params": TINY}
-    assert "samples.png" in manifest["files"]
-    metrics = evaluate(soup, val, torch.device("cpu"), loss_name="mse", baseline=True, ensemble=True)
-    metrics.pop("loss")
-    assert metrics == manifest["metrics"]
-
-
-@pytest.mark.slow
-def test_soup_refuses_versions_of_different_architectures(souped, data_dir, caplog):
-    store, cache, _ = souped
-    other = build_model(SR, width=8, depth=2)
-    manifest = {**store.manifest(SR, 1), "architecture": {"name": SR, "params": {"width": 8, "depth": 2}}}
-    version = store.publish(SR, other.state_dict(), manifest)
-    with pytest.raises(ValueError, match=f"version {version} is"):
-        make_soup(store, SR, [1, version])
-    argv = ["--model", SR, "--versions", f"1,{version}", "--store", str(store.root), "--data", str(data_dir),
-            "--cache-dir", str(cache), "--no-progress"]
-    assert soup_main(argv) == 1
-    assert "a soup averages versions of one architecture" in caplog.text
-    assert store.versions(SR)[-1] == version  # nothing published
-
-
-@pytest.mark.parametrize("versions", ["3", "3,3", "3,x"])
-def test_soup_cli_rejects_fewer_than_two_distinct_versions(versions, capsys):
-    with pytest.raises(SystemExit):
-        soup_main(["--model", SR, "--versions", versions, "--data", "."])
-    assert "--versions" in capsys.readouterr().err

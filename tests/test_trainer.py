@@ -128,7 +128,7 @@ def test_manifest_follows_the_contract(tiny_store):
     assert manifest["parameter_count"] == parameter_count(build_model("conv")) == 117_655
     assert manifest["input_shape"] == [3, 8, 8] and manifest["output_shape"] == [3, 32, 32]
     assert manifest["recipe"].items() >= {"optimizer": "adam", "lr": 0.001, "batch_size": 128, "loss": "mse", "epochs": 1,
-                                        "lr_schedule": "constant", "augment": "none", "ema": 0.0, "coarse_to_fine": 0.0}.items()
+                                        "lr_schedule": "constant", "augment": "none", "ema": 0.0}.items()
     parser_dests = {a.dest for a in get_args_parser()._actions if a.dest != "help"}
     assert set(manifest["args"]) == parser_dests
     assert manifest["dataset"]["name"] and len(manifest["dataset"]["fingerprint"]) >= 16
@@ -202,6 +202,11 @@ def test_resume_extends_a_published_run_once_and_refuses_a_different_recipe(data
     assert [h["epoch"] for h in store.manifest("conv", 2)["history"]] == [1, 2]
     assert store.manifest("conv", 2)["history"][0] == store.manifest("conv", 1)["history"][0]
     assert store.manifest("conv", 2)["epochs_completed"] == 2
+    # A checkpoint that records the retired coarse-to-fine phase as off is still the same experiment.
+    state_file = checkpoints / "conv" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["run"]["recipe"] |= {"coarse_to_fine": 0.0, "fine_lr_scale": 0.1}
+    state_file.write_text(json.dumps(state))
 
     with caplog.at_level("INFO", logger="trainer"):
         assert main([*args, "--epochs", "2"]) == 0  # already trained and published: no duplicate version
@@ -222,17 +227,15 @@ def test_max_minutes_stops_after_the_last_epoch_that_fits(data_dir, cache_dir, t
 
 
 @pytest.mark.slow
-def test_issue5_flags_train_and_publish_the_ema_weights(data_dir, cache_dir, tmp_path, val_images):
+def test_recipe_flags_train_and_publish_the_ema_weights(data_dir, cache_dir, tmp_path, val_images):
     store = ModelStore(tmp_path / "store")
-    flags = ["--loss", "charbonnier", "--lr-schedule", "onecycle", "--augment", "dihedral", "--ema", "0.9",
-             "--coarse-to-fine", "0.5", "--fine-lr-scale", "0.2"]
+    flags = ["--loss", "charbonnier", "--lr-schedule", "onecycle", "--augment", "dihedral", "--ema", "0.9"]
     assert main(cli_args(data_dir, store.root, cache_dir, "--models", "conv", "--epochs", "2", "--publish-as", "conv-tricks", *flags)) == 0
     manifest = assert_reproduces_metrics(store, "conv-tricks", val_images, loss="charbonnier")
-    assert manifest["recipe"].items() >= {"loss": "charbonnier", "lr_schedule": "onecycle", "augment": "dihedral", "ema": 0.9,
-                                        "coarse_to_fine": 0.5, "fine_lr_scale": 0.2}.items()
+    assert manifest["recipe"].items() >= {"loss": "charbonnier", "lr_schedule": "onecycle", "augment": "dihedral", "ema": 0.9}.items()
     assert manifest["weights"] == "ema"
     assert manifest["architecture"]["name"] == "conv"
-    assert manifest["history"][-1]["lr"] < 1e-3 * 0.2 * 0.5  # fine phase (x0.2), well into the one-cycle anneal
+    assert manifest["history"][-1]["lr"] < 1e-3 * 0.5  # well into the one-cycle anneal
 
 
 @pytest.mark.slow
@@ -273,8 +276,8 @@ def test_console_script_rejects_an_unknown_model_by_name(tmp_path):
 
 def test_help_documents_the_recipe_flags():
     text = get_args_parser().format_help()
-    for flag in ("--models", "--max-minutes", "--resume", "--loss", "--lr-schedule", "--augment", "--ema", "--coarse-to-fine",
-                 "--fine-lr-scale", "--arch-params", "--amp", "--compile", "--device", "--limit-train"):
+    for flag in ("--models", "--max-minutes", "--resume", "--loss", "--lr-schedule", "--augment", "--ema",
+                 "--arch-params", "--amp", "--compile", "--device", "--limit-train"):
         assert flag in text
 
 
@@ -284,8 +287,7 @@ def test_help_documents_the_recipe_flags():
     (["--ema", "1.5"], "--ema 1.5 is out of range"),
     (["--arch-params", "[1, 2]"], "must be a JSON object"),
     (["--loss", "huber"], "invalid choice: 'huber'"),
-    (["--distill-weight", "0"], "--distill-weight 0.0 is out of range"),
-    (["--distill-views", "3"], "invalid choice: 3"),
+    (["--coarse-to-fine", "0.3"], "unrecognized arguments: --coarse-to-fine"),
 ])
 def test_cli_rejects_bad_flags(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -347,41 +349,6 @@ def test_init_from_grows_a_published_version_by_identity_blocks_and_refuses_othe
              {"name": "subpixel_residual", "params": {"width": 8, "depth": 1, "global_attention": 1}}, "sr:1")
 
 
-def test_distill_from_trains_toward_the_teachers_outputs_and_records_the_teacher(data_dir, cache_dir, tmp_path, caplog):
-    store = ModelStore(tmp_path / "store")
-    small = '{"width": 8, "depth": 1}'
-    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--epochs", "1", "--arch-params", small,
-                         "--publish-as", "sr")) == 0
-    teacher = store.manifest("sr")
-
-    def distil(publish_as: str, *flags: str) -> tuple[dict, dict]:
-        assert main(cli_args(data_dir, store.root, cache_dir, "--models", "subpixel_residual", "--epochs", "1", "--arch-params", small,
-                             "--loss", "l1", "--lr", "1e-2", "--init-from", "sr:1", "--distill-from", "sr:1",
-                             "--publish-as", publish_as, *flags)) == 0
-        return store.manifest(publish_as), store.load_state_dict(publish_as)[0]
-
-    # A student that starts as the teacher, taught by the teacher's plain output alone, already answers every target:
-    # its loss is exactly 0 and even a large lr leaves every weight where it was. With the ground truth in the
-    # target the same run has something to learn, and moves.
-    alone, alone_weights = distil("sr-taught", "--distill-views", "1", "--distill-weight", "1")
-    assert alone["history"][0]["train_loss"] == 0.0
-    start, _ = store.load_state_dict("sr")
-    assert all(torch.equal(start[k], alone_weights[k]) for k in start)
-    assert alone["recipe"]["distill"] == {"name": "sr", "version": 1, "weights_sha256": teacher["weights_sha256"],
-                                         "architecture": teacher["architecture"], "psnr": teacher["metrics"]["model"]["psnr"],
-                                         "views": 1, "weight": 1.0}
-    half, half_weights = distil("sr-half", "--distill-views", "8", "--distill-weight", "0.5")
-    assert half["history"][0]["train_loss"] > 0
-    assert not all(torch.allclose(start[k], half_weights[k], atol=1e-4) for k in start)
-    assert half["recipe"]["distill"]["views"] == 8 and half["recipe"]["distill"]["weight"] == 0.5
-    # A teacher of another architecture teaches as well; one that does not exist is refused by name.
-    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "conv", "--epochs", "1", "--distill-from", "sr")) == 0
-    assert store.manifest("conv")["recipe"]["distill"]["architecture"]["name"] == "subpixel_residual"
-    assert main(cli_args(data_dir, store.root, cache_dir, "--models", "conv", "--publish-as", "x", "--distill-from", "sr:99")) == 1
-    assert "--distill-from sr:99" in caplog.text and "no version 99" in caplog.text
-    assert "x" not in store.models()
-
-
 def test_cli_names_missing_data_and_misfitting_arch_params(tmp_path, data_dir, cache_dir, caplog):
     missing = tmp_path / "no-such-dataset"
     assert main(["--data", str(missing), "--store", str(tmp_path / "s"), "--no-progress"]) == 1
@@ -394,15 +361,13 @@ def test_cli_names_missing_data_and_misfitting_arch_params(tmp_path, data_dir, c
 # ---- recipe pieces --------------------------------------------------------------------------------
 
 
-def test_learning_rate_schedules_and_coarse_to_fine_phase():
+def test_learning_rate_schedules():
     assert [LR_SCHEDULES["cosine"](p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0])
     one_cycle = [LR_SCHEDULES["onecycle"](p) for p in (0.0, 0.3, 1.0)]
     assert one_cycle == pytest.approx([1 / 25, 1.0, 1 / 25 / 1e4])
     assert max(LR_SCHEDULES["onecycle"](p / 100) for p in range(101)) == pytest.approx(1.0)
-    lr = dict(base_lr=1e-3, schedule="constant", fine_lr_scale=0.1)
-    assert learning_rate(0, 100, coarse_to_fine=0.0, **lr) == learning_rate(99, 100, coarse_to_fine=0.0, **lr) == 1e-3
-    assert learning_rate(29, 100, coarse_to_fine=0.3, **lr) == 1e-3  # coarse phase: the given lr
-    assert learning_rate(30, 100, coarse_to_fine=0.3, **lr) == pytest.approx(1e-4)  # fine phase: scaled
+    assert learning_rate(0, 100, base_lr=1e-3, schedule="constant") == learning_rate(99, 100, base_lr=1e-3, schedule="constant") == 1e-3
+    assert learning_rate(50, 100, base_lr=1e-3, schedule="cosine") == pytest.approx(5e-4)
 
 
 def test_psnr_loss_is_minus_the_mean_per_image_psnr_and_leans_on_the_easy_images():

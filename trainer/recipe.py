@@ -1,8 +1,8 @@
 """The pieces of a training recipe that flags switch: losses, learning-rate schedules,
-augmentation, coarse-to-fine targets and weight averaging.
+augmentation and weight averaging.
 
-The defaults (`mse`, `constant`, no augmentation, no EMA, no coarse phase) are the
-reference recipe; the rest are the ideas issue 5 measures.
+The defaults (`mse`, `constant`, no augmentation, no EMA) are the reference recipe;
+docs/training.md says which of the others the shipped models use and what each scores.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upgrader.architectures import OUTPUT_SIZE
-from upgrader.imaging import downsample
 
 CHARBONNIER_EPS = 1e-3
 
@@ -69,34 +67,10 @@ LR_SCHEDULES: dict[str, Callable[[float], float]] = {
 }
 
 
-def learning_rate(step: int, total_steps: int, *, base_lr: float, schedule: str, coarse_to_fine: float, fine_lr_scale: float) -> float:
-    """The learning rate of optimizer step `step` (0-based) out of `total_steps`.
-
-    The schedule spans the whole run; with coarse-to-fine the fine phase (the steps
-    after the first `coarse_to_fine` fraction) runs at `fine_lr_scale` times that.
-    """
+def learning_rate(step: int, total_steps: int, *, base_lr: float, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) out of `total_steps`; the schedule spans the whole run."""
     progress = min(step / max(total_steps, 1), 1.0)
-    lr = base_lr * LR_SCHEDULES[schedule](progress)
-    return lr if is_coarse_step(step, total_steps, coarse_to_fine) or coarse_to_fine == 0 else lr * fine_lr_scale
-
-
-def is_coarse_step(step: int, total_steps: int, coarse_to_fine: float) -> bool:
-    return step < coarse_to_fine * total_steps
-
-
-def coarse_targets(targets: torch.Tensor, size: int = 16) -> torch.Tensor:
-    """The target blurred to 16x16 and scaled back to 32x32: with it the model learns only the 8->16 detail."""
-    return F.interpolate(downsample(targets, size), size=(OUTPUT_SIZE, OUTPUT_SIZE), mode="bilinear", align_corners=False)
-
-
-def distilled_targets(targets: torch.Tensor, taught: torch.Tensor, weight: float) -> torch.Tensor:
-    """Knowledge distillation's target: `weight` of the teacher's output on the same input, the rest the true image.
-
-    One blended target rather than a second loss term: for squared error the two are the same up to a constant,
-    and the psnr loss (which weighs each image by 1 / its error) would otherwise weigh the teacher term, whose error
-    is tiny, tens of times above the ground truth's.
-    """
-    return torch.lerp(targets, taught, weight)
+    return base_lr * LR_SCHEDULES[schedule](progress)
 
 
 def dihedral_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

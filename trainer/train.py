@@ -7,7 +7,7 @@ For every model in --models: build it, train it with the recipe below (one log
 line per epoch, a progress bar while an epoch runs), evaluate it against bicubic
 on the validation split, draw loss_curve.png and samples.png, and publish a new
 version with its manifest. The defaults are the reference recipe (Adam, lr 1e-3,
-batch 128, MSE, 20 epochs); the other flags are the ideas measured in issue 5.
+batch 128, MSE, 20 epochs); docs/training.md gives the shipped models' recipes.
 """
 
 from __future__ import annotations
@@ -31,19 +31,18 @@ from trainer import distributed
 from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
 from trainer.natural import NaturalData, epoch_images, load_natural_data
-from trainer.recipe import (EMA, LOSSES, LR_SCHEDULES, coarse_targets, dihedral_augment, distilled_targets, is_coarse_step,
-                            learning_rate)
+from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, dihedral_augment, learning_rate
 from trainer.report import loss_curve_png, samples_png
 from upgrader.architectures import ARCHITECTURES, INPUT_SHAPE, OUTPUT_SHAPE, build_model, parameter_count
 from upgrader.cpus import native_bf16_cpu
-from upgrader.ensemble import ENSEMBLE_SIZES, self_ensemble
+from upgrader.ensemble import self_ensemble
 from upgrader.imaging import bicubic_upscale, downsample, mse_per_image, psnr_per_image, ssim_per_image, to_8bit, to_float
 
 log = logging.getLogger("trainer")
 
 EVAL_BATCH_SIZE = 1000
 # How `evaluate` measures, written into every manifest. Manifests without it (before 2026-11-27) were measured
-# on exact float inputs and outputs, which scored photo tiles differently (bench/RESULTS.md, issue 12, session 11).
+# on exact float inputs and outputs, which scored photo tiles differently.
 EVALUATION = "as served: 8-bit 8x8 inputs, 8-bit 32x32 outputs"
 SAMPLE_IMAGES = 8
 # Recipe entries a resumed run may change; any other difference means a different experiment.
@@ -117,10 +116,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="dihedral: each target randomly flipped/rotated (8 ways) before its input is made")
     recipe.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                         help="keep an exponential moving average of the weights (e.g. 0.999) and publish it; 0 = off")
-    recipe.add_argument("--coarse-to-fine", type=float, default=0.0, metavar="FRACTION",
-                        help="train the first FRACTION of steps on targets blurred to 16x16 (learn 8->16 only); 0 = off")
-    recipe.add_argument("--fine-lr-scale", type=float, default=0.1,
-                        help="learning rate multiplier after the coarse phase of --coarse-to-fine")
     recipe.add_argument("--quantize-inputs", action="store_true",
                         help="round each 8x8 input to 8-bit levels, as the PNG a client sends to the service is (default: exact floats)")
     recipe.add_argument("--arch-params", type=json_object, default={}, metavar="JSON",
@@ -129,15 +124,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="start from the weights of a published version (fine-tuning) instead of a random init; the same "
                              "architecture, and the same --arch-params or ones that only add identity-initialised modules "
                              "(e.g. global_attention: a growth, checked on a batch). Recorded in the manifest (recipe.init_from)")
-    recipe.add_argument("--distill-from", default=None, metavar="NAME[:VERSION]",
-                        help="knowledge distillation: a published version (any architecture, e.g. a larger one, or the same "
-                             "one) is the teacher; the model learns (1 - w) * target + w * the teacher's output on the same "
-                             "8x8 input, w = --distill-weight. Recorded in the manifest (recipe.distill)")
-    recipe.add_argument("--distill-views", type=int, choices=ENSEMBLE_SIZES, default=8,
-                        help="the teacher answers as its self-ensemble over this many dihedral views (1 = its plain output; "
-                             "8 scored +0.073 dB over 1 as served, session 13), costing that many forward passes a step")
-    recipe.add_argument("--distill-weight", type=float, default=0.5, metavar="W",
-                        help="share of the teacher's output in each training target, 0 < W <= 1 (1: the teacher alone)")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
 
     run = p.add_argument_group("how it runs")
@@ -180,13 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--batch-size", args.batch_size, args.batch_size >= 1),
         ("--lr", args.lr, args.lr > 0),
         ("--ema", args.ema, 0 <= args.ema < 1),
-        ("--coarse-to-fine", args.coarse_to_fine, 0 <= args.coarse_to_fine < 1),
-        ("--fine-lr-scale", args.fine_lr_scale, args.fine_lr_scale > 0),
         ("--natural-share", args.natural_share, 0 <= args.natural_share <= 1),
         ("--epoch-size", args.epoch_size, args.epoch_size is None or args.epoch_size >= 1),
         ("--epoch-val", args.epoch_val, args.epoch_val is None or args.epoch_val >= 1),
         ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
-        ("--distill-weight", args.distill_weight, 0 < args.distill_weight <= 1),
     ]:
         if not ok:
             parser.error(f"{flag} {value} is out of range")
@@ -210,12 +193,10 @@ def train_one_epoch(
     ema: EMA | None,
     name: str,
     spent_s: float = 0.0,
-    teacher: nn.Module | None = None,
 ) -> tuple[float, int]:
     """One pass over this rank's shard of the (reshuffled) training set; returns the mean loss over all ranks and the step.
 
-    `spent_s`: training time of the earlier epochs, for `--schedule-over time`. `teacher`: with --distill-from, each
-    target becomes (1 - w) * target + w * the teacher's self-ensemble output on the same input (`distilled_targets`).
+    `spent_s`: training time of the earlier epochs, for `--schedule-over time`.
     """
     model.train()
     loss_fn = LOSSES[args.loss]
@@ -234,8 +215,7 @@ def train_one_epoch(
         at = step
         if budget_s is not None:  # the schedule's position is the larger of steps done and time spent
             at = max(step, int(total_steps * min((spent_s + time.perf_counter() - started) / budget_s, 1.0)))
-        lr = learning_rate(at, total_steps, base_lr=args.lr, schedule=args.lr_schedule,
-                           coarse_to_fine=args.coarse_to_fine, fine_lr_scale=args.fine_lr_scale)
+        lr = learning_rate(at, total_steps, base_lr=args.lr, schedule=args.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if args.augment == "dihedral":
@@ -243,12 +223,6 @@ def train_one_epoch(
         inputs = downsample(targets)
         if args.quantize_inputs:
             inputs = to_8bit(inputs)
-        if teacher is not None:
-            with torch.no_grad(), torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
-                taught = self_ensemble(teacher, inputs, args.distill_views).float()
-            targets = distilled_targets(targets, taught, args.distill_weight)
-        if is_coarse_step(step, total_steps, args.coarse_to_fine):
-            targets = coarse_targets(targets)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(inputs)
         loss = loss_fn(outputs.float(), targets)
@@ -323,8 +297,6 @@ def recipe_of(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
         "schedule_over": args.schedule_over,
         "augment": args.augment,
         "ema": args.ema,
-        "coarse_to_fine": args.coarse_to_fine,
-        "fine_lr_scale": args.fine_lr_scale,
         "amp": args.amp,
         "seed": args.seed,
         "shuffle": "once per epoch",
@@ -367,17 +339,6 @@ def load_initial_weights(model: nn.Module, init_from: str, store_location: str |
     log.info("event=init_from model=%s version=%d psnr=%.4f grown=%s", name, manifest["version"],
              manifest["metrics"]["model"]["psnr"], ",".join(recorded.get("grown", {}).get("new_modules", [])) or "no")
     return recorded
-
-
-def load_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict]:
-    """The --distill-from version, verified and frozen on `device`; what to record in the recipe."""
-    name, (teacher, manifest) = from_store("--distill-from", args.distill_from, ModelStore(args.store).load)
-    teacher.to(device).eval().requires_grad_(False)
-    recorded = {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
-                "architecture": manifest["architecture"], "psnr": manifest["metrics"]["model"]["psnr"],
-                "views": args.distill_views, "weight": args.distill_weight}
-    log.info("event=distill_from model=%s version=%d psnr=%.4f", name, manifest["version"], recorded["psnr"])
-    return teacher, recorded
 
 
 def grow(model: nn.Module, state_dict: dict, source: dict, architecture: dict, init_from: str) -> dict:
@@ -423,6 +384,8 @@ def resume_point(args: argparse.Namespace, checkpoint_dir: Path | None, run: dic
 
     def setup(run: dict) -> dict:
         recipe = {k: v for k, v in run["recipe"].items() if k not in RESUMABLE_CHANGES}
+        if not recipe.get("coarse_to_fine"):  # checkpoints from when the trainer had a coarse phase record it as off
+            recipe.pop("coarse_to_fine", None), recipe.pop("fine_lr_scale", None)
         return {"architecture": run["architecture"], "dataset": run["dataset"], **recipe}
 
     saved, wanted = setup(checkpoint.run), setup(run)
@@ -459,9 +422,6 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
     run = {"architecture": {"name": arch, "params": args.arch_params}, "recipe": recipe_of(args, runtime), "dataset": dataset_of(data, natural, args.natural_share)}
     if args.init_from:
         run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, args.store, run["architecture"])
-    teacher = None
-    if args.distill_from:
-        teacher, run["recipe"]["distill"] = load_teacher(args, runtime.device)
     # On CUDA one fused kernel updates every parameter (the multi-tensor default launches several per step);
     # the CPU keeps the default, which the resume and checkpoint tests pin down.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=runtime.device.type == "cuda")
@@ -502,7 +462,7 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
         started = time.perf_counter()
         images = epoch_images(train, natural, args.natural_share, epoch=epoch, seed=args.seed, size=epoch_size)
         train_loss, step = train_one_epoch(trained, optimizer, images, epoch, step, total_steps, args, runtime, ema, name,
-                                           spent_s=sum(h["seconds"] for h in history), teacher=teacher)
+                                           spent_s=sum(h["seconds"] for h in history))
         train_seconds = time.perf_counter() - started  # the loss is a host float by now: the GPU's work is done
         del images
         if not runtime.is_main:
