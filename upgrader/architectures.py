@@ -258,3 +258,43 @@ class SubpixelResidualUpgrader(nn.Module):
         features = self.context(self.refine(features + self.body(features)))
         residual = self.shuffle(self.to_subpixels(features))
         return (self.bicubic_upscale(x) + residual).clamp(0, 1)
+
+
+@register("photo_residual")
+class PhotoResidualUpgrader(nn.Module):
+    """x4 super-resolution of whole photographs of any size: H x W in, 4H x 4W out, in one forward.
+
+    The same design as `subpixel_residual` (bicubic + a residual computed entirely at low resolution): a
+    3x3 head, an EDSR body of `depth` residual blocks (conv-ReLU-conv, no BatchNorm) with a long skip, and
+    an ESPCN tail (one conv to 3 * 4 * 4 channels, PixelShuffle(4)) whose weights start at zero, so an
+    untrained model is exactly bicubic. Only convolutions, no attention or pooling: every output pixel sees
+    a fixed window of 2 * depth + 3 input pixels (19 at depth 8), so the cost grows linearly with the image
+    and an image cut into overlapping tiles gives the same result away from the tiles' borders.
+
+    The bicubic skip uses a scale factor, not a fixed size (PyTorch's antialiased bicubic: Keys' kernel with
+    a = -0.5, as MATLAB's and PIL's). The state-dict names of head, body and to_subpixels are those of
+    `subpixel_residual`, so its trained weights (same width) can start this model.
+    """
+
+    fully_convolutional = True
+
+    def __init__(self, width: int = 64, depth: int = 8, scale: int = 4, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.head = nn.Conv2d(CHANNELS, width, 3, padding=1)
+        self.body = nn.Sequential(
+            *(_ResidualBlock(width, res_scale) for _ in range(depth)),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
+        self.to_subpixels = nn.Conv2d(width, CHANNELS * scale**2, 3, padding=1)
+        nn.init.zeros_(self.to_subpixels.weight)
+        nn.init.zeros_(self.to_subpixels.bias)
+        self.shuffle = nn.PixelShuffle(scale)
+
+    def bicubic(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x, scale_factor=self.scale, mode="bicubic", antialias=True, align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.head(x)
+        residual = self.shuffle(self.to_subpixels(features + self.body(features)))
+        return (self.bicubic(x) + residual).clamp(0, 1)
