@@ -1,0 +1,383 @@
+"""Train a x4 photo model for the standard degradation and publish it: `python -m trainer.photo`.
+
+    python -m trainer.photo --natural ../shared/datasets/sr-natural --init-from upgrader:2 --init-store pretrained \\
+        --checkpoint-dir runs/photo/checkpoints --resume --max-minutes 110 --threads 1 --store runs/photo/store
+
+The recipe, top to bottom:
+
+* data: the sr-natural photographs (BSDS300's 200 training images and T91, VDSR's training set) through
+  `trainer.natural`, whose 30 held-out photographs are never trained on and are the validation set here;
+* each step: `--batch-size` random HR crops of `--crop` x 4 pixels (uniform over every position of every
+  photograph big enough), each in one of its 8 dihedral orientations; the LR input is MATLAB's antialiased
+  bicubic reduction of the crop, 8-bit (`upgrader.imaging.bicubic_degrade`: the LR_bicubic_x4 images of every
+  published x4 table, and the PNG a client sends); the crop, seeded by (seed, step), is the same on a resumed run;
+* L1 loss, Adam, a cosine learning rate over `--steps` (or over `--max-minutes` of training time, whichever
+  ends first, so a run cut short by its budget still ends annealed), an EMA of the weights (what is
+  evaluated and published);
+* every `--eval-every` steps: PSNR-Y (BT.601 luma, 4-pixel border cropped, 8-bit output) of the EMA weights on
+  the held-out photographs, each upscaled whole in one forward, with bicubic beside it;
+* a checkpoint every `--checkpoint-minutes` (and at the end) that `--resume` continues from;
+* at the end: the EMA weights published to the model store with a manifest (architecture, recipe, degradation,
+  held-out metrics, data lineage). `--publish-only` publishes the last checkpoint's EMA without training.
+
+`--init-from NAME[:VERSION]` starts from a published `subpixel_residual` or `photo_residual` of the same width and
+depth: its head, body and sub-pixel tail are loaded and anything else (e.g. subpixel_residual's global attention,
+which this fully convolutional architecture leaves out) is dropped, and the manifest says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_store import LATEST, ModelStore, StoreError
+from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
+from trainer.natural import NaturalData, load_natural_data
+from trainer.recipe import EMA, dihedral_augment
+from upgrader.architectures import build_model, parameter_count
+from upgrader.cpus import native_bf16_cpu
+from upgrader.imaging import bicubic_degrade, imresize_bicubic, psnr_y, to_8bit, to_float
+
+log = logging.getLogger("trainer.photo")
+
+SCALE = 4
+DEGRADATION = "bicubic-matlab-x4"  # upgrader.imaging.bicubic_degrade; the CIFAR models' is antialiased bilinear
+EVALUATION = ("PSNR-Y (BT.601 luma, 8-bit output) with a 4-pixel border cropped, mean over the held-out photographs, "
+              "each cropped to a multiple of 4, reduced by bicubic_degrade and upscaled whole in one forward")
+# Entries of the run's setup a resumed run may change: how long it runs, not what it trains.
+RESUMABLE_CHANGES = {"max_minutes"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.photo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_argument_group("data and store")
+    where.add_argument("--natural", type=Path, default=os.environ.get("UPGRADER_NATURAL_DATA") or None, metavar="DIR",
+                       help="sr-natural photographs (bsd200/, yang91/) (default: $UPGRADER_NATURAL_DATA)")
+    where.add_argument("--cache-dir", type=Path, default=None, help="decoded-photo cache (default: $UPGRADER_CACHE or ./.cache/datasets)")
+    where.add_argument("--store", default=None, help="model store to publish to (default: $UPGRADER_STORE or ./store)")
+    where.add_argument("--publish-as", default="photo", metavar="NAME", help="store name to publish under")
+    where.add_argument("--init-from", default=None, metavar="NAME[:VERSION]",
+                       help="start from a published subpixel_residual / photo_residual of the same width and depth")
+    where.add_argument("--init-store", default=None, help="store --init-from reads (default: --store)")
+
+    recipe = p.add_argument_group("recipe")
+    recipe.add_argument("--arch-params", type=json.loads, default={"width": 64, "depth": 8}, metavar="JSON",
+                        help="photo_residual's keyword arguments")
+    recipe.add_argument("--crop", type=int, default=48, help="LR crop side; the HR crop is 4x that")
+    recipe.add_argument("--batch-size", type=int, default=16, help="crops per optimizer step")
+    recipe.add_argument("--steps", type=int, default=20000, help="optimizer steps the cosine schedule spans (a cap)")
+    recipe.add_argument("--lr", type=float, default=2e-4, help="Adam's peak learning rate (cosine to 0)")
+    recipe.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
+    recipe.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights that are evaluated and published")
+    recipe.add_argument("--seed", type=int, default=0, help="seeds the crops, their orientation and a fresh init")
+
+    run = p.add_argument_group("how it runs")
+    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
+    run.add_argument("--amp", choices=["none", "bf16", "auto"], default="auto",
+                     help="bf16 autocast of the training forward; auto: where the device computes bf16 natively "
+                          "(evaluation is always float32)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--max-minutes", type=float, default=None,
+                     help="training-time budget over resumed runs too; the cosine schedule ends at it when it comes first")
+    run.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+    run.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoints go in <dir>/<publish-as>/")
+    run.add_argument("--checkpoint-minutes", type=float, default=3.0, help="minutes between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir (fresh if none)")
+    run.add_argument("--publish-only", action="store_true", help="publish the checkpoint's EMA weights without training")
+    run.add_argument("--no-publish", action="store_true", help="train and checkpoint, publish nothing")
+    run.add_argument("--log-every", type=int, default=50, help="steps between progress log lines")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.natural is None:
+        parser.error("--natural is required (or set UPGRADER_NATURAL_DATA)")
+    if (args.resume or args.publish_only) and args.checkpoint_dir is None:
+        parser.error("--resume and --publish-only need --checkpoint-dir")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but torch sees no CUDA device")
+    for flag, ok in [("--crop", args.crop >= 8), ("--batch-size", args.batch_size >= 1), ("--steps", args.steps >= 1),
+                     ("--lr", args.lr > 0), ("--ema", 0 <= args.ema < 1), ("--eval-every", args.eval_every >= 1),
+                     ("--max-minutes", args.max_minutes is None or args.max_minutes > 0)]:
+        if not ok:
+            parser.error(f"{flag} is out of range")
+    return args
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+class CropSampler:
+    """Random HR crops of the training photographs, uniform over every crop position of those big enough."""
+
+    def __init__(self, natural: NaturalData, size: int, seed: int) -> None:
+        self.images = [image for image in natural.train_images if min(image.shape[1:]) >= size]
+        if not self.images:
+            raise ValueError(f"no training photograph is at least {size}x{size}: lower --crop")
+        positions = np.array([(im.shape[1] - size + 1) * (im.shape[2] - size + 1) for im in self.images], dtype=np.float64)
+        self.weights = positions / positions.sum()
+        self.size, self.seed = size, seed
+        self.skipped = len(natural.train_images) - len(self.images)
+
+    def batch(self, count: int, step: int) -> torch.Tensor:
+        """uint8 count x 3 x size x size, drawn from (seed, step) alone: a resumed run draws the same ones."""
+        rng = np.random.default_rng([self.seed, step, 0x70686F])
+        out = torch.empty(count, 3, self.size, self.size, dtype=torch.uint8)
+        for i, pick in enumerate(rng.choice(len(self.images), size=count, p=self.weights).tolist()):
+            image = self.images[pick]
+            top = int(rng.integers(image.shape[1] - self.size + 1))
+            left = int(rng.integers(image.shape[2] - self.size + 1))
+            out[i] = image[:, top : top + self.size, left : left + self.size]
+        return out
+
+
+def validation_photos(root: Path, natural: NaturalData) -> list[torch.Tensor]:
+    """The held-out photographs, whole (uint8 3 x H x W, cropped to multiples of 4), in `natural.val_files` order."""
+    from trainer.natural import _decode
+
+    photos = []
+    for name in natural.val_files:
+        image = _decode(Path(root) / name)
+        photos.append(image[:, : image.shape[1] // SCALE * SCALE, : image.shape[2] // SCALE * SCALE].contiguous())
+    return photos
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, args: argparse.Namespace, spent_s: float) -> float:
+    """Linear warm-up, then cosine to zero; progress is the larger of steps done and training time spent."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = step / args.steps
+    if args.max_minutes is not None:
+        progress = max(progress, spent_s / (args.max_minutes * 60))
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: CropSampler, step: int,
+                   args: argparse.Namespace, device: torch.device, amp: bool) -> float:
+    """One optimizer step on a fresh batch of crops; returns the L1 loss."""
+    model.train()
+    targets = to_float(sampler.batch(args.batch_size, step)).to(device)
+    targets = dihedral_augment(targets, torch.Generator(device).manual_seed(args.seed * 1_000_003 + step))
+    inputs = bicubic_degrade(targets, SCALE)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(inputs)
+    loss = nn.functional.l1_loss(outputs.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, photos: list[torch.Tensor], device: torch.device, baseline: bool = False) -> dict:
+    """Mean PSNR-Y (4-pixel border) of the model's 8-bit output on every photo, upscaled whole; with `baseline`,
+    MATLAB-style bicubic of the same 8-bit inputs beside it."""
+    model.eval()
+    sums = {"model": 0.0, "bicubic": 0.0}
+    for photo in photos:
+        target = to_float(photo[None]).to(device)
+        inputs = bicubic_degrade(target, SCALE)
+        sums["model"] += psnr_y(to_8bit(model(inputs).float()), target, border=SCALE).item()
+        if baseline:
+            sums["bicubic"] += psnr_y(imresize_bicubic(inputs, SCALE, quantize=True), target, border=SCALE).item()
+    result = {"model": {"psnr_y": sums["model"] / len(photos)}, "images": len(photos)}
+    if baseline:
+        result["bicubic"] = {"psnr_y": sums["bicubic"] / len(photos)}
+    return result
+
+
+def load_initial_weights(model: nn.Module, spec: str, store: ModelStore) -> dict:
+    """Load a published version's verified head, body and tail into `model`; what to record in the manifest."""
+    name, _, version = spec.partition(":")
+    try:
+        state_dict, manifest = store.load_state_dict(name, version or LATEST)
+    except StoreError as exc:
+        raise ValueError(f"--init-from {spec}: {exc}") from None
+    ours = model.state_dict()
+    kept = {k: v for k, v in state_dict.items() if k in ours and ours[k].shape == v.shape}
+    dropped = sorted(k for k in state_dict if k not in kept)
+    missing = sorted(k for k in ours if k not in kept)
+    if missing:
+        raise ValueError(f"--init-from {spec} ({json.dumps(manifest['architecture'])}) lacks {len(missing)} of this "
+                         f"model's tensors (first: {missing[0]}): use the same width and depth")
+    model.load_state_dict(kept)
+    recorded = {"name": name, "version": manifest["version"], "weights_sha256": manifest["weights_sha256"],
+                "architecture": manifest["architecture"], "store": store.url,
+                "dropped_modules": sorted({k.split(".", 1)[0] for k in dropped})}
+    log.info("event=init_from model=%s version=%d dropped=%s", name, manifest["version"], ",".join(recorded["dropped_modules"]) or "none")
+    return recorded
+
+
+def run_setup(args: argparse.Namespace, natural: NaturalData, amp: bool) -> dict:
+    """What this run trains: written into checkpoints (a resume must match it) and into the manifest."""
+    return {
+        "architecture": {"name": "photo_residual", "params": args.arch_params},
+        "degradation": DEGRADATION,
+        "scale": SCALE,
+        "recipe": {
+            "recipe": "trainer.photo", "optimizer": "adam", "loss": "l1", "lr": args.lr, "lr_schedule": "cosine",
+            "warmup_steps": args.warmup, "steps": args.steps, "max_minutes": args.max_minutes, "batch_size": args.batch_size,
+            "lr_crop": args.crop, "hr_crop": args.crop * SCALE, "augment": "dihedral", "ema": args.ema, "seed": args.seed,
+            "amp": "bf16" if amp else "none", "inputs": "8-bit (bicubic_degrade)", "init_from": args.init_from,
+        },
+        "dataset": {**natural.describe(), "val_crops": None, "validation": "the held-out photographs, whole"},
+    }
+
+
+def check_resumable(saved: dict, wanted: dict, where: Path) -> None:
+    def setup(run: dict) -> dict:
+        return {**run, "recipe": {k: v for k, v in run["recipe"].items() if k not in RESUMABLE_CHANGES}}
+
+    saved, wanted = setup(saved), setup(wanted)
+    if saved != wanted:
+        changed = sorted(k for k in saved["recipe"].keys() | wanted["recipe"].keys() if saved["recipe"].get(k) != wanted["recipe"].get(k))
+        changed += [k for k in ("architecture", "degradation", "scale", "dataset") if saved.get(k) != wanted.get(k)]
+        raise ValueError(f"cannot resume from {where}: the run there used a different setup ({', '.join(changed)})")
+
+
+def publish(model: nn.Module, run: dict, history: list[dict], photos: list[torch.Tensor], args: argparse.Namespace,
+            device: torch.device, step: int, spent_s: float) -> int:
+    """Evaluate the EMA weights on the held-out photographs (bicubic beside them) and publish a new version."""
+    metrics = evaluate(model, photos, device, baseline=True)
+    gain = metrics["model"]["psnr_y"] - metrics["bicubic"]["psnr_y"]
+    log.info("event=evaluated model=%s photos=%d psnr_y=%.4f bicubic_psnr_y=%.4f gain=%+.3f", args.publish_as,
+             metrics["images"], metrics["model"]["psnr_y"], metrics["bicubic"]["psnr_y"], gain)
+    manifest = {
+        **run,
+        "parameter_count": parameter_count(model),
+        "input_shape": [3, None, None],  # any H x W
+        "output_shape": [3, None, None],  # 4H x 4W
+        "weights": "ema",
+        "history": history,
+        # Under their own key, not the top-level "model"/"bicubic" of the 8x8 models: these are whole photographs at x4,
+        # a different measurement, and the service ranks its default model by the top-level ones.
+        "metrics": {"heldout_photos_x4": metrics},
+        "evaluation": EVALUATION,
+        "steps": step,
+        "wall_time_s": spent_s,
+        "device": device.type,
+        "torch_version": torch.__version__,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    store = ModelStore(args.store)
+    version = store.publish(args.publish_as, model.state_dict(), manifest)
+    log.info("event=published model=%s version=%d store=%s", args.publish_as, version, store.url)
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    amp = args.amp == "bf16" or (args.amp == "auto" and (torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16_cpu()))
+    try:
+        natural = load_natural_data(args.natural, cache_dir=args.cache_dir, progress=False)
+        photos = validation_photos(args.natural, natural)
+        run = run_setup(args, natural, amp)
+        torch.manual_seed(args.seed)
+        model = build_model("photo_residual", **args.arch_params).to(device)
+        if args.init_from:
+            run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, ModelStore(args.init_store or args.store))
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        ema = EMA(model, args.ema)
+        checkpoint_dir = args.checkpoint_dir / args.publish_as if args.checkpoint_dir else None
+        history: list[dict] = []
+        step, spent_s, saves, published = 0, 0.0, 0, None
+        checkpoint = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None and (args.resume or args.publish_only) else None
+        if checkpoint is not None:
+            check_resumable(checkpoint.run, run, checkpoint_dir)
+            model.load_state_dict(checkpoint.model)
+            optimizer.load_state_dict(checkpoint.optimizer)
+            ema.averaged.load_state_dict(checkpoint.ema)
+            history, step, saves, published = checkpoint.history, checkpoint.step, checkpoint.epoch, checkpoint.published_version
+            spent_s = history[-1]["train_seconds"] if history else 0.0
+            log.info("event=resume checkpoint_dir=%s step=%d train_minutes=%.1f", checkpoint_dir, step, spent_s / 60)
+        elif args.publish_only:
+            raise ValueError(f"--publish-only: no checkpoint in {checkpoint_dir}")
+        sampler = CropSampler(natural, args.crop * SCALE, args.seed)
+        log.info("event=start params=%d device=%s amp=%s threads=%d train_photos=%d (skipped %d under %dpx) val_photos=%d step=%d",
+                 parameter_count(model), device, amp, torch.get_num_threads(), len(sampler.images), sampler.skipped,
+                 sampler.size, len(photos), step)
+
+        def save() -> None:
+            nonlocal saves, published
+            saves += 1
+            save_checkpoint(checkpoint_dir, Checkpoint(epoch=saves, step=step, history=history, run=run, model=model.state_dict(),
+                                                       optimizer=optimizer.state_dict(), ema=ema.averaged.state_dict()))
+            published = None
+
+        def budget_left() -> bool:
+            return step < args.steps and (args.max_minutes is None or spent_s < args.max_minutes * 60)
+
+        if not args.publish_only and not history:  # where it starts: the initial weights' held-out score
+            history.append({"step": step, "train_seconds": 0.0, "loss": None, "lr": 0.0, **flatten(evaluate(ema.averaged, photos, device, baseline=True))})
+            log.info("event=eval %s", logfmt(history[-1]))
+        last_save, loss_sum, loss_count = time.monotonic(), 0.0, 0
+        while not args.publish_only and budget_left():
+            started = time.perf_counter()
+            lr = learning_rate(step, args, spent_s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum += train_one_step(model, optimizer, sampler, step, args, device, amp)
+            loss_count += 1
+            step += 1
+            ema.update(step)
+            spent_s += time.perf_counter() - started
+            if step % args.log_every == 0:
+                log.info("event=progress step=%d/%d loss=%.5f lr=%.3g train_minutes=%.1f s_per_step=%.2f", step, args.steps,
+                         loss_sum / loss_count, lr, spent_s / 60, spent_s / max(step - (history[0]["step"] if history else 0), 1))
+            if step % args.eval_every == 0 or not budget_left():
+                history.append({"step": step, "train_seconds": spent_s, "loss": loss_sum / max(loss_count, 1), "lr": lr,
+                                **flatten(evaluate(ema.averaged, photos, device))})
+                loss_sum, loss_count = 0.0, 0
+                log.info("event=eval %s", logfmt(history[-1]))
+            if checkpoint_dir is not None and (time.monotonic() - last_save > args.checkpoint_minutes * 60 or not budget_left()):
+                if not history or history[-1]["step"] != step:  # the resume point records the time spent
+                    history.append({"step": step, "train_seconds": spent_s, "loss": None, "lr": lr})
+                save()
+                last_save = time.monotonic()
+        if args.no_publish:
+            return 0
+        if published is not None:
+            log.info("event=skip reason=already_published version=%d", published)
+            return 0
+        version = publish(ema.averaged, run, [h for h in history if "val_psnr_y" in h], photos, args, device, step, spent_s)
+        if checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
+            mark_published(checkpoint_dir, version)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
+        log.error("event=failed error=%s", exc)
+        return 1
+    return 0
+
+
+def flatten(metrics: dict) -> dict:
+    flat = {"val_psnr_y": metrics["model"]["psnr_y"]}
+    if "bicubic" in metrics:
+        flat["val_bicubic_psnr_y"] = metrics["bicubic"]["psnr_y"]
+    return flat
+
+
+def logfmt(fields: dict) -> str:
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
