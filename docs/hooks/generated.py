@@ -1,0 +1,179 @@
+"""MkDocs hook: the pages that are generated from the code and the shipped models, so they cannot drift.
+
+- `<!-- generated: settings -->` in a page becomes the table of every field of `service.settings.Settings`:
+  its environment variable, CLI flag (when `python -m service` has one), default and description.
+- `<!-- generated: model-cards -->` becomes one card per committed version of every model in `pretrained/`
+  (a model store: `<name>/<version>/manifest.json`), read from its manifest.
+
+Both functions are plain Python (tests/test_docs.py calls them too); mkdocs.yml names this file under `hooks:`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRETRAINED = ROOT / "pretrained"
+MARKERS = {"<!-- generated: settings -->": lambda: settings_table(), "<!-- generated: model-cards -->": lambda: model_cards()}
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs event
+    for marker, render in MARKERS.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, render())
+    return markdown
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _default(value) -> str:
+    """A default as an operator would write it: paths relative to the project or the home directory."""
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple) and not value:
+        return "unset"
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        home = str(Path.home())
+        if text.startswith(str(ROOT) + "/"):
+            return f"`./{text[len(str(ROOT)) + 1:]}`"
+        if text.startswith(home + "/"):
+            return f"`~/{text[len(home) + 1:]}`"
+        return f"`{text}`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def cli_flags() -> set[str]:
+    """The long options `python -m service` accepts, read from its parser's source."""
+    source = (ROOT / "service" / "__main__.py").read_text()
+    return set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', source))
+
+
+def settings_rows() -> list[dict[str, str]]:
+    """One row per field of the service's settings class: name, env var, flag, default, description."""
+    from service.settings import Settings
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    flags = cli_flags()
+    rows = []
+    for name, field in Settings.model_fields.items():
+        env = field.validation_alias if isinstance(field.validation_alias, str) else f"{prefix}{name}".upper()
+        flag = f"--{name.replace('_', '-')}"
+        rows.append({"name": name, "env": env, "flag": flag if flag in flags else "",
+                     "default": _default(field.get_default(call_default_factory=True)),
+                     "description": field.description or ""})
+    return rows
+
+
+def settings_table() -> str:
+    lines = ["| environment variable | `python -m service` flag | default | what it does |", "|---|---|---|---|"]
+    for row in settings_rows():
+        flag = f"`{row['flag']}`" if row["flag"] else ""
+        lines.append(f"| `{row['env']}` | {flag} | {row['default']} | {_cell(row['description'])} |")
+    return "\n".join(lines)
+
+
+# ---- model cards ------------------------------------------------------------------------------
+
+
+def shipped_versions(root: Path = PRETRAINED) -> list[tuple[str, int, dict]]:
+    """(name, version, manifest) of every committed version in the store at `root` (a manifest is the commit)."""
+    found = []
+    for manifest in sorted(root.glob("*/*/manifest.json")):
+        version = manifest.parent.name
+        if version.isascii() and version.isdigit():
+            found.append((manifest.parent.parent.name, int(version), json.loads(manifest.read_text())))
+    return sorted(found, key=lambda item: (item[0], item[1]))
+
+
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def _gain(metrics: dict, key: str = "model") -> str:
+    model, bicubic = metrics[key]["psnr"], metrics["bicubic"]["psnr"]
+    return f"{model:.3f} dB ({model - bicubic:+.3f})"
+
+
+def _metrics_table(metrics: dict) -> list[str]:
+    sets = [("CIFAR-10 test split", metrics)]
+    if "natural" in metrics:
+        sets.append(("natural photo tiles (held out)", metrics["natural"]))
+    lines = ["| validation set | images | bicubic PSNR / SSIM | model PSNR (vs bicubic) / SSIM | 8-view self-ensemble |",
+             "|---|---|---|---|---|"]
+    for label, m in sets:
+        ensemble = _gain(m, "self_ensemble") if "self_ensemble" in m else "not measured"
+        lines.append(f"| {label} | {_count(m.get('images'))} | {m['bicubic']['psnr']:.3f} dB / {m['bicubic']['ssim']:.4f} | "
+                     f"{_gain(m)} / {m['model']['ssim']:.4f} | {ensemble} |")
+    return lines
+
+
+def _recipe_line(recipe: dict) -> str:
+    keys = ["loss", "optimizer", "lr", "lr_schedule", "schedule_over", "batch_size", "augment", "ema", "amp", "seed"]
+    parts = [f"{k} `{recipe[k]}`" for k in keys if k in recipe]
+    if recipe.get("quantize_inputs"):
+        parts.append("8-bit inputs (`--quantize-inputs`)")
+    return ", ".join(parts)
+
+
+def _limits(architecture: str, manifest: dict) -> str:
+    from upgrader.architectures import fully_convolutional  # imports torch: only when a card is drawn
+
+    size = "×".join(map(str, manifest["input_shape"][1:]))
+    tiles = ("overlapping tiles blended with tent windows, so no seams show" if fully_convolutional(architecture)
+             else "plain, abutting tiles (this architecture flattens or pools the tile), so tile seams can show")
+    return (f"it upscales {size} RGB images 4×. Larger images go through `POST /upscale?tile=true` as {tiles}; "
+            "its metrics are for CIFAR-10 images and natural photo tiles; other kinds of image (text, line art) are not measured.")
+
+
+def model_card(name: str, version: int, manifest: dict) -> str:
+    arch = manifest["architecture"]
+    params = arch.get("params") or {}
+    recipe, dataset, metrics = manifest.get("recipe", {}), manifest.get("dataset", {}), manifest["metrics"]
+    lines = [f"## `{name}:{version}`", ""]
+    lines.append(f"- **Architecture:** `{arch['name']}`" + (f" with `{json.dumps(params, sort_keys=True)}`" if params else " (defaults)")
+                 + f"; {manifest['parameter_count']:,} parameters; input {'×'.join(map(str, manifest['input_shape']))}, "
+                 f"output {'×'.join(map(str, manifest['output_shape']))} (channels × height × width).")
+    data = f"`{dataset.get('name', '?')}` ({_count(dataset.get('train_size'))} training images"
+    if "natural" in dataset:
+        natural = dataset["natural"]
+        data += f"; natural photos `{natural.get('name')}`: {natural.get('train_images')} training photos, " \
+                f"{len(natural.get('val_files', []))} held out, cut into {_count(natural.get('val_crops'))} validation tiles"
+    data += ")"
+    if "mix" in dataset:
+        data += "; each epoch " + " + ".join(f"{share:.0%} `{source}`" for source, share in dataset["mix"].items())
+    lines.append(f"- **Training data:** {data}. Degradation: each 32×32 target reduced 4× by antialiased bilinear "
+                 "resampling (`upgrader.imaging.downsample`)" + (", rounded to 8 bits." if recipe.get("quantize_inputs") else "."))
+    lines.append(f"- **Recipe:** {_recipe_line(recipe)}; {manifest.get('epochs_completed', '?')} epochs, "
+                 f"{manifest.get('wall_time_s', 0) / 60:.1f} minutes on {manifest.get('device_name') or manifest.get('device', '?')}.")
+    if "init_from" in recipe:
+        start = recipe["init_from"]
+        lines.append(f"- **Started from:** `{start['name']}:{start['version']}` (sha256 `{start['weights_sha256'][:12]}…`).")
+    lines.append(f"- **Weights:** `weights.safetensors`, sha256 `{manifest['weights_sha256'][:16]}…` "
+                 f"({manifest.get('weights', 'last')} weights); evaluation {manifest.get('evaluation', 'on exact floats')}.")
+    lines.append(f"- **Limits:** {_limits(arch['name'], manifest)}")
+    lines += ["", *_metrics_table(metrics), ""]
+    speed = manifest.get("speed")
+    if speed:
+        lines.append(f"Speed recorded in the manifest: {json.dumps(speed)}.")
+        lines.append("")
+    lines.append(f"Serve it: `curl -s -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @examples/cat-8x8.png "
+                 f"'http://127.0.0.1:8000/upscale?model={name}&version={version}' -o out.png`.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def model_cards(root: Path = PRETRAINED) -> str:
+    versions = shipped_versions(root)
+    if not versions:
+        return "No model is shipped in `pretrained/`."
+    return "\n".join(model_card(name, version, manifest) for name, version, manifest in versions)
