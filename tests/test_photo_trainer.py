@@ -50,6 +50,7 @@ def test_a_tiny_run_publishes_a_model_for_whole_photos_with_its_manifest(photos_
     assert manifest["dataset"]["val_files"] == ["bsd200/000.png", "yang91/000.bmp"]
     assert manifest["dataset"]["fingerprint"]
     assert manifest["recipe"]["lr_crop"] == 8 and manifest["recipe"]["loss"] == "l1"
+    assert set(manifest["files"]) == {"weights.safetensors", "learning_curve.png", "samples.png"}
     assert [h["step"] for h in manifest["history"]] == [0, 2, 4]
     with torch.inference_mode():
         assert model(torch.rand(1, 3, 11, 7)).shape == (1, 3, 44, 28)

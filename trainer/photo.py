@@ -251,6 +251,58 @@ def check_resumable(saved: dict, wanted: dict, where: Path) -> None:
         raise ValueError(f"cannot resume from {where}: the run there used a different setup ({', '.join(changed)})")
 
 
+def curve_png(history: list[dict], bicubic_psnr_y: float, title: str) -> bytes:
+    """learning_curve.png: the training loss and the held-out PSNR-Y against training time, bicubic beside it."""
+    from matplotlib.figure import Figure
+
+    from trainer.report import _png
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, psnr_ax = fig.subplots(1, 2)
+    trained = [h for h in history if h.get("loss") is not None]
+    loss_ax.plot([h["step"] for h in trained], [h["loss"] for h in trained], "o-", markersize=3)
+    loss_ax.set(xlabel="step", ylabel="L1 loss", title="training loss (mean since the last evaluation)")
+    minutes = [h["train_seconds"] / 60 for h in history]
+    psnr_ax.plot(minutes, [h["val_psnr_y"] for h in history], "o-", markersize=3, color="tab:orange", label="model (EMA)")
+    psnr_ax.axhline(bicubic_psnr_y, color="gray", linestyle="--", label=f"bicubic {bicubic_psnr_y:.2f} dB")
+    psnr_ax.set(xlabel="training minutes", ylabel="dB", title="held-out photos, PSNR-Y")
+    psnr_ax.legend()
+    for ax in (loss_ax, psnr_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+@torch.inference_mode()
+def samples_png(model: nn.Module, photos: list[torch.Tensor], device: torch.device, title: str, count: int = 4,
+                size: int = 128) -> bytes:
+    """samples.png: a centre crop of a few held-out photos: the LR input (enlarged, nearest), the original, the model, bicubic."""
+    from matplotlib.figure import Figure
+    from torchvision.utils import make_grid
+
+    from trainer.report import _png
+
+    model.eval()
+    rows = []
+    chosen = photos[:: max(len(photos) // count, 1)][:count]
+    size = min(size, *(min(photo.shape[1:]) for photo in chosen)) // SCALE * SCALE  # the same crop for every row
+    for photo in chosen:
+        top, left = (photo.shape[1] - size) // 2 // SCALE * SCALE, (photo.shape[2] - size) // 2 // SCALE * SCALE
+        target = to_float(photo[None, :, top : top + size, left : left + size]).to(device)
+        inputs = bicubic_degrade(target, SCALE)
+        rows += [nn.functional.interpolate(inputs, scale_factor=SCALE, mode="nearest"), target,
+                 to_8bit(model(inputs).float()), imresize_bicubic(inputs, SCALE, quantize=True)]
+    grid = make_grid(torch.cat(rows).float().clamp(0, 1).cpu(), nrow=4, padding=2, pad_value=1.0)
+    fig = Figure(figsize=(8, 2.1 * len(rows) // 4 + 0.5), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([2 + (size + 2) * c + size / 2 for c in range(4)], ["LR input", "original", "model", "bicubic"], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
 def publish(model: nn.Module, run: dict, history: list[dict], photos: list[torch.Tensor], args: argparse.Namespace,
             device: torch.device, step: int, spent_s: float) -> int:
     """Evaluate the EMA weights on the held-out photographs (bicubic beside them) and publish a new version."""
@@ -275,8 +327,12 @@ def publish(model: nn.Module, run: dict, history: list[dict], photos: list[torch
         "torch_version": torch.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+    title = (f"{args.publish_as} (photo_residual {json.dumps(args.arch_params)}): {step} steps, {spent_s / 60:.0f} min\n"
+             f"held-out photos x4: PSNR-Y {metrics['model']['psnr_y']:.2f} dB (bicubic {metrics['bicubic']['psnr_y']:.2f})")
+    files = {"learning_curve.png": curve_png(history, metrics["bicubic"]["psnr_y"], title),
+             "samples.png": samples_png(model, photos, device, title)}
     store = ModelStore(args.store)
-    version = store.publish(args.publish_as, model.state_dict(), manifest)
+    version = store.publish(args.publish_as, model.state_dict(), manifest, files=files)
     log.info("event=published model=%s version=%d store=%s", args.publish_as, version, store.url)
     return version
 
