@@ -1,0 +1,199 @@
+"""The docs: the MkDocs site builds strictly, the README's links resolve, the generated pages cover the code and
+the shipped models, and no tracked file refers to working periods or tracker numbers (history lives in git)."""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MKDOCS = Path(sys.executable).parent / "mkdocs"
+README_MAX_LINES = 150
+# "session 15", "Session 20", "sessions 15-16", "issue 12", "issue #5", "issue-12", test_issue5_...
+HISTORY = re.compile(r"(?<![a-z])(sessions?|issues?)[ _-]?#?[0-9]+", re.IGNORECASE)
+
+
+def load_hook():
+    spec = importlib.util.spec_from_file_location("docs_generated", ROOT / "docs" / "hooks" / "generated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(site: Path, config: Path = ROOT / "mkdocs.yml") -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    return subprocess.run([str(MKDOCS), "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("site")
+    result = build(site)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
+def page_text(site: Path, page: str) -> str:
+    """A built page's text, without its HTML tags."""
+    return html.unescape(re.sub(r"<[^>]+>", "", (site / page / "index.html").read_text()))
+
+
+# ---- the site ----------------------------------------------------------------------------------
+
+
+def test_docs_build_strictly_with_every_page_in_the_nav(site):
+    pages = sorted(p.stem for p in (ROOT / "docs").glob("*.md"))
+    built = sorted(p.parent.name for p in site.glob("*/index.html") if p.parent.name not in {"search"})
+    assert built == sorted(p for p in pages if p != "index")
+    assert "<!-- generated:" not in "".join(p.read_text() for p in site.glob("*/index.html"))
+
+
+def test_a_broken_link_fails_the_strict_build(tmp_path):
+    """The check above can fail: the same site with one link to a missing page does not build."""
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)
+    (docs / "api.md").write_text((docs / "api.md").read_text() + "\nSee [nowhere](no-such-page.md).\n")
+    config = tmp_path / "mkdocs.yml"
+    text = (ROOT / "mkdocs.yml").read_text().replace("docs/hooks/generated.py", str(docs / "hooks" / "generated.py"))
+    config.write_text(text.replace("docs_dir: docs", f"docs_dir: {docs}"))
+    result = build(tmp_path / "site", config)
+    assert result.returncode != 0
+    assert "no-such-page.md" in result.stdout + result.stderr
+
+
+def test_every_setting_of_the_settings_class_is_in_the_generated_configuration_page(site):
+    from service.settings import Settings
+
+    hook = load_hook()
+    rows = {row["name"]: row for row in hook.settings_rows()}
+    assert list(rows) == list(Settings.model_fields)
+    page = page_text(site, "configuration")
+    for name, field in Settings.model_fields.items():
+        env = f"UPGRADER_{name.upper()}"
+        assert rows[name]["env"] == env
+        assert env in page, f"{env} missing from the configuration page"
+        assert field.description and field.description.replace("`", "") in page, f"{env}'s description missing"
+    assert "`./store`" in hook.settings_table() and "`~/.cache/upgrader/models`" in hook.settings_table()
+    assert "| `UPGRADER_PORT` | `--port` | `8000` |" in hook.settings_table()
+
+
+def test_every_shipped_version_has_a_model_card_with_its_manifests_metrics(site):
+    page = page_text(site, "models")
+    shipped = sorted(ROOT.glob("pretrained/*/*/manifest.json"))
+    assert shipped
+    for path in shipped:
+        manifest = json.loads(path.read_text())
+        assert f"{manifest['name']}:{manifest['version']}" in page
+        assert f"{manifest['parameter_count']:,}" in page
+        assert f"{manifest['metrics']['model']['psnr']:.3f} dB" in page
+        assert f"{manifest['metrics']['bicubic']['psnr']:.3f} dB" in page
+
+
+def test_a_model_added_to_the_store_gets_its_card(tmp_path):
+    hook = load_hook()
+    source = max(ROOT.glob("pretrained/*/*/manifest.json"))
+    manifest = {**json.loads(source.read_text()), "name": "photo", "version": 1}
+    manifest["metrics"] = {k: v for k, v in manifest["metrics"].items() if k != "natural"}  # CIFAR-10 only
+    (tmp_path / "photo" / "1").mkdir(parents=True)
+    (tmp_path / "photo" / "1" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "photo" / "2").mkdir()  # claimed, never committed: no card
+    cards = hook.model_cards(tmp_path)
+    assert cards.count("## `") == 1 and "## `photo:1`" in cards
+    assert "natural photo tiles (held out)" not in cards  # no row for a validation set it was not measured on
+
+
+# ---- the README --------------------------------------------------------------------------------
+
+
+def slug(heading: str) -> str:
+    """The anchor MkDocs (Python-Markdown's toc) and GitHub give a heading."""
+    text = re.sub(r"[`*_]", "", heading).strip().lower()
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", text))
+
+
+def anchors(markdown: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", markdown.read_text(), flags=re.DOTALL)
+    return {slug(m) for m in re.findall(r"^#+\s+(.*)$", text, flags=re.MULTILINE)}
+
+
+def relative_links(markdown: str) -> list[str]:
+    text = re.sub(r"```.*?```", "", markdown, flags=re.DOTALL)
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+
+
+def broken_links(readme: Path) -> list[str]:
+    broken = []
+    for target in relative_links(readme.read_text()):
+        path, _, anchor = target.partition("#")
+        where = (readme.parent / path) if path else readme
+        if not where.exists():
+            broken.append(target)
+        elif anchor and where.suffix == ".md" and anchor not in anchors(where):
+            broken.append(target)
+    return broken
+
+
+def test_every_relative_link_in_the_readme_resolves():
+    readme = ROOT / "README.md"
+    assert len(relative_links(readme.read_text())) >= 10
+    assert broken_links(readme) == []
+
+
+def test_the_link_check_catches_a_missing_file_and_a_missing_anchor(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Images of any size\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("[ok](docs/a.md#images-of-any-size) [gone](docs/b.md) [no anchor](docs/a.md#nope) [web](https://x.org)\n")
+    assert broken_links(readme) == ["docs/b.md", "docs/a.md#nope"]
+
+
+def test_readme_stays_short_and_keeps_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES
+    assert "make run" in text and "make test" in text
+
+
+# ---- history belongs in git --------------------------------------------------------------------
+
+
+def history_references(paths: list[Path]) -> list[str]:
+    found = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # deleted in the working tree, or a submodule
+        if b"\0" in data[:8192]:
+            continue  # binary
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+            match = HISTORY.search(line)
+            if match:
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                found.append(f"{where}:{number}: {match.group(0)}")
+    return found
+
+
+def test_no_tracked_file_refers_to_working_periods_or_tracker_numbers():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    paths = [ROOT / name for name in listed.decode().split("\0") if name]
+    assert len(paths) > 100
+    found = history_references(paths)
+    assert found == [], "say what is true now, with its evidence; history is in git log:\n" + "\n".join(found[:40])
+
+
+def test_the_history_check_catches_each_form(tmp_path):
+    forms = ["session " + "15's Xeon", "Session " + "20", "sessions " + "15-16", "issue " + "12", "issue #" + "5",
+             "issue-" + "12", "def test_issue" + "5_flags", "ISSUE " + "3"]
+    path = tmp_path / "notes.md"
+    path.write_text("\n".join(forms + ["the session's cookie", "tissue 3", "an issue with 2 causes"]))
+    assert len(history_references([path])) == len(forms)
