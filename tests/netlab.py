@@ -5,6 +5,11 @@ namespaces `net.namespace["s3"] == "upg<pid>-s3"`, ... The bridge's own address
 (`net.client`, 10.231.N.1) is this process: the client.
 Traffic only ever goes between these namespaces (addresses the lab made itself); the
 namespaces, bridge and veths are removed on exit, whatever happened.
+
+A host that runs Docker loads bridge netfilter and sets iptables' FORWARD policy to DROP, which
+drops frames crossing any bridge, this one's too. The lab then accepts forwarding within its own
+bridge (one rule at the head of FORWARD, naming the bridge) and deletes that rule on exit; other
+traffic, Docker's own included, is left as it was.
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ class Lab:
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def _forward_rule(bridge: str) -> list[str]:
+    return ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+
+
+def _accept_forwarding(bridge: str) -> bool:
+    """Let frames cross `bridge` even where FORWARD drops by default; True if a rule was added."""
+    if shutil.which("iptables") is None:
+        return False  # no iptables, no FORWARD policy to get past
+    subprocess.run(["iptables", "-I", *_forward_rule(bridge)], check=True, capture_output=True, text=True)
+    return True
 
 
 def why_unavailable() -> str | None:
@@ -51,8 +68,10 @@ def lab(*names: str) -> Iterator[Lab]:
     subnet = f"10.231.{os.getpid() % 250 + 1}"
     bridge = f"{tag}br"
     made: list[tuple[str, str]] = []  # (namespace, host-side veth)
+    accepted = False
     try:
         _ip("link", "add", bridge, "type", "bridge")
+        accepted = _accept_forwarding(bridge)
         _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
         _ip("link", "set", bridge, "up")
         net = Lab(client=f"{subnet}.1")
@@ -78,3 +97,5 @@ def lab(*names: str) -> Iterator[Lab]:
                 _ip("netns", "del", ns)
         with contextlib.suppress(subprocess.CalledProcessError):
             _ip("link", "del", bridge)
+        if accepted:
+            subprocess.run(["iptables", "-D", *_forward_rule(bridge)], check=False, capture_output=True)
