@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from service.deps import require_api_key
 from service.errors import install_error_handlers
-from service import priority
+from service import codec, priority
 from service.fastlane import FastLane, FastRoute
 from service.limits import Admission, BodySizeLimitMiddleware
 from service.logs import RequestContextMiddleware, flush_access_log
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # 100-300 ms to go out (bench/overload.py).
         to_thread.current_default_thread_limiter().total_tokens = 1
         priority.configure(app.state.settings.thread_nice)  # those threads run below the event loop (service.priority)
+        codec.png_decoder()  # probed and logged at start-up, not on the first request
         await app.state.manager.start()
         try:
             yield

@@ -13,7 +13,7 @@ The zlib level defaults to 0 (stored): deflate shrinks a 32 x 32 output by only 
 The common input, an 8-bit PNG of the right size, is decoded by libpng through TorchCodec
 (`_decode_png`), which releases the GIL: PIL's Python around each tiny image held it for ~25 us an
 image, and a worker's event loop waited up to the 5-ms switch interval behind a 64-image request's
-decoding every time it woke (bench/RESULTS.md, issue 10, session 8). Anything else (other formats,
+decoding every time it woke (`bench/overload.py` traces it). Anything else (other formats,
 16-bit or interlaced PNGs, wrong sizes, corrupt data) takes PIL's path, which names what is wrong,
 and so does everything where TorchCodec does not load (it needs torch >= 2.11).
 
@@ -95,9 +95,16 @@ def _libpng():
         if not np.array_equal(decoded.numpy(), probe):
             raise ValueError("the probe image decoded to other pixels")
     except Exception as exc:  # noqa: BLE001 - not installed, built for another torch, or wrong: PIL is always there
-        log.warning("PNG inputs decoded by PIL: TorchCodec's libpng decoder is unavailable", extra={"reason": repr(exc)[:300]})
+        log.warning("PNG inputs decoded by PIL: TorchCodec's libpng decoder is unavailable",
+                    extra={"png_decoder": "pil", "reason": repr(exc)[:300]})
         return None
+    log.info("PNG inputs decoded by TorchCodec (libpng, without the GIL)", extra={"png_decoder": "torchcodec"})
     return decode_png
+
+
+def png_decoder() -> str:
+    """Which decoder 8-bit PNG inputs go through here: "torchcodec" or "pil". Probed (and logged) once, on the first call."""
+    return "pil" if _libpng() is None else "torchcodec"
 
 
 def _decode_png(data: bytes, size: int) -> np.ndarray | None:

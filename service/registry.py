@@ -90,6 +90,7 @@ class ModelManager:
         self._retiring: set[asyncio.Task] = set()
         self._closing = False
         self._store_down = False
+        self._store_problem: str | None = None  # the last cause logged for not serving (once per cause, not per poll)
 
     # ---- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
@@ -173,12 +174,17 @@ class ModelManager:
             self._store_down = True
             self.metrics.store_up.set(0)
             self.metrics.store_errors.inc()
-            log.error("model store unreachable; serving the versions already loaded", extra={"store": self.store.url, "reason": str(exc)})
+            self._log_problem(f"model store unreachable: {exc}", "model store unreachable; serving the versions already loaded",
+                              reason=str(exc))
             raise
         if self._store_down:
             log.info("model store reachable again", extra={"store": self.store.url})
         self._store_down = False
         self.metrics.store_up.set(1)
+        if not scans and not unreadable:
+            self._log_problem("empty", "the model store holds no models: nothing is served until a version is published")
+        else:
+            self._store_problem = None
         for name in set(self.models) - set(scans) - unreadable:
             for served in list(self.models[name].loaded.values()):
                 self._retire(self.models[name], served)
@@ -193,6 +199,12 @@ class ModelManager:
             self._evict(state)
             self._update_gauges(state)
         self.default_model = self.settings.default_model or self._best_model()
+
+    def _log_problem(self, cause: str, message: str, **extra) -> None:
+        """Why nothing new can be served, logged once until the cause changes or goes away (not on every poll)."""
+        if cause != self._store_problem:
+            self._store_problem = cause
+            log.error(message, extra={"store": self.store.url, **extra})
 
     async def _rescan(self, name: str) -> ModelState | None:
         """Read one model again (a request named something the last scan has not seen)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import subprocess
@@ -260,10 +261,16 @@ def test_a_request_past_its_deadline_gets_504(served, pngs):
     assert_error(asyncio.run(scenario()), 504, "deadline_exceeded")
 
 
-def test_empty_store_is_alive_but_not_ready(tmp_path, pngs):
-    with in_process_client(store=tmp_path / "empty", poll_interval_s=60) as client:
+def test_empty_store_is_alive_but_not_ready_and_says_why_once(tmp_path, pngs, caplog):
+    with caplog.at_level(logging.ERROR, logger="service.registry"), \
+            in_process_client(store=tmp_path / "empty", poll_interval_s=0.05) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
-        assert_error(client.get("/readyz"), 503, "not_ready")
+        ready = client.get("/readyz")
+        assert_error(ready, 503, "not_ready")
+        assert "holds no models" in ready.json()["error"]["message"]
+        time.sleep(0.3)  # several polls of the empty store
+        causes = [r.getMessage() for r in caplog.records if "holds no models" in r.getMessage()]
+        assert len(causes) == 1, causes  # one line naming the cause, not one per poll
         response = client.post("/upscale", files=multipart(pngs[:1]))
         assert_error(response, 503, "no_model_loaded")
         assert response.headers["retry-after"] == "1"
@@ -538,7 +545,7 @@ def test_the_upscaler_answers_the_models_outputs_as_nchw_whichever_memory_format
 
 def test_openvino_leaves_its_threads_to_the_kernels_scheduler():
     """OpenVINO pins its inference threads to cores by default on Linux, and then the service's two worker
-    processes shared one core (bench/RESULTS.md, session 20: 905-1,040 images/s together, 1,489-1,953 unpinned)."""
+    processes shared one core (905-1,040 images/s together, 1,489-1,953 unpinned; docs/serving.md)."""
     pytest.importorskip("openvino", reason="openvino is a dependency (pyproject.toml), absent from this environment")
     from service.openvino_forward import openvino_forward
 

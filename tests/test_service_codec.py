@@ -94,6 +94,7 @@ def test_pngs_decode_through_libpng_and_corrupt_ones_are_judged_as_pillow_judges
     """8-bit PNGs go through libpng (codec._decode_png, GIL released); every truncation and 400 random byte
     flips of a real PNG are accepted with Pillow's pixels or refused with a 4xx, as Pillow accepts or refuses them."""
     good = png_bytes(small_inputs(real_images)[0])
+    assert codec.png_decoder() == "torchcodec"  # what the service logs at start-up
     assert np.array_equal(codec._decode_png(good, 8), pillow_rgb(good))  # the fast path, not the fallback
     assert codec._decode_png(png_bytes(np.zeros((8, 9, 3), np.uint8)), 8) is None  # wrong size: Pillow's path names it
     rng = random.Random(0)
@@ -126,7 +127,7 @@ def test_without_torchcodec_every_png_is_decoded_by_pillow(real_images, tmp_path
         "import numpy as np; from pathlib import Path\n"
         "from service import codec\n"
         f"data = Path({str(tmp_path / 'good.png')!r}).read_bytes()\n"
-        "assert codec._libpng() is None and codec._decode_png(data, 8) is None\n"
+        "assert codec._libpng() is None and codec._decode_png(data, 8) is None and codec.png_decoder() == 'pil'\n"
         "np.save(sys.argv[1], codec.decode_image(data, 8, 0))\n"
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], check=True, cwd=Path(__file__).parents[1])

@@ -21,8 +21,13 @@ async def healthz() -> Health:
             responses={503: {"model": ErrorResponse, "description": "No default model loaded yet (or none in the store)."}})
 async def readyz(manager: ManagerDep, settings: SettingsDep) -> Health:
     if not manager.is_ready():
-        raise unavailable("not_ready", f"default model {manager.default_model!r} is not loaded" + ("" if manager.store_reachable else " (the model store cannot be read)"),
-                          settings.retry_after_s)
+        if not manager.store_reachable:
+            reason = "the model store cannot be read"
+        elif manager.default_model is None:
+            reason = "the model store holds no models yet"
+        else:
+            reason = f"default model {manager.default_model!r} is not loaded"
+        raise unavailable("not_ready", reason, settings.retry_after_s)
     return Health(status="ready", default_model=manager.default_model,
                   loaded={name: sorted(state.loaded) for name, state in manager.models.items()})
 
