@@ -106,3 +106,13 @@ def test_init_from_a_published_subpixel_residual_drops_its_global_attention(phot
     assert torch.equal(model.body[0].conv1.weight, source.body[0].conv1.weight)
     with pytest.raises(ValueError, match="same width and depth"):
         photo.load_initial_weights(build_model("photo_residual", width=8, depth=2), "upgrader", init_store)
+
+
+def test_publish_only_snapshots_a_checkpoint_and_leaves_it_alone(photos_dir, tmp_path):
+    assert run(photos_dir, tmp_path, "--steps", "2", "--no-publish") == 0
+    state = (tmp_path / "ckpt" / "photo" / "state.json").read_text()
+    assert run(photos_dir, tmp_path, "--steps", "2", "--publish-only") == 0
+    assert run(photos_dir, tmp_path, "--steps", "2", "--publish-only") == 0  # every call publishes a snapshot
+    assert ModelStore(tmp_path / "store").versions("photo") == [1, 2]
+    assert (tmp_path / "ckpt" / "photo" / "state.json").read_text() == state  # a run training there is undisturbed
+    assert ModelStore(tmp_path / "store").manifest("photo", 1)["steps"] == 2

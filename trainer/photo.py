@@ -94,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoints go in <dir>/<publish-as>/")
     run.add_argument("--checkpoint-minutes", type=float, default=3.0, help="minutes between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir (fresh if none)")
-    run.add_argument("--publish-only", action="store_true", help="publish the checkpoint's EMA weights without training")
+    run.add_argument("--publish-only", action="store_true",
+                     help="publish the checkpoint's EMA weights without training (a snapshot: safe while a run still trains there)")
     run.add_argument("--no-publish", action="store_true", help="train and checkpoint, publish nothing")
     run.add_argument("--log-every", type=int, default=50, help="steps between progress log lines")
     return p
@@ -412,11 +413,12 @@ def main(argv: list[str] | None = None) -> int:
                 last_save = time.monotonic()
         if args.no_publish:
             return 0
-        if published is not None:
+        if published is not None and not args.publish_only:
             log.info("event=skip reason=already_published version=%d", published)
             return 0
         version = publish(ema.averaged, run, [h for h in history if "val_psnr_y" in h], photos, args, device, step, spent_s)
-        if checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
+        # A --publish-only snapshot leaves the checkpoint alone: a run may still be training (and writing) there.
+        if not args.publish_only and checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
             mark_published(checkpoint_dir, version)
     except (FileNotFoundError, ValueError, StoreError) as exc:
         log.error("event=failed error=%s", exc)
