@@ -11,11 +11,11 @@ HOST   ?= $(or $(UPGRADER_HOST),127.0.0.1)
 PORT   ?= $(or $(UPGRADER_PORT),8000)
 # The quick profile: a few minutes on 2 CPU cores, enough for a working demo (not the full recipe). L1, cosine
 # and dihedral flips, and (with the photos) half of each epoch photo crops on 8-bit inputs: the reference recipe's
-# 3 epochs of MSE left subpixel_residual 0.23 dB *below* bicubic on photos, this one +0.48 above (bench/RESULTS.md).
+# 3 epochs of MSE left subpixel_residual 0.23 dB *below* bicubic on photos, this one +0.48 above.
 QUICK_TRAIN ?= --epochs 6 --limit-train 10000 --limit-val 1000 --max-minutes 1.5 --loss l1 --lr 2e-3 --lr-schedule cosine --augment dihedral --amp auto
 QUICK_NATURAL ?= --natural-share 0.5 --quantize-inputs
 
-# The model that ships with the repository: pretrained/ is a model store (README "The shipped model"). `make models`
+# The model that ships with the repository: pretrained/ is a model store (docs/model-store.md). `make models`
 # copies it, verified, into an empty store beside the quick profile's four, and the service serves it by default.
 PRETRAINED       ?= pretrained
 PRETRAINED_MODEL ?= upgrader

@@ -1,4 +1,4 @@
-"""One epoch of the reference article's data pipeline against this trainer's (issue 2, "Benchmark").
+"""One epoch of the reference article's data pipeline against this trainer's.
 
     .venv/bin/python bench/bench_data_pipeline.py --limit 10000 --cold --threads 1   # ~2 minutes on 2 busy cores
     .venv/bin/python bench/bench_data_pipeline.py --workers 2                        # all 50,000, plus 2 DataLoader workers
@@ -144,7 +144,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="also measure the reference with N DataLoader workers")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for both pipelines (default: torch's, one per core; 1 is faster on busy cores)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s, the machine of issue 2's target)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s, the machine the target was set for)")
     p.add_argument("--cold", action="store_true", help="also decode the dataset into a fresh temporary cache (one-time cost)")
     p.add_argument("--cache-dir", type=Path, default=None, help="the trainer's dataset cache (default: $UPGRADER_CACHE or .cache/datasets)")
     p.add_argument("--seed", type=int, default=0)

@@ -6,8 +6,8 @@
 
 Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, and run in whichever
 memory format and way, plain or frozen trace or OpenVINO, is fastest here) and run through its forward pass
-(`Upscaler.predict`) in float32, the baseline; in float32 as TorchScript only, a plain or frozen trace (the
-service before session 17, a second baseline); as a plain trace (before session 15, a third); and in bf16, as
+(`Upscaler.predict`) in float32, the baseline; in float32 as TorchScript only, a plain or frozen trace (a
+second baseline); as a plain trace (a third); and in bf16, as
 UPGRADER_PRECISION=bfloat16 (and auto, on a CPU with native bf16) serves it; with
 --ensembles, also bf16 with `?ensemble=k` (k views in one forward pass). Columns:
 
@@ -38,7 +38,7 @@ from upgrader.imaging import downsample, to_8bit
 
 SPEED_BATCH = 64
 TRACE_ONLY = "float32, trace only"  # the service's forward before frozen traces could be chosen
-TORCHSCRIPT_ONLY = "float32, TorchScript only"  # the service's forwards before OpenVINO could be chosen (sessions 15-16)
+TORCHSCRIPT_ONLY = "float32, TorchScript only"  # the service's forwards without OpenVINO
 
 
 class AsServed(torch.nn.Module):
@@ -99,9 +99,9 @@ def main() -> None:
         upscalers = {precision: Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, precision)
                      for precision in ("float32", "bfloat16")}
         upscalers[TRACE_ONLY] = Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, "float32")
-        upscalers[TRACE_ONLY].cpu_forwards = ("trace",)  # the service before frozen traces (session 15): the baseline
+        upscalers[TRACE_ONLY].cpu_forwards = ("trace",)  # a plain trace alone: the baseline
         upscalers[TORCHSCRIPT_ONLY] = Upscaler(store, name, store.resolve(name, version), torch.device("cpu"), SPEED_BATCH, "float32")
-        upscalers[TORCHSCRIPT_ONLY].cpu_forwards = ("trace", "frozen")  # before OpenVINO (session 17): a second baseline
+        upscalers[TORCHSCRIPT_ONLY].cpu_forwards = ("trace", "frozen")  # no OpenVINO: a second baseline
         for upscaler in upscalers.values():
             upscaler.setup()
         label = f"{name}:{upscalers['float32'].version}"

@@ -1,4 +1,4 @@
-"""Scale-out benchmark (issue 9): replicas reading one S3 bucket, measured against local disk in the same run.
+"""Scale-out benchmark: replicas reading one S3 bucket, measured against local disk in the same run.
 
     .venv/bin/python bench/bench_scaleout.py                    # ~5 minutes on 2 cores
     .venv/bin/python bench/bench_scaleout.py --rounds 3 --duration 15

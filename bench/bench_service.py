@@ -1,4 +1,4 @@
-"""Closed-loop HTTP benchmark of the upscaling service against its baselines (issue 3, "Benchmark").
+"""Closed-loop HTTP benchmark of the upscaling service against its baselines.
 
     .venv/bin/python bench/bench_service.py                      # conv + resnet18, c = 1, 8, 32, 128
     .venv/bin/python bench/bench_service.py --models resnet18 --concurrency 32 --duration 10 --json out.json

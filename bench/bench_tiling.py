@@ -1,4 +1,4 @@
-"""Images of any size through the real service (issue 11): quality on real photos, seams, throughput, fairness.
+"""Images of any size through the real service: quality on real photos, seams, throughput, fairness.
 
     .venv/bin/python bench/bench_tiling.py --store store                 # every model in the store
     .venv/bin/python bench/bench_tiling.py --store store --photos 40     # a quicker subset of sr-natural

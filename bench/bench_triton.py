@@ -1,10 +1,10 @@
-"""Upgrader vs NVIDIA Triton Inference Server, both driven by Triton's own perf_analyzer over the V2 protocol (issue 13).
+"""Upgrader vs NVIDIA Triton Inference Server, both driven by Triton's own perf_analyzer over the V2 protocol.
 
     .venv/bin/python bench/bench_triton.py --store STORE --triton-python /tmp/tv/bin/python --perf-analyzer /tmp/tv/bin/perf_analyzer
     .venv/bin/python bench/bench_triton.py --store STORE ... --models conv --concurrency 32 --rounds 3
     .venv/bin/python bench/bench_triton.py --store STORE ... --baseline-ref HEAD~3   # also this tree vs an earlier one
 
-Setup (bench-only, nothing of it is a project dependency; see bench/RESULTS.md and the README):
+Setup (bench-only, nothing of it is a project dependency; see docs/benchmarks.md):
 
 * Triton: the `tritonserver` binary that PyPI `nvidia-pytriton` ships, run directly on a model
   repository this script writes (PyTriton's own bind() path is not used). The wheel ships only the
@@ -309,7 +309,7 @@ def parse_args() -> argparse.Namespace:
                         help="Upgrader's UPGRADER_PRECISION: float32, as Triton's Python backend runs the model (bfloat16/auto: "
                              "Upgrader's bf16 forward where this CPU has it; trees before it ignore the variable)")
     parser.add_argument("--triton-forward", choices=["eager", "openvino"], default="eager",
-                        help="how Triton's Python backend runs the model: eager PyTorch (as in every run before session 20), or "
+                        help="how Triton's Python backend runs the model: eager PyTorch (the backend's own way), or "
                              "compiled by OpenVINO with the service's own settings (service/openvino_forward.py), the forward "
                              "Upgrader chooses for most models on this CPU: what Triton's OpenVINO backend would run")
     parser.add_argument("--baseline-ref", default=None, help="also serve Upgrader as of this git ref, measured in the same rotation")

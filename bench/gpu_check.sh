@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path of Upgrader, proven in one command on a machine with a CUDA GPU (issue 12).
+# The GPU path of Upgrader, proven in one command on a machine with a CUDA GPU.
 #
 #   bash bench/gpu_check.sh                # from the repository root
 #   OUT=/some/dir bash bench/gpu_check.sh  # the report goes to $OUT/gpu_check_report.md (else ./gpu_check_report.md)
@@ -9,8 +9,8 @@
 #      used as is, with the wheels in $WHEELS installed (no index) into a folder on PYTHONPATH, so an
 #      offline image works; only where no torch exists is a venv made and the project pip-installed.
 #   2. the test suite's CUDA-marked tests (pytest -m cuda)
-#   3. every architecture trained for one epoch with --amp bf16 (small --limit-train), and the issue-12 recipe
-#      (64x8 + channel attention, natural photos) for 3 epochs with bf16 and --compile: its speed per epoch
+#   3. every architecture trained for one epoch with --amp bf16 (small --limit-train), and the long-run
+#      recipe (64x8 + channel attention, natural photos) for 3 epochs with bf16 and --compile: its speed per epoch
 #   4. a 1-GPU torchrun job (NCCL), which publishes
 #   5. the service on CUDA: /upscale benchmarked (bench/bench_service.py) on the published models
 #   6. in-process throughput on CUDA next to the CPU (bench/gpu_throughput.py)
@@ -32,8 +32,8 @@
 # BENCH_MODELS (the published models steps 5 and 6 measure, comma-separated; default
 # subpixel_residual,subpixel_residual_64x8ca,conv,resnet18).
 # In a 15-minute lease (starts included), STEP_TIMEOUT=100 DEADLINE=200 BENCH_SECONDS=2
-# BENCH_MODELS=subpixel_residual,conv runs steps 2-5. Session 16 ran it and then `bench/gpu_train.sh` with MINUTES=5
-# in one call (546 s), then steps 6, 7 and verify by hand in a second call (69 s): 660 s held in all. The machine
+# BENCH_MODELS=subpixel_residual,conv runs steps 2-5 in ~250 s on an H200, which leaves room for `bench/gpu_train.sh`
+# with MINUTES=5 in the same call (~550 s together); steps 6 and 7 then take ~70 s in a second call. The machine
 # goes back after 30 s idle, so the second call must follow at once.
 set -uo pipefail
 
@@ -185,9 +185,9 @@ step cuda-tests "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cu
 # ---- 3. every architecture, one epoch with bf16 autocast (with torch.compile: step 7) ---------------
 ALL_MODELS="$("$PY" -c 'from upgrader.architectures import ARCHITECTURES; print(",".join(sorted(ARCHITECTURES)))')"
 step train-amp-bf16 "$PY" -m trainer "${COMMON[@]}" --models "$ALL_MODELS" --amp bf16
-# the issue-12 long-run recipe (64x8, channel attention, batch 64, natural share 0.5) for 3 epochs, bf16 + compile:
+# the long-run recipe (64x8, channel attention, batch 64, natural share 0.5) for 3 epochs, bf16 + compile:
 # its training images/s in the table below (last of 3 epochs: the first one compiles) against the CPU's for the same
-# recipe (bench/RESULTS.md, "The GPU path") is the GPU speed-up per epoch
+# recipe (docs/training.md, "On a GPU") is the GPU speed-up per epoch
 step train-new-default "$PY" -m trainer "${COMMON[@]}" --epochs 3 --models subpixel_residual --publish-as subpixel_residual_64x8ca \
   --arch-params '{"width": 64, "depth": 8, "attention": 16}' --amp bf16 --compile --loss l1 --lr 2e-3 --batch-size 64 \
   --augment dihedral --ema 0.999 "${NATURAL_ARGS[@]}"

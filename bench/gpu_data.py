@@ -1,10 +1,10 @@
-"""Pack the training data (and a version to start from) small enough to travel to a leased GPU machine (issue 12).
+"""Pack the training data (and a version to start from) small enough to travel to a leased GPU machine.
 
     .venv/bin/python bench/gpu_data.py --init runs/s14gpu/store/subpixel_residual/7   # then carry .gpupack (git-ignored)
 
 The device tool sends the working tree and the carried paths, 64 MiB in all, and counts what a tar of them
 holds: ~1 KB of header and padding per file. CIFAR-10's 60,000 JPEGs are ~0.9 KB each, so as files they count
-almost twice their bytes, and a `.gpudata` of 56 MB of files was refused (session 14). Their headers are also
+almost twice their bytes, and a `.gpudata` of 56 MB of files is refused. Their headers are also
 nearly identical (the same quantisation and Huffman tables), so one gzipped tar of everything is ~45% smaller
 than its contents. So this writes a folder and then one archive of it:
 

@@ -1,4 +1,4 @@
-"""In-process inference throughput on CUDA next to the CPU, for bench/gpu_check.sh (issue 12).
+"""In-process inference throughput on CUDA next to the CPU, for bench/gpu_check.sh.
 
     python bench/gpu_throughput.py --store STORE [--models subpixel_residual,conv] [--seconds 3]
 

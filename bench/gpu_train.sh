@@ -1,37 +1,37 @@
 #!/usr/bin/env bash
-# Issue 12's candidate default model trained on a leased GPU, time-boxed, from data packed to travel.
+# subpixel_residual trained on a leased GPU, time-boxed, from data packed to travel.
 #
 #   .venv/bin/python bench/gpu_data.py                 # here, once: .gpudata/ and its archive .gpupack/gpudata.tgz (git-ignored)
 #   bash bench/gpu_train.sh                            # there, with .gpupack carried (unpacked into .gpudata first):
 #                                                      # $OUT/gpu_train.tgz and $OUT/gpu_checkpoints.tgz come back
 #
-# The recipe is the CPU long runs' (bench/RESULTS.md, issue 12): subpixel_residual 64x8 with channel attention,
-# natural share 0.5, L1, cosine over a wall-clock budget, dihedral, EMA 0.999, plus bf16 and --compile. The
-# first GPU runs (session 9) read ~7,100 training images/s at batch 64 and ~26,000 at batch 256 on an H200, so
+# The recipe is the CPU long runs' (docs/training.md): subpixel_residual 64x8 with channel attention,
+# natural share 0.5, L1, cosine over a wall-clock budget, dihedral, EMA 0.999, plus bf16 and --compile. On an
+# H200 the trainer reads ~7,100 training images/s at batch 64 and ~26,000 at batch 256 (bench/gpu_check.sh), so
 # the default batch is 256: nine minutes there see ~14 million images, against 3.5 million in all the CPU runs.
 # It publishes into a store of its own, evaluated on all of CIFAR-10's test split and on the 30 held-out
 # photographs of the whole sr-natural (gpu_data.py keeps them), so its metrics compare with the CPU runs'.
 # Checkpoints go to the same archive, so a later lease can continue it (--resume).
 #
 # Settings (environment): MINUTES (training wall-clock budget, default 9), BATCH (256), LR (2e-3),
-# ARCH_PARAMS (JSON, default 64x8 + attention 16), LOSS (l1; psnr pays as a fine-tune, see RESULTS.md session 11),
+# ARCH_PARAMS (JSON, default 64x8 + attention 16), LOSS (l1; psnr pays as a fine-tune, see docs/training.md),
 # QUANTIZE_INPUTS (default 1: --quantize-inputs, 8-bit inputs as served; 0: exact
 # float inputs), EPOCH_SIZE (images per epoch, default 32768), DATA
 # (default ./.gpudata), DEVICE (cuda; cpu to try the script here), RESUME (a gpu_train.tgz from an earlier
 # lease to continue from; MINUTES is then the budget over all leases, as the LR schedule spans it), OUT (where
 # the archives go, default ./gpu_train_out), SEED (0), TRAIN_ARGS (more trainer flags, split on spaces, e.g.
-# "--epoch-val 2000 --no-ensemble-metrics"). The checkpoints travel back in an archive of their own: the
+# "--no-ensemble-metrics"). The checkpoints travel back in an archive of their own: the
 # device tool returns files of up to 16 MB, and the store with the checkpoints came to 15.2 MB. INIT_STORE + INIT_FROM fine-tune (or grow) a model
 # trained elsewhere: INIT_STORE a store folder that travels, copied into the run's store, and INIT_FROM its
-# NAME:VERSION (passed to --init-from). One version is enough; gpu_data.py --init packs it. Session 14's lease
-# fine-tuned session 13's best this way (4 minutes on an H200: +0.016 dB, bench/RESULTS.md):
-#   .venv/bin/python bench/gpu_data.py --init runs/s13b/store/subpixel_residual/6
-#   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:6 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' \
+# NAME:VERSION (passed to --init-from). One version is enough; gpu_data.py --init packs it, e.g. a CPU run's:
+#   .venv/bin/python bench/gpu_data.py --init runs/a/store/subpixel_residual/2
+#   INIT_STORE=.gpudata/init INIT_FROM=subpixel_residual:2 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' \
 #     LOSS=psnr LR=3e-4 MINUTES=4 bash bench/gpu_train.sh
-# The model that ships with the repository travels with the tree (pretrained/ is tracked), so it needs no packing:
+# The model that ships with the repository travels with the tree (pretrained/ is tracked), so it needs no packing
+# (upgrader:2 is upgrader:1 after 5 minutes of this script: LOSS=psnr LR=5e-4 MINUTES=5 SEED=16):
 #   INIT_STORE=pretrained INIT_FROM=upgrader:2 ARCH_PARAMS='{"width": 64, "depth": 8, "global_attention": 1}' ... bash bench/gpu_train.sh
 #
-# OVERLOAD_ROUNDS=N (default 0: off) also runs issue 10's bench/overload.py for N rounds while the model trains,
+# OVERLOAD_ROUNDS=N (default 0: off) also runs bench/overload.py for N rounds while the model trains,
 # on CPUs the trainer does not use: the servers on OVERLOAD_SERVER_CPUS (0,1: a 2-CPU server, as the development
 # machine), the clients on OVERLOAD_GENERATOR_CPUS (2,3), the trainer on TRAIN_CPUS (4 to the last). On the 2-CPU
 # development machine the clients must share the server's CPUs; here they bring their own, as a real deployment's

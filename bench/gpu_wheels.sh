@@ -5,7 +5,7 @@
 #
 # The image has torch, torchvision and numpy but not the service's web stack; it cannot reach an index, so
 # gpu_check.sh and gpu_train.sh install these with `pip install --no-index` into a folder on PYTHONPATH. They
-# are downloaded here from this machine's index for the image's Python (PY_VERSION, default 3.12: sessions 9-16)
+# are downloaded here from this machine's index for the image's Python (PY_VERSION, default 3.12: the leased GPU image's)
 # as binary wheels only, so nothing builds there. The carried tree, .gpupack and .whl must fit 64 MiB in all:
 # uvicorn[standard]'s optional speed-ups (uvloop, watchfiles, websockets, PyYAML) and rich's Pygments are left out
 # (uvicorn runs without them), which takes the wheels from 13 MB to 6 MB.

@@ -1,4 +1,4 @@
-"""Overload benchmark (issue 10): is overload refused before it costs work?
+"""Overload benchmark: is overload refused before it costs work?
 
     .venv/bin/python bench/overload.py                                   # this tree vs main's HEAD, same run
     .venv/bin/python bench/overload.py --baseline-ref b829b0d --overload-s 30 --rounds 1 --json out.json
@@ -20,7 +20,7 @@ phase's work. With 0 the overload's first herd (512 connects and bodies in the s
 while the workers still run the requests the healthy phase's clients abandoned at its cut, and this
 generator (real-time, below) then holds one of the two CPUs for those ~30 ms: the worker whose event
 loop is queued on that CPU answers its half of the herd 40-60 ms late, while the other answers in
-~10 ms (bench/RESULTS.md, issue 10, session 10). Clients of a real service bring their own CPUs, so
+~10 ms (`--settle-s 0` shows it). Clients of a real service bring their own CPUs, so
 that says more about this generator than about the server; `--settle-s 0` still measures it.
 
 Every client is a keep-alive HTTP/1.1 connection posting one multipart body of `--images` (64) real

@@ -53,7 +53,7 @@ def cuda_available() -> bool:
 
 
 def default_workers(settings: Settings) -> int:
-    """2 on a CPU with 2+ cores, 1 on CUDA or a single core (measured in bench/RESULTS.md, "Service")."""
+    """2 on a CPU with 2+ cores, 1 on CUDA or a single core (`bench/bench_service.py --servers batched,batched2`)."""
     cpus = usable_cpus()
     if settings.device == "cpu" or cpus < 2:
         return 1 if cpus < 2 else 2

@@ -3,7 +3,7 @@
 FastAPI declares and documents these routes (OpenAPI, /docs) like every other, but serving a
 request through it costs the event loop ~1 ms before the endpoint runs: five middleware layers of
 its own, route matching over every route, dependency solving and parameter validation by
-introspection (py-spy, bench/RESULTS.md "The inference lane"). For an 8x8 image that is more than
+introspection (py-spy on `bench/bench_service.py`). For an 8x8 image that is more than
 decoding, batching and answering it together, and the event loop is what a worker runs out of.
 
 `FastLane` sits in front of FastAPI's stack and calls the same endpoint functions directly, doing

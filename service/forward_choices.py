@@ -3,7 +3,7 @@
 `fastest_cpu_forward` times every candidate (trace, frozen trace, OpenVINO; two memory formats) at load. Each
 worker process used to time for itself, and its choice is noisy: with 2 workers and 5 models, the two chose
 different forwards for 1 to 4 of the 5 models in every round measured, even for a worker timing alone
-(bench/RESULTS.md, session 18). So the same request could be computed by a different forward (outputs one
+(`bench/bench_workers_load.py` counts it). So the same request could be computed by a different forward (outputs one
 rounding apart, speed up to 13% apart) depending on the worker the kernel hashed its connection to.
 
 With a choices file (UPGRADER_FORWARD_CHOICES; the worker supervisor makes one per run when unset), the first

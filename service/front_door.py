@@ -4,7 +4,7 @@ In an overload herd (bench/overload.py: 512 clients connecting at once) most new
 one POST /upscale that is refused. Through uvicorn's protocol each cost the worker's event loop
 ~160 us: building the protocol and its parser, two address lookups, a Python callback per header,
 the refusal, then the body's callbacks. Hundreds arrive in the same few milliseconds, so the last
-ones waited for all of that (bench/RESULTS.md, issue 10, session 8).
+ones waited for all of that (`bench/overload.py`; docs/serving.md).
 
 `FrontDoor` reads a connection's requests itself while they are plain refusals: the head is cut at
 the blank line by bytes.find and checked by one regex and a loop over its lines; if admission is

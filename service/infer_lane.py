@@ -2,7 +2,7 @@
 
 tritonclient and perf_analyzer send one small request per inference, so what each request costs
 the event loop outside the model decides the throughput. Measured under perf_analyzer, 128 clients,
-conv, with the inference replaced by zeros (bench/RESULTS.md, "The protocol's own lane"): through
+conv, with the inference replaced by zeros (`bench/bench_triton.py`): through
 uvicorn's request cycle, the ASGI layers and service.fastlane a request cost ~0.16 ms of CPU; a
 protocol that answers from its callbacks costs ~0.04 ms. So the guarded protocol (service.server)
 hands these requests to this lane: it collects the body in the parser's callbacks, runs the same

@@ -60,7 +60,7 @@ class ClientGone:
     A client that gives up (a timeout, a cut load) leaves work behind it: images queued for a batch, a
     place in the admission line. Computing answers nobody reads takes the CPU from the requests that
     arrive next: the first clients of an overload found each worker still busy with the abandoned
-    requests of the load before it (bench/RESULTS.md, issue 10, session 10). The server's protocol
+    requests of the load before it (`bench/overload.py --settle-s 0`). The server's protocol
     (service.server) gives each connection one of these and fires it from `connection_lost`; the
     admission line and the batcher register what to drop while a request waits. HTTP/1.1 has no other
     way to say "cancel"; an answer already being computed (a running batch) is finished and dropped.

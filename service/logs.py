@@ -74,7 +74,7 @@ class BatchedStreamHandler(logging.StreamHandler):
 
     For the access log: one write (a syscall, during which the event loop gives the GIL to the
     inference thread and then waits to get it back) per request cost the event loop ~8% of its
-    requests per second at 32 clients (bench/RESULTS.md, "The inference lane"); lines reach the log
+    requests per second at 32 clients (`bench/bench_service.py`); lines reach the log
     at most `interval_s` late, each with its own timestamp.
     """
 

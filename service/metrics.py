@@ -42,7 +42,7 @@ class Metrics:
                                      multiprocess_mode="livemax")
 
         # Children of the per-request series, looked up once: labels() validates and locks on every call,
-        # and every inference request updates three of them (bench/RESULTS.md, "The protocol's own lane").
+        # and every inference request updates three of them (profiled under `bench/bench_triton.py`).
         self._request_series: dict[tuple[str, int], tuple] = {}
 
     def request_done(self, model: str, status: int, seconds: float, images: int = 0) -> None:

@@ -3,7 +3,7 @@
 OpenVINO's CPU plugin fuses each conv with its bias, ReLU and residual add and picks kernels for this
 CPU's instruction set. On the Intel Xeon here (AVX-512, one thread, batch 64) it ran the shipped model
 (64x8 + global attention) 11-25% faster than TorchScript's frozen trace, with every output within
-3e-6 of eager PyTorch (bench/RESULTS.md, session 17). Like a trace, `infer` releases the GIL, so the
+3e-6 of eager PyTorch (docs/benchmarks.md). Like a trace, `infer` releases the GIL, so the
 event loop keeps running while a batch computes.
 
 The model is converted from its TorchScript trace (or the loaded module) by `openvino.convert_model`, in
@@ -49,7 +49,7 @@ class OpenVINOForward(torch.nn.Module):
             "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, as the batcher hands them over
             # Pinning (on by default on Linux) put the inference threads of both worker processes on the same core:
             # two processes running the shipped model at batch 64 made 905-1,040 images/s together with it, and
-            # 1,489-1,953 without (bench/RESULTS.md, session 20). The workers are sized to the usable CPUs; the
+            # 1,489-1,953 without (docs/serving.md). The workers are sized to the usable CPUs; the
             # kernel's scheduler spreads them.
             "ENABLE_CPU_PINNING": False,
         })

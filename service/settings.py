@@ -1,6 +1,6 @@
 """Service settings: environment variables with the prefix UPGRADER_ (and CLI flags in __main__).
 
-Every field is documented here; the README's settings table repeats these descriptions.
+Every field is documented here; docs/configuration.md is generated from these fields (docs/hooks/generated.py).
 """
 
 from __future__ import annotations

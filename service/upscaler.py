@@ -55,7 +55,7 @@ def frozen(traced: torch.jit.ScriptModule) -> torch.nn.Module | None:
     Freezing turns the weights into constants, so TorchScript can fold them: convolutions become oneDNN
     convolutions with prepacked weights, fused with the add and ReLU after them. Measured as served, one
     thread, batch 64, on an Intel Xeon (AVX-512, no bf16): subpixel_residual 48x6 1,464 images/s frozen
-    against 1,265 as a plain trace; 64x8 + attention a tie (bench/RESULTS.md, session 15). Outputs differ
+    against 1,265 as a plain trace; 64x8 + attention a tie (`bench/bench_precision.py`). Outputs differ
     only by float rounding.
     """
     try:

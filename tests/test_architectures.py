@@ -56,7 +56,7 @@ def test_psnr_and_ssim_behave(real_images):
     assert (psnr_per_image(x, bicubic_upscale(downsample(x))) > psnr_per_image(x, noisy * 0)).all()
 
 
-# ---- issue 12's options of subpixel_residual ----------------------------------------------------------
+# ---- the options of subpixel_residual ----------------------------------------------------------------
 
 
 def test_reparameterised_conv_is_exactly_its_three_branches():

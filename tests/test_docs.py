@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MKDOCS = Path(sys.executable).parent / "mkdocs"
 README_MAX_LINES = 150
-# "session 15", "Session 20", "sessions 15-16", "issue 12", "issue #5", "issue-12", test_issue5_...
+# a working period or a tracker item with its number, in any spelling (test_the_history_check_catches_each_form)
 HISTORY = re.compile(r"(?<![a-z])(sessions?|issues?)[ _-]?#?[0-9]+", re.IGNORECASE)
 
 

@@ -1,4 +1,4 @@
-"""Natural-photograph data (issue 12): the fixed held-out set, random crops, the mix with CIFAR-10, and what the
+"""Natural-photograph data: the fixed held-out set, random crops, the mix with CIFAR-10, and what the
 trainer publishes about it (natural metrics next to CIFAR-10's, the lineage), plus the time-spanning LR schedule.
 
 The photographs here are written as real PNG and BMP files whose pixels encode where they are

@@ -1,4 +1,4 @@
-"""Issue 10: overload is refused before it costs work; slow, oversized and hostile clients; the defects found.
+"""Overload is refused before it costs work; slow, oversized and hostile clients; the defects found.
 
 Everything runs against a real uvicorn on loopback (LiveServer: the app under the service's own
 guarded protocol) with a real store; slow clients are raw sockets that send part of a request and stop.

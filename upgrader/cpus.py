@@ -51,7 +51,7 @@ def native_bf16_cpu() -> bool:
     thread, AMD EPYC Zen 4: 2,328 vs 1,224 images/s). oneDNN's own "bf16 supported" answer
     (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is also true on plain AVX-512, where it converts to
     float32 and back around every multiply: on an Intel Xeon with AVX-512 but no AVX512-BF16 that model
-    served at 0.46x of float32's speed in bf16 and trained 1.6x slower a step (bench/RESULTS.md, session 15).
+    served at 0.46x of float32's speed in bf16 and trained 1.6x slower a step (`bench/bench_precision.py`).
     So ask for the instructions themselves.
     """
     import torch  # here: the launcher and settings read the CPU count above without loading torch

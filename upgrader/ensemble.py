@@ -5,7 +5,7 @@ The model sees the 8 dihedral transforms (4 rotations x optional mirror) of each
 each output is transformed back and the views are averaged. All views go through
 the model as one batch of k*N, so the cost is one larger forward pass. Measured as
 served on CIFAR-10's test split (subpixel_residual 64x8 + 1 global attention block):
-+0.039 dB with 2 views, +0.062 with 4, +0.073 with 8 (bench/RESULTS.md, session 13).
++0.039 dB with 2 views, +0.062 with 4, +0.073 with 8 (`bench/bench_precision.py --ensembles 2,4,8`).
 """
 
 from __future__ import annotations
