@@ -9,7 +9,7 @@ Two degradations, two columns per set:
 * `bilinear` (the CIFAR models' own degradation): torch's antialiased bilinear reduction of the same HR, 8-bit.
 
 Rows: bicubic upscaling (MATLAB's, the tables' "bicubic" row), every `--model` (any fully convolutional
-architecture, run on the whole LR image in one forward) and every `--tiled` model (run the way the service runs
+architecture, run on the whole LR image in one forward; with --ensemble also averaged over its 8 dihedral views) and every `--tiled` model (run the way the service runs
 8x8 models on larger images: service/tiling.py's overlapping 8x8 tiles, 8-bit tile outputs blended with the tent
 window). Models are loaded from a model store (architecture from the manifest, checksum-verified safetensors).
 
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model_store import ModelStore  # noqa: E402
+from upgrader.ensemble import DIHEDRAL, dihedral, undo_dihedral  # noqa: E402
 from upgrader.imaging import imresize_bicubic, psnr_y, to_8bit  # noqa: E402
 
 SCALE = 4
@@ -77,6 +78,11 @@ def tiled_upscale(model: torch.nn.Module, lr: torch.Tensor, batch: int = 1024) -
     return torch.from_numpy(stitched)[None].float().div(255)
 
 
+def ensemble_upscale(model: torch.nn.Module, lr: torch.Tensor) -> torch.Tensor:
+    """The 8 dihedral views one at a time (a non-square image's quarter turns change its shape), averaged."""
+    return sum(undo_dihedral(model(dihedral(lr, turns, mirrored)), turns, mirrored) for turns, mirrored in DIHEDRAL) / len(DIHEDRAL)
+
+
 def load(store: ModelStore, spec: str) -> tuple[str, torch.nn.Module]:
     name, _, version = spec.partition(":")
     model, manifest = store.load(name, version or "latest")
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiled-store", default=str(ROOT / "pretrained"), help="store of the --tiled versions")
     p.add_argument("--tiled", action="append", default=None, metavar="NAME[:VERSION]",
                    help="8x8 model run through the service's tiling (repeatable; default: upgrader; 'none': no such row)")
+    p.add_argument("--ensemble", action="store_true", help="also each --model's self-ensemble over the 8 dihedral views")
     p.add_argument("--sets", default="Set5,Set14")
     p.add_argument("--degradations", default="bicubic,bilinear")
     p.add_argument("--threads", type=int, default=None)
@@ -100,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tiled_specs = [s for s in (args.tiled or ["upgrader"]) if s != "none"]
     rows: list[tuple[str, str, torch.nn.Module | None]] = [("bicubic", "matlab", None)]
-    rows += [(label, "whole", model) for label, model in (load(ModelStore(args.store), s) for s in args.model)]
+    whole = [load(ModelStore(args.store), s) for s in args.model]
+    rows += [(label, "whole", model) for label, model in whole]
+    rows += [(f"{label} (x8 ensemble)", "ensemble", model) for label, model in whole if args.ensemble]
     rows += [(f"{label} (tiled)", "tiled", model) for label, model in (load(ModelStore(args.tiled_store), s) for s in tiled_specs)]
     sets, degradations = args.sets.split(","), args.degradations.split(",")
     table: dict[tuple[str, str, str], float] = {}
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                             output = imresize_bicubic(lr, SCALE, quantize=True)
                         elif how == "whole":
                             output = model(lr)
+                        elif how == "ensemble":
+                            output = ensemble_upscale(model, lr)
                         else:
                             output = tiled_upscale(model, lr)
                         table.setdefault((label, set_name, degradation), []).append(score(output, hr, gray))
