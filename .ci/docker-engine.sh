@@ -1,0 +1,35 @@
+# Sourced by .ci/run: the Docker engine for the container tests (tests/test_containers.py).
+ci_cache="${UPGRADER_CI_CACHE:-/var/cache/upgrader-ci}"
+started_engine=""
+
+start_engine() {
+  if docker info >/dev/null 2>&1; then return; fi
+  if ! command -v dockerd >/dev/null || [ "$(id -u)" != 0 ]; then
+    echo "no Docker engine could be started (dockerd missing or not root): the container tests will skip" >&2
+    return
+  fi
+  dockerd >"${TMPDIR:-/tmp}/upgrader-ci-dockerd.log" 2>&1 &
+  started_engine=$!
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && return; sleep 1; done
+  echo "dockerd did not answer within 60 s; the container tests will skip:" >&2
+  tail -n 20 "${TMPDIR:-/tmp}/upgrader-ci-dockerd.log" >&2
+}
+
+stop_engine() {
+  if docker info >/dev/null 2>&1; then docker image prune -f >/dev/null || true; fi  # images left untagged by rebuilds
+  if [ -n "$started_engine" ]; then
+    kill "$started_engine" 2>/dev/null || true
+    wait "$started_engine" 2>/dev/null || true
+  fi
+}
+
+prepare_offline_builds() {
+  docker info >/dev/null 2>&1 || return 0
+  export UPGRADER_BASE_IMAGE=upgrader-base:bookworm UPGRADER_PIP_SOURCE=wheelhouse
+  if ! docker image inspect "$UPGRADER_BASE_IMAGE" >/dev/null 2>&1; then
+    docker/make-base-image.sh "$UPGRADER_BASE_IMAGE"
+  fi
+  mkdir -p "$ci_cache/wheelhouse"
+  WHEELHOUSE="$ci_cache/wheelhouse" docker/make-wheelhouse.sh
+  cp -al "$ci_cache/wheelhouse/." docker/wheelhouse/ 2>/dev/null || cp -a "$ci_cache/wheelhouse/." docker/wheelhouse/
+}
