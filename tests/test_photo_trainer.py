@@ -116,3 +116,21 @@ def test_publish_only_snapshots_a_checkpoint_and_leaves_it_alone(photos_dir, tmp
     assert ModelStore(tmp_path / "store").versions("photo") == [1, 2]
     assert (tmp_path / "ckpt" / "photo" / "state.json").read_text() == state  # a run training there is undisturbed
     assert ModelStore(tmp_path / "store").manifest("photo", 1)["steps"] == 2
+
+
+def test_a_stopped_process_does_not_spend_its_training_time(photos_dir, tmp_path, monkeypatch):
+    """A step that took far longer than the usual (SIGSTOP, a starved machine) counts as a usual one."""
+    real_step, calls = photo.train_one_step, []
+
+    def third_step_stalls(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        if len(calls) == 3:
+            real_perf_counter = photo.time.perf_counter
+            monkeypatch.setattr(photo.time, "perf_counter", lambda: real_perf_counter() + 3600.0)  # an hour passes
+        return loss
+
+    monkeypatch.setattr(photo, "train_one_step", third_step_stalls)
+    assert run(photos_dir, tmp_path, "--steps", "5", "--no-publish") == 0
+    state = json.loads((tmp_path / "ckpt" / "photo" / "state.json").read_text())
+    assert state["step"] == 5 and state["history"][-1]["train_seconds"] < 60

@@ -56,6 +56,8 @@ EVALUATION = ("PSNR-Y (BT.601 luma, 8-bit output) with a 4-pixel border cropped,
               "each cropped to a multiple of 4, reduced by bicubic_degrade and upscaled whole in one forward")
 # Entries of the run's setup a resumed run may change: how long it runs, not what it trains.
 RESUMABLE_CHANGES = {"max_minutes"}
+# A step that takes this many times the usual is a stall (the process stopped or starved), not training time.
+STALL_FACTOR = 20.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.publish_only and not history:  # where it starts: the initial weights' held-out score
             history.append({"step": step, "train_seconds": 0.0, "loss": None, "lr": 0.0, **flatten(evaluate(ema.averaged, photos, device, baseline=True))})
             log.info("event=eval %s", logfmt(history[-1]))
-        last_save, loss_sum, loss_count = time.monotonic(), 0.0, 0
+        last_save, loss_sum, loss_count, typical_s = time.monotonic(), 0.0, 0, None
         while not args.publish_only and budget_left():
             started = time.perf_counter()
             lr = learning_rate(step, args, spent_s)
@@ -397,7 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             loss_count += 1
             step += 1
             ema.update(step)
-            spent_s += time.perf_counter() - started
+            step_s = time.perf_counter() - started
+            if typical_s is not None and step_s > STALL_FACTOR * typical_s:
+                # The process was stopped (SIGSTOP, a suspended VM) or starved: that wall time trained nothing, so it
+                # does not count against --max-minutes or move the time-based schedule on.
+                log.warning("event=stall step=%d seconds=%.1f counted=%.2f", step, step_s, typical_s)
+                step_s = typical_s
+            typical_s = step_s if typical_s is None else 0.9 * typical_s + 0.1 * step_s
+            spent_s += step_s
             if step % args.log_every == 0:
                 log.info("event=progress step=%d/%d loss=%.5f lr=%.3g train_minutes=%.1f s_per_step=%.2f", step, args.steps,
                          loss_sum / loss_count, lr, spent_s / 60, spent_s / max(step - (history[0]["step"] if history else 0), 1))
