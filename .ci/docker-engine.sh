@@ -16,7 +16,12 @@ start_engine() {
 }
 
 stop_engine() {
-  if docker info >/dev/null 2>&1; then docker image prune -f >/dev/null || true; fi  # images left untagged by rebuilds
+  if docker info >/dev/null 2>&1; then
+    # The images (upgrader:cpu, upgrader:cuda, the S3 server) stay for the next run; what rebuilds left
+    # untagged goes, and the build cache is held to what one build of both images needs.
+    docker image prune -f >/dev/null || true
+    docker builder prune -f --keep-storage 14GB >/dev/null || true
+  fi
   if [ -n "$started_engine" ]; then
     kill "$started_engine" 2>/dev/null || true
     wait "$started_engine" 2>/dev/null || true

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Train and publish every model the service offers, best first: subpixel_residual, the model that
-# beats bicubic (README "Training": L1 + dihedral + EMA, then an MSE fine-tune of that version),
+# beats bicubic (docs/training.md: L1 + dihedral + EMA, then an MSE fine-tune of that version),
 # then the three reference models. Each stage publishes to the store ($UPGRADER_STORE: a directory
 # or s3://bucket/prefix) when it ends, so the service picks every model up as soon as it exists.
 # Baked into the images as `upgrader-train-all`; docker compose (gpu profile) and the Kubernetes

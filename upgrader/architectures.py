@@ -122,7 +122,7 @@ class _RepConv3x3(nn.Module):
     nothing next to the convolution itself). Training sees the multi-branch parameterisation (its
     gradients differ from a plain conv's), inference costs exactly one conv, and there is no
     separate "deploy" model to convert. RepVGG's identity branch is left out: inside a residual
-    block it doubled the features at every conv and an 8-block body diverged (bench/RESULTS.md).
+    block it doubled the features at every conv and an 8-block body diverged in training.
     """
 
     def __init__(self, width: int) -> None:
