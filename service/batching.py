@@ -28,6 +28,12 @@ Per loaded (model, version) one `Batcher`:
 * tiles of a large image (`bulk` jobs, see service.tiling) take at most `BULK_SHARE` of a
   batch while other images wait, so a small request queued behind a large image rides in the
   next batch instead of after all of its tiles;
+* images of different shapes cannot share a forward pass either: a model that takes any size
+  (photo_residual, see service.wholeimage) gets whole images and large tiles, and a batch holds
+  images of one shape only, as many as its `batch_limit` allows (a pixel budget per forward).
+  The batch takes the shape and ensemble size of the oldest request that is not bulk, when one
+  waits: a small image is never held behind the tiles of a large one of another shape, and the
+  large one's tiles run one forward at a time in between;
 * outputs are routed back by (request, offset), so each request gets exactly its own
   images, in order, however they were split and merged.
 * a request that will not take its answer (its client left, its deadline passed, its awaiting
@@ -60,6 +66,7 @@ from service.upscaler import BatchOutput
 log = logging.getLogger("service.batching")
 
 RunBatch = Callable[[np.ndarray, int, list[bool]], BatchOutput]  # images, ensemble, which outputs to PNG-encode
+BatchLimit = Callable[[tuple[int, ...], int], int]  # (image shape C x H x W, ensemble) -> most images in one batch
 # Most of a batch that bulk jobs (tiles of large images) take while other images are queued; the
 # rest of the batch goes to those first. With nothing else waiting, bulk jobs fill whole batches.
 BULK_SHARE = 0.5
@@ -69,7 +76,7 @@ BULK_SHARE = 0.5
 class Job:
     """One request's images and where its outputs go."""
 
-    images: np.ndarray  # uint8 N x 3 x 8 x 8
+    images: np.ndarray  # uint8 N x 3 x 8 x 8 (any N x 3 x H x W for an any-size model)
     ensemble: int
     future: asyncio.Future
     bulk: bool = False  # tiles of a large image: capped to BULK_SHARE of a batch while others wait
@@ -86,6 +93,11 @@ class Job:
     def __post_init__(self) -> None:
         n = len(self.images)
         self.pngs, self.remaining = [None] * n, n
+
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        """What a batch's images must share: the ensemble size and the image shape."""
+        return self.ensemble, self.images.shape[1:]
 
     def client_left(self) -> None:
         """The request's connection closed (ClientGone): its images still queued are dropped."""
@@ -117,8 +129,9 @@ class _Slice:
 class Batcher:
     def __init__(self, label: str, run_batch: RunBatch, *, max_batch_images: int, max_wait_ms: float,
                  max_queue_images: int, retry_after_s: int, metrics: Metrics, model: str, version: int, idle_dispatch: bool = True,
-                 fixed_cost_s: float = 0.0):
+                 fixed_cost_s: float = 0.0, batch_limit: BatchLimit | None = None):
         self.label, self.run_batch = label, run_batch
+        self.batch_limit = batch_limit  # None: max_batch_images of any shape (8x8 models see one shape)
         # How long the next batch may wait for the images just answered to come back (see the module's docstring).
         self.regroup_s = min(fixed_cost_s, max_wait_ms / 1000)
         self.turnaround_s: float | None = None  # moving average of a batch's delivery -> as many images arrived again (None: not seen yet, so try)
@@ -262,15 +275,17 @@ class Batcher:
             self._wake_at = self.max_batch_images
 
     def _take_batch(self) -> list[_Slice]:
-        """Up to max_batch_images images of one ensemble size, oldest first; splits the last slice if needed.
+        """Up to max_batch_images images (batch_limit's) of one ensemble size and shape, oldest first; splits the last
+        slice if needed. The ensemble size and shape are the oldest non-bulk slice's, else the oldest slice's.
 
         Bulk slices take at most BULK_SHARE of the batch on the first pass, so the images queued
         behind them get the rest; whatever room is left then goes to the bulk slices passed over.
         """
         batch: list[_Slice] = []
-        room = self.max_batch_images
-        bulk_room = max(1, int(self.max_batch_images * BULK_SHARE))
-        ensemble = None
+        waiting = [s for s in self._queue if not s.job.abandoned]
+        key = next((s.job.key for s in waiting if not s.job.bulk), waiting[0].job.key if waiting else None)
+        room = self.max_batch_images if self.batch_limit is None or key is None else self.batch_limit(key[1], key[0])
+        bulk_room = max(1, int(room * BULK_SHARE))
         skipped: list[_Slice] = []  # other ensemble sizes, and bulk slices over their share: back on the queue, in order
 
         def take(s: _Slice, limit: int) -> _Slice | None:
@@ -288,8 +303,7 @@ class Batcher:
                 self._queued_changed(-(s.stop - s.start))
                 self._dropped[s.job.abandoned].inc(s.stop - s.start)
                 continue
-            ensemble = s.job.ensemble if ensemble is None else ensemble
-            if s.job.ensemble != ensemble or (s.job.bulk and not bulk_room):
+            if s.job.key != key or (s.job.bulk and not bulk_room):
                 skipped.append(s)
                 continue
             limit = min(room, bulk_room) if s.job.bulk else room
@@ -306,7 +320,7 @@ class Batcher:
         for i, s in enumerate(skipped):
             if not room:
                 break
-            if s.job.bulk and s.job.ensemble == ensemble and not s.job.abandoned:
+            if s.job.bulk and s.job.key == key and not s.job.abandoned:
                 skipped[i] = take(s, room)
         self._queue.extendleft(reversed([s for s in skipped if s is not None]))
         return batch

@@ -7,7 +7,8 @@ CPU's instruction set. On the Intel Xeon here (AVX-512, one thread, batch 64) it
 event loop keeps running while a batch computes.
 
 The model is converted from its TorchScript trace (or the loaded module) by `openvino.convert_model`, in
-memory, with a dynamic batch dimension: nothing but the store's safetensors is ever read.
+memory, with a dynamic batch dimension (and dynamic height and width for a model that takes any size, such as
+photo_residual): nothing but the store's safetensors is ever read.
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ except ImportError:  # an optional speed-up: without it the service runs its Tor
 
 
 class OpenVINOForward(torch.nn.Module):
-    """float N x 3 x 8 x 8 -> float N x 3 x 32 x 32 through the compiled model; any N, from any thread."""
+    """float N x 3 x 8 x 8 -> float N x 3 x 32 x 32 through the compiled model (N x 3 x H x W -> N x 3 x 4H x 4W for a
+    model compiled with any_size); any N, from any thread."""
 
-    def __init__(self, model: torch.nn.Module, threads: int) -> None:
-        """`model`: a module in eval mode or its trace (torch.jit.ScriptModule), taking NCHW inputs."""
+    def __init__(self, model: torch.nn.Module, threads: int, any_size: bool = False) -> None:
+        """`model`: a module in eval mode or its trace (torch.jit.ScriptModule), taking NCHW inputs. `any_size`: the
+        height and width are dynamic too (one compiled model for every image size)."""
         super().__init__()
-        converted = openvino.convert_model(model, example_input=torch.zeros((1, *INPUT_SHAPE)),
-                                           input=[openvino.PartialShape([-1, *INPUT_SHAPE])],
+        channels = INPUT_SHAPE[0]
+        example = torch.zeros((1, channels, 64, 64)) if any_size else torch.zeros((1, *INPUT_SHAPE))
+        shape = [-1, channels, -1, -1] if any_size else [-1, *INPUT_SHAPE]
+        converted = openvino.convert_model(model, example_input=example, input=[openvino.PartialShape(shape)],
                                            share_weights=False)  # its own copy: the module may be changed or freed
         self.compiled = openvino.Core().compile_model(converted, "CPU", {
             "INFERENCE_NUM_THREADS": threads,
@@ -64,12 +69,12 @@ class OpenVINOForward(torch.nn.Module):
         return torch.from_numpy(outputs[0])
 
 
-def openvino_forward(model: torch.nn.Module, threads: int) -> OpenVINOForward | None:
+def openvino_forward(model: torch.nn.Module, threads: int, any_size: bool = False) -> OpenVINOForward | None:
     """`model` compiled by OpenVINO, or None where OpenVINO is not installed or cannot convert it (logged)."""
     if openvino is None:
         return None
     try:
-        return OpenVINOForward(model, threads)
+        return OpenVINOForward(model, threads, any_size)
     except Exception as exc:  # noqa: BLE001 - a model OpenVINO cannot convert keeps its TorchScript forwards
         log.warning("model not compiled by OpenVINO; it runs in TorchScript", extra={"reason": f"{type(exc).__name__}: {exc}"})
         return None

@@ -46,6 +46,8 @@ class Served:
     version: int
     manifest: dict
     batcher: Batcher
+    any_size: bool = False  # the model takes any H x W: whole-image inference (service.wholeimage)
+    halo: int = 0  # its receptive radius in input pixels (Upscaler.halo)
     last_used: float = field(default_factory=time.monotonic)
     leases: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -280,7 +282,8 @@ class ModelManager:
 
     async def _load(self, state: ModelState, version: int) -> Served:
         s = self.settings
-        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, self.precision, s.png_compression)
+        upscaler = Upscaler(self.store, state.name, version, self.device, s.max_batch_images, self.precision, s.png_compression,
+                            s.max_forward_pixels)
         if s.cpu_forward != "auto":
             upscaler.cpu_forwards = (s.cpu_forward,)
         upscaler.forward_choices = self.forward_choices
@@ -295,8 +298,9 @@ class ModelManager:
             state.loading.pop(version, None)
         batcher = Batcher(f"{state.name}:{version}", upscaler.run_batch, max_batch_images=s.max_batch_images, max_wait_ms=s.max_wait_ms, idle_dispatch=s.idle_dispatch,
                           max_queue_images=s.max_queue_images, retry_after_s=s.retry_after_s, metrics=self.metrics,
-                          model=state.name, version=version, fixed_cost_s=upscaler.fixed_cost_s)
-        served = state.loaded[version] = Served(state.name, version, upscaler.manifest, batcher)
+                          model=state.name, version=version, fixed_cost_s=upscaler.fixed_cost_s,
+                          batch_limit=upscaler.batch_limit if upscaler.any_size else None)
+        served = state.loaded[version] = Served(state.name, version, upscaler.manifest, batcher, upscaler.any_size, upscaler.halo)
         state.manifests[version] = upscaler.manifest
         log.info("loaded version", extra={"model": state.name, "version": version, "device": str(self.device),
                                           "seconds": round(time.perf_counter() - started, 3),

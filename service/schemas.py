@@ -32,7 +32,9 @@ class UpscaleQuery(BaseModel):
                           "+0.04, +0.06 and +0.07 dB for the default model.", json_schema_extra={"enum": list(ENSEMBLE_SIZES)})
     tile: bool = Field(False, description="true: images of any size (up to UPGRADER_MAX_IMAGE_PIXELS each, UPGRADER_MAX_REQUEST_PIXELS "
                        "together) are cut into 8x8 tiles, every tile goes through the batcher, and the 4x result is stitched "
-                       "(overlapping, blended tiles for fully convolutional models).")
+                       "(overlapping, blended tiles for fully convolutional models). Ignored by a model that takes any size "
+                       "(GET /models: input any, e.g. photo_residual): it upscales every image whole, up to "
+                       "UPGRADER_MAX_WHOLE_IMAGE_PIXELS.")
 
     @field_validator("ensemble")
     @classmethod
@@ -102,9 +104,18 @@ class VersionDetail(VersionInfo):
     manifest: dict[str, Any] = Field(description="The full manifest as stored.")
 
 
+DEFAULT_DEGRADATION = "bilinear-antialiased"  # how the 8x8 models' inputs were made (upgrader.imaging.downsample)
+
+
 class ModelInfo(BaseModel):
     name: str
     architecture: dict[str, Any] | None = None
+    input: Literal["8x8", "any"] = Field("8x8", description="8x8: images of exactly 8x8 (any size with tile=true, cut into 8x8 tiles); "
+                                         "any: images of any size, upscaled whole (large ones in overlapping windows), tile ignored.")
+    degradation: str = Field(DEFAULT_DEGRADATION, description="How the low-resolution inputs were made from the originals the model was "
+                             "trained to restore: bilinear-antialiased (upgrader.imaging.downsample, the 8x8 models) or "
+                             "bicubic-matlab-x4 (MATLAB's imresize bicubic, upgrader.imaging.bicubic_degrade: photo_residual). "
+                             "A model does best on inputs made that way.")
     parameter_count: int | None = None
     is_default: bool
     serving_version: int | None = Field(description="The version answering version=latest.")

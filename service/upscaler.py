@@ -24,7 +24,7 @@ from service.forward_choices import ForwardChoices, signature
 from service.openvino_forward import openvino_forward
 from upgrader.architectures import INPUT_SHAPE, INPUT_SIZE, OUTPUT_SHAPE
 from upgrader.cpus import native_bf16_cpu
-from upgrader.ensemble import self_ensemble
+from upgrader.ensemble import VIEWS, dihedral, self_ensemble, undo_dihedral
 from upgrader.imaging import to_float
 
 log = logging.getLogger("service.upscaler")
@@ -75,9 +75,14 @@ CPU_FORWARDS = ("trace", "frozen", "openvino")  # what fastest_cpu_forward may c
 MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+ANY_SIZE_TIMING_SHAPE = (INPUT_SHAPE[0], 96, 96)  # what an any-size model is traced and timed on: a small tile, seconds to time
+ANY_SIZE_BATCHES = (1, 2)
+
+
 def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (8, 32),
                       formats: tuple[torch.memory_format, ...] = tuple(MEMORY_FORMATS.values()),
-                      bf16: bool = False, forwards: tuple[str, ...] = CPU_FORWARDS) -> tuple[torch.nn.Module, torch.memory_format, str]:
+                      bf16: bool = False, forwards: tuple[str, ...] = CPU_FORWARDS,
+                      any_size: bool = False) -> tuple[torch.nn.Module, torch.memory_format, str]:
     """`model` traced (gil_free), as it is or frozen, in whichever memory format runs it fastest here, or compiled by
     OpenVINO where that is faster still: (module, format, forward).
 
@@ -92,12 +97,18 @@ def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (
     `bf16`: traced under bf16 autocast, which writes its casts into the trace (weights and inputs to
     bf16 before each conv and linear, outputs back where an op needs float32), so the trace runs in
     bf16 wherever it is called. OpenVINO (`service.openvino_forward`) is a float32 candidate only.
+
+    `any_size`: a fully convolutional model that takes any H x W (photo_residual). It is traced and timed on
+    ANY_SIZE_TIMING_SHAPE at batches ANY_SIZE_BATCHES (`batch_sizes` ignored); a trace of convolutions, pixel shuffle
+    and a scale-factor interpolation runs at every size, and OpenVINO compiles it with dynamic height and width.
     """
+    shape = ANY_SIZE_TIMING_SHAPE if any_size else INPUT_SHAPE
+    batch_sizes = ANY_SIZE_BATCHES if any_size else batch_sizes
     options: dict[tuple[torch.memory_format, str], torch.nn.Module] = {}
     traces: dict[torch.memory_format, torch.jit.ScriptModule] = {}
     for memory_format in formats:
         copy_ = copy.deepcopy(model).to(memory_format=memory_format)  # .to converts parameters in place: one copy each
-        example = torch.zeros((1, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
+        example = torch.zeros((1, *shape)).contiguous(memory_format=memory_format)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             traced = gil_free(copy_, example)
         if not isinstance(traced, torch.jit.ScriptModule):
@@ -110,12 +121,12 @@ def fastest_cpu_forward(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (
             options[memory_format, "frozen"] = frozen_
     if "openvino" in forwards and not bf16:
         # From the NCHW trace where there is one: OpenVINO converts a trace 2-3x faster than a module (which it traces).
-        if (compiled := openvino_forward(traces.get(torch.contiguous_format, model), torch.get_num_threads())) is not None:
+        if (compiled := openvino_forward(traces.get(torch.contiguous_format, model), torch.get_num_threads(), any_size)) is not None:
             options[torch.contiguous_format, "openvino"] = compiled  # reads NCHW
     if not options:  # no forward asked for is available: the first format's plain trace
         memory_format, traced = next(iter(traces.items()))
         options[memory_format, "trace"] = traced
-    inputs = {(memory_format, size): torch.rand((size, *INPUT_SHAPE)).contiguous(memory_format=memory_format)
+    inputs = {(memory_format, size): torch.rand((size, *shape)).contiguous(memory_format=memory_format)
               for memory_format, _ in options for size in batch_sizes}
     for (memory_format, _), module in options.items():
         for size in batch_sizes:
@@ -171,9 +182,39 @@ def pick_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def any_size_model(manifest: dict) -> bool:
+    """Whether a version takes images of any size (its manifest's input_shape is [3, null, null], as trainer/photo.py
+    publishes photo_residual): it runs on whole images, or large tiles of them (service.wholeimage), not 8x8 tiles."""
+    shape = manifest.get("input_shape") or list(INPUT_SHAPE)
+    return len(shape) == 3 and shape[1] is None and shape[2] is None
+
+
+def ensemble_views(model, x: torch.Tensor, size: int) -> torch.Tensor:
+    """`self_ensemble` one view at a time: the views of a non-square batch (turned a quarter) cannot be stacked."""
+    total = None
+    for turns, mirrored in VIEWS[size]:
+        y = undo_dihedral(model(dihedral(x, turns, mirrored)).float(), turns, mirrored)
+        total = y if total is None else total + y
+    return total / size
+
+
+BICUBIC_RADIUS = 2  # input pixels a bicubic skip reads on either side of an output pixel's position
+
+
+def receptive_radius(model: torch.nn.Module) -> int:
+    """An upper bound, in input pixels, of how far from an output pixel's position the model reads: the radii of all
+    its convolutions added up (each layer widens the window by its own radius, residual connections do not), and at
+    least the bicubic skip's."""
+    radius = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            radius += max((k - 1) // 2 * d for k, d in zip(module.kernel_size, module.dilation, strict=True))
+    return max(radius, BICUBIC_RADIUS)
+
+
 @dataclass
 class BatchOutput:
-    images: np.ndarray  # uint8 N x 3 x 32 x 32, exactly what the PNGs hold
+    images: np.ndarray  # uint8 N x 3 x 32 x 32 (N x 3 x 4H x 4W for an any-size model), exactly what the PNGs hold
     pngs: list[bytes | None]  # None where no PNG was asked for
 
 
@@ -181,9 +222,12 @@ class Upscaler:
     """One (model, version) on one device."""
 
     def __init__(self, store: ModelStore, name: str, version: int, device: torch.device, max_batch_images: int,
-                 precision: str = "float32", png_level: int = 0):
+                 precision: str = "float32", png_level: int = 0, max_forward_pixels: int = 512 * 512):
         self.store, self.name, self.version, self.device = store, name, version, device
         self.max_batch_images, self.png_level = max_batch_images, png_level
+        self.max_forward_pixels = max_forward_pixels  # an any-size model's input pixels per forward pass (batch_limit)
+        self.any_size = False  # takes any H x W (any_size_model), known once the manifest is read
+        self.halo = 0  # an any-size model's receptive radius in input pixels: the overlap its windows need (service.wholeimage)
         self.bf16 = precision == "bfloat16"  # the forward pass in bf16 (pick_precision)
         self.autocast = self.bf16  # predict's own autocast: off for a CPU trace made in bf16, which carries its casts
         self.model: torch.nn.Module | None = None
@@ -199,7 +243,9 @@ class Upscaler:
         """Verify every artifact, rebuild the architecture and load the weights onto the device."""
         self.store.verify(self.name, self.version)
         self.model, self.manifest = self.store.load(self.name, self.version, self.device)
-        if self.device.type == "cuda":
+        self.any_size = any_size_model(self.manifest)
+        self.halo = receptive_radius(self.model) if self.any_size else 0  # of the module, before it is traced or compiled
+        if self.device.type == "cuda" and not self.any_size:
             # Batches go through pinned host buffers, allocated once (cudaHostAlloc is slow), so both
             # copies are asynchronous DMA.
             self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
@@ -219,8 +265,9 @@ class Upscaler:
             # One image through the whole path now, so the first request does not pay for lazy initialisation.
             blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
             self.run_batch(codec.stack_images([self.decode(blank, 0)]))
-            # The batcher's regrouping wait is this fixed cost: workers that measured it apart batched apart.
-            self.fixed_cost_s = shared["fixed_cost_s"] if shared else self.measure_fixed_cost()
+            # The batcher's regrouping wait is this fixed cost: workers that measured it apart batched apart. An any-size
+            # model's batches are sized by pixels (batch_limit), its forward dominated by them: no regrouping wait.
+            self.fixed_cost_s = 0.0 if self.any_size else shared["fixed_cost_s"] if shared else self.measure_fixed_cost()
             if shares and not shared:
                 self.forward_choices.put(key, wanted, forward=self.forward, memory_format=str(self.memory_format).removeprefix("torch."),
                                          fixed_cost_s=self.fixed_cost_s)
@@ -233,7 +280,16 @@ class Upscaler:
         else:
             forwards, formats = self.cpu_forwards, tuple(MEMORY_FORMATS.values())
             self.forward_source = "pinned" if len(forwards) == 1 else "timed"  # pinned: its memory format may be timed
-        self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, formats=formats, bf16=self.bf16, forwards=forwards)
+        self.model, self.memory_format, self.forward = fastest_cpu_forward(self.model, formats=formats, bf16=self.bf16, forwards=forwards,
+                                                                           any_size=self.any_size)
+
+    def batch_limit(self, shape: tuple[int, ...], ensemble: int) -> int:
+        """Most images of `shape` (C x H x W) one forward pass takes: max_batch_images for 8x8 models; for an any-size
+        model as many as fit in max_forward_pixels (counting the ensemble's views), at least one."""
+        if not self.any_size:
+            return self.max_batch_images
+        pixels = shape[-2] * shape[-1] * ensemble
+        return max(1, min(self.max_batch_images, self.max_forward_pixels // pixels))
 
     def measure_fixed_cost(self) -> float:
         """Seconds of a forward pass that do not grow with its batch: t(1) - (t(max) - t(1)) / (max - 1), best of a few runs.
@@ -257,9 +313,11 @@ class Upscaler:
         return codec.decode_image(data, INPUT_SIZE, item, "image", max_bytes)
 
     def predict(self, batch: torch.Tensor, ensemble: int = 1) -> torch.Tensor:
-        """float N x 3 x 8 x 8 in [0, 1] on the device -> float N x 3 x 32 x 32."""
+        """float N x 3 x 8 x 8 in [0, 1] on the device -> float N x 3 x 32 x 32 (N x 3 x H x W -> 4H x 4W: any-size model)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             batch = batch.contiguous(memory_format=self.memory_format)
+            if ensemble > 1 and batch.shape[-2] != batch.shape[-1]:
+                return ensemble_views(lambda x: self.model(x.contiguous(memory_format=self.memory_format)), batch, ensemble)
             outputs = self_ensemble(self.model, batch, ensemble) if ensemble > 1 else self.model(batch)
         return outputs.float()
 
@@ -277,16 +335,19 @@ class Upscaler:
                              f"{self.max_batch_images} (max_batch_images)")
         with torch.inference_mode():
             batch = torch.from_numpy(images)
-            if self.device.type == "cuda":
+            pinned = self.device.type == "cuda" and not self.any_size
+            if pinned:
                 staged = self._pinned_in[: len(images)]
                 staged.copy_(batch)
                 batch = staged.to(self.device, non_blocking=True)
             outputs = codec.quantize(self.predict(to_float(batch), ensemble)).contiguous()  # NCHW whatever the model's format
-            if self.device.type == "cuda":
+            if pinned:
                 host = self._pinned_out[: len(outputs)]
                 host.copy_(outputs, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
                 pixels = host.numpy().copy()  # the buffer is reused by the next batch
+            elif self.device.type == "cuda":
+                pixels = outputs.cpu().numpy()
             else:
                 pixels = outputs.numpy()
         if png is None or all(png):

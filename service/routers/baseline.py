@@ -55,7 +55,7 @@ async def upscale_bicubic(request: Request, settings: SettingsDep, tile: TilePar
     body = await read_body(request, settings, tile)
     check_acceptable(request, len(body.images))
     if tile:
-        check_pixels(body.images, settings)
+        check_pixels(body.images, settings, settings.max_image_pixels)
         images, references = await decode_tiled(body, settings)
     else:
         images = list(await decode_all(Upscaler.decode, body.images, settings))

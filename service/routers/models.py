@@ -12,8 +12,9 @@ from service.priority import off_loop
 from service.deps import ManagerDep, require_admin, require_api_key
 from service.errors import ApiError, unavailable
 from service.redact import public, scrub_text
+from service.upscaler import any_size_model
 from service.registry import ModelManager, ModelState
-from service.schemas import AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
+from service.schemas import DEFAULT_DEGRADATION, AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={401: {"model": ErrorResponse, "description": "UPGRADER_API_KEYS is set and no valid key was sent."}})
@@ -51,6 +52,7 @@ def model_info(manager: ModelManager, state: ModelState) -> ModelInfo:
     aliases = dict(state.aliases, **({"latest": state.serving} if state.serving is not None else {}))
     return ModelInfo(
         name=state.name, architecture=newest.get("architecture"), parameter_count=newest.get("parameter_count"),
+        input="any" if any_size_model(newest) else "8x8", degradation=newest.get("degradation") or DEFAULT_DEGRADATION,
         is_default=state.name == manager.default_model, serving_version=state.serving, loaded_versions=sorted(state.loaded),
         aliases=aliases, versions=[version_info(state, v) for v in state.versions],
     )

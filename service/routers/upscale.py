@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from service import codec, multipart, tiling
+from service import codec, multipart, tiling, wholeimage
 from service.priority import off_loop
 from service.deps import StateDep, require_api_key
 from service.errors import ApiError, echo, unavailable
@@ -135,11 +135,16 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
                 raise unavailable("queue_full", f"{served.batcher.label} queue is full", settings.retry_after_s)
             async with admission.slot(request.scope, request.headers.get("content-length"), settings.max_images_per_request,
                                       wait_s=settings.request_timeout_s):
-                body = await read_body(request, settings, tile)
+                # A model that takes any size upscales whole images, tile=true or not (service.wholeimage).
+                whole = served.any_size
+                body = await read_body(request, settings, tile or whole)
                 check_acceptable(request, len(body.images))
-                if tile:
-                    check_pixels(body.images, settings)
-                upscale_images = upscale_tiled if tile else upscale_small
+                if tile or whole:
+                    if whole:
+                        check_pixels(body.images, settings, settings.max_whole_image_pixels, settings.max_whole_image_pixels)
+                    else:
+                        check_pixels(body.images, settings, settings.max_image_pixels)
+                upscale_images = upscale_whole if whole else upscale_tiled if tile else upscale_small
                 done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings, request.scope.get(CLIENT_GONE))
                 scores = await off_loop(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
@@ -189,6 +194,16 @@ async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadli
     tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images, gone)
     pngs = await off_loop(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
     return Upscaled(tiled.images, pngs, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
+
+
+async def upscale_whole(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings,
+                        gone: ClientGone | None) -> Upscaled:
+    """Images of any size through a model that takes any size: whole, or in windows within the pixel budget (service.wholeimage)."""
+    images, references = await decode_tiled(body, settings, settings.max_whole_image_pixels)
+    done = await wholeimage.upscale_whole(served.batcher, images, ensemble, deadline - time.perf_counter(), settings.max_forward_pixels,
+                                          served.halo, gone)
+    pngs = await off_loop(lambda: [codec.encode_png(image, settings.png_compression) for image in done.images])
+    return Upscaled(done.images, pngs, references, done.batch_size, done.queue_s, done.inference_s, done.tiles)
 
 
 # ---- body forms -------------------------------------------------------------------
@@ -328,26 +343,28 @@ def score_each(outputs: np.ndarray | list[np.ndarray], references: np.ndarray | 
 
 
 # ---- images of any size (tile=true) -----------------------------------------------
-def check_pixels(blobs: list[bytes], settings: Settings) -> list[tuple[int, int]]:
+def check_pixels(blobs: list[bytes], settings: Settings, max_image_pixels: int, max_request_pixels: int | None = None) -> list[tuple[int, int]]:
     """Declared (width, height) of every image from its header, refused over the pixel limits before any is decoded."""
     sizes = []
     for item, data in enumerate(blobs):
         width, height = codec.declared_size(data, item)
-        if width * height > settings.max_image_pixels:
+        if width * height > max_image_pixels:
             raise ApiError(413, "dimensions_too_large", f"image {item} declares {width}x{height} = {width * height} pixels; "
-                           f"the limit is {settings.max_image_pixels} per image", item)
+                           f"the limit is {max_image_pixels} per image", item)
         sizes.append((width, height))
-    total = sum(w * h for w, h in sizes)
-    if total > settings.max_request_pixels:
+    total, limit = sum(w * h for w, h in sizes), max_request_pixels or settings.max_request_pixels
+    if total > limit:
         raise ApiError(413, "too_many_pixels", f"the images of this request have {total} pixels together; the limit is "
-                       f"{settings.max_request_pixels} per request")
+                       f"{limit} per request")
     return sizes
 
 
-async def decode_tiled(body: UpscaleBody, settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Images of any size -> uint8 3 x H x W each; references must be 4x their image's width and height."""
+async def decode_tiled(body: UpscaleBody, settings: Settings, max_pixels: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Images of any size (up to `max_pixels`, default max_image_pixels) -> uint8 3 x H x W each; references must be 4x
+    their image's width and height."""
     def run():
-        images = [codec.decode_any(data, item, "image", settings.max_image_pixels) for item, data in enumerate(body.images)]
+        limit = max_pixels or settings.max_image_pixels
+        images = [codec.decode_any(data, item, "image", limit) for item, data in enumerate(body.images)]
         references = None
         if body.references is not None:
             references = [codec.decode_any(data, item, "reference", size=(image.shape[1] * tiling.SCALE, image.shape[0] * tiling.SCALE))
