@@ -26,7 +26,8 @@ from test_deploy import ROOT, free_ports, tool
 
 from model_store import ModelStore
 
-pytestmark = pytest.mark.containers
+# Builds from no cache take minutes (the first test pays for both images), beyond the suite's per-test timeout.
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
 
 DATA = Path(os.environ.get("UPGRADER_DATA", ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
 S3_IMAGE = "upgrader-seaweedfs:test"
@@ -46,7 +47,7 @@ def _engine_unavailable() -> str | None:
 
 
 if (reason := _engine_unavailable()) is not None:
-    pytestmark = [pytestmark, pytest.mark.skip(reason=reason)]
+    pytestmark = [*pytestmark, pytest.mark.skip(reason=reason)]
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
