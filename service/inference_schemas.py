@@ -26,6 +26,19 @@ class TensorMetadata(BaseModel):
     shape: list[int] = Field(description="-1: a variable dimension (the batch).")
 
 
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
 class ModelMetadata(BaseModel):
     name: str
     versions: list[str] = Field(description="Versions available (one, when a version was named).")
@@ -50,7 +63,10 @@ class RequestOutput(BaseModel):
 
 
 class InferenceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown top-level fields are ignored: KServe's SDK repeats `model_name` (and may add `model_version`)
+    # in the body although the path names the model. Inputs and outputs stay strict: a misspelt
+    # tensor field (say `parameter`) would otherwise be dropped without a word.
+    model_config = ConfigDict(extra="ignore")
     id: str | None = None
     parameters: Parameters | None = Field(None, description="`binary_data_output`: every output as binary data.")
     inputs: list[RequestInput]

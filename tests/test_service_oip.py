@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,6 +19,8 @@ from test_service_support import (
     decode_png,
     expected_outputs,
     metric_value,
+    outputs_of,
+    png_bytes,
     png_list,
     publish,
     small_inputs,
@@ -88,8 +93,13 @@ def raises(status: int, *fragments: str):
 
 
 # ---- health and metadata ---------------------------------------------------------------
-def test_server_health_and_metadata(client):
+def test_server_health_and_metadata(live, client):
     assert client.is_server_live() and client.is_server_ready()
+    # The bodies KServe's servers send (its SDK reads them; tritonclient looks at the status only).
+    assert httpx.get(live.url + "/v2/health/live").json() == {"live": True}
+    assert httpx.get(live.url + "/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(live.url + "/v2/models/conv/ready").json() == {"name": "conv", "ready": True}
+    assert httpx.get(live.url + "/v2/models/conv/versions/1/ready").json() == {"name": "conv", "ready": True}
     metadata = client.get_server_metadata()
     assert metadata["name"] == "upgrader" and "binary_tensor_data" in metadata["extensions"]
 
@@ -229,7 +239,8 @@ def test_malformed_bodies_are_400_in_the_protocol_shape(live):
         "extra bytes": (header + bytes(200), {"Inference-Header-Content-Length": str(len(header))}, "after the last binary tensor"),
         "header past body": (header, {"Inference-Header-Content-Length": str(len(header) + 5)}, "body has only"),
         "not json": (b"{oops", {}, "not valid JSON"),
-        "unknown field": (b'{"inputs": [], "colour": 1}', {}, "colour"),
+        "unknown input field": (b'{"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [], "colour": 1}]}',
+                                {}, "colour"),
         "no data": (b'{"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8"}]}', {}, "neither data nor"),
         "too few values": (b'{"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [1, 2]}]}', {}, "2 values"),
         "out of range": (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [256] * 192}]}).encode(),
@@ -243,6 +254,46 @@ def test_malformed_bodies_are_400_in_the_protocol_shape(live):
         assert set(response.json()) == {"error"} and fragment in response.json()["error"], (what, response.text)
     assert httpx.get(live.url + "/v2/models/conv/versions/..%2Fx").status_code in (400, 404)
     assert httpx.get(live.url + "/v2/nothing-here").json() == {"error": "no route GET '/v2/nothing-here'"}
+
+
+def test_unknown_top_level_fields_are_ignored(live, models, inputs):
+    """KServe's SDK repeats the model's name and version in the body; other servers ignore such fields, and so does this one."""
+    images = inputs[:2].numpy()
+    body = {"model_name": "conv", "model_version": "2", "colour": 1,
+            "inputs": [{"name": "input", "shape": [2, 3, 8, 8], "datatype": "UINT8", "data": images.reshape(-1).tolist()}]}
+    response = httpx.post(live.url + "/v2/models/conv/infer", json=body)
+    assert response.status_code == 200, response.text
+    got = np.array(response.json()["outputs"][0]["data"], np.uint8).reshape(2, 3, 32, 32)
+    assert_close_to(torch_of(got), expected_outputs(models[2], inputs[:2]))
+
+
+def run_kserve_client(transport: str, url: str, images: np.ndarray, tmp_path, *flags: str) -> tuple[dict, np.ndarray | None]:
+    """KServe's SDK in its own process (tests/kserve_client.py says why) -> (its report, the output tensor)."""
+    np.save(tmp_path / "in.npy", images)
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("kserve_client.py")), transport, url, "conv",
+                           str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), *flags],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return report, (np.load(tmp_path / "out.npy") if "error" not in report else None)
+
+
+def upscale_pixels(url: str, images: np.ndarray, model: str = "conv", version: str = "latest") -> np.ndarray:
+    """What POST /upscale answers for the same pixels (sent as PNGs): uint8 N x 3 x 32 x 32."""
+    files = [("images", (f"{i}.png", png_bytes(image.transpose(1, 2, 0)), "image/png")) for i, image in enumerate(images)]
+    response = httpx.post(f"{url}/upscale?model={model}&version={version}", files=files, timeout=60)
+    return outputs_of(response).numpy()
+
+
+def test_kserve_sdk_over_rest_gets_what_upscale_gives(live, models, inputs, tmp_path):
+    images = inputs[:4].numpy()
+    report, got = run_kserve_client("rest", live.url, images, tmp_path)
+    assert report["live"] is True and report["ready"] is True and report["model_ready"] is True
+    assert (report["model_name"], report["id"]) == ("conv", "kserve-1")  # the SDK's REST parser drops model_version
+    assert (report["output"], report["datatype"], report["shape"]) == ("output", "UINT8", [4, 3, 32, 32])
+    assert np.array_equal(got, upscale_pixels(live.url, images))
+    report, got = run_kserve_client("rest", live.url, images, tmp_path, "--bad-dtype")
+    assert "input 'input' is UINT8, not INT32" in report["error"], report
 
 
 def test_gzip_bodies_are_accepted(client, models, inputs):

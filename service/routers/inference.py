@@ -37,7 +37,10 @@ from service.limits import CLIENT_GONE, ClientGone
 from service.inference_schemas import (
     InferenceRequest,
     ModelMetadata,
+    ModelReady,
     ProtocolError,
+    ServerLive,
+    ServerReady,
     ServerMetadata,
     TensorMetadata,
 )
@@ -101,17 +104,19 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
 
-@router.get("/health/live", summary="200 while the process serves", response_class=Response, responses={200: {"content": {}}})
-async def live() -> Response:
-    return Response(status_code=200)
+# The health answers carry the JSON bodies KServe's servers send: its SDK reads them (`is_server_ready`
+# returns the body's `ready`), while tritonclient looks at the status alone.
+@router.get("/health/live", summary="200 while the process serves", response_model=ServerLive)
+async def live() -> ServerLive:
+    return ServerLive(live=True)
 
 
-@router.get("/health/ready", summary="200 once the default model is loaded", response_class=Response,
-            responses={200: {"content": {}}, 400: _RESPONSES[503]})
-async def ready(manager: ManagerDep) -> Response:
+@router.get("/health/ready", summary="200 once the default model is loaded", response_model=ServerReady,
+            responses={400: _RESPONSES[503]})
+async def ready(manager: ManagerDep) -> ServerReady:
     if not manager.is_ready():
         raise ApiError(400, "not_ready", "not ready: the default model is not loaded yet")
-    return Response(status_code=200)
+    return ServerReady(ready=True)
 
 
 async def _metadata(manager: ModelManager, name: str, version: str | None) -> ModelMetadata:
@@ -130,25 +135,25 @@ async def version_metadata(name: NameParam, version: VersionParam, manager: Mana
     return await _metadata(manager, name, version)
 
 
-async def _ready(manager: ModelManager, name: str, version: str) -> Response:
+async def _ready(manager: ModelManager, name: str, version: str) -> ModelReady:
     state = await manager.model_state(name)
     number = await manager.version_number(state, version)
     if number in state.failed:
         raise ApiError(400, "not_ready", f"model {name!r} version {number} cannot be served: {state.failed[number]}")
     if number not in state.loaded:
         raise ApiError(400, "not_ready", f"model {name!r} version {number} is not loaded (the first inference request naming it loads it)")
-    return Response(status_code=200)
+    return ModelReady(name=name, ready=True)
 
 
-@router.get("/models/{name}/ready", summary="200 when the serving version is loaded", response_class=Response,
-            responses={200: {"content": {}}, **_RESPONSES}, dependencies=[Depends(require_api_key)])
-async def model_ready(name: NameParam, manager: ManagerDep) -> Response:
+@router.get("/models/{name}/ready", summary="200 when the serving version is loaded", response_model=ModelReady,
+            responses=_RESPONSES, dependencies=[Depends(require_api_key)])
+async def model_ready(name: NameParam, manager: ManagerDep) -> ModelReady:
     return await _ready(manager, name, LATEST)
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="200 when this version is loaded", response_class=Response,
-            responses={200: {"content": {}}, **_RESPONSES}, dependencies=[Depends(require_api_key)])
-async def version_ready(name: NameParam, version: VersionParam, manager: ManagerDep) -> Response:
+@router.get("/models/{name}/versions/{version}/ready", summary="200 when this version is loaded", response_model=ModelReady,
+            responses=_RESPONSES, dependencies=[Depends(require_api_key)])
+async def version_ready(name: NameParam, version: VersionParam, manager: ManagerDep) -> ModelReady:
     return await _ready(manager, name, version)
 
 
