@@ -69,9 +69,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         priority.configure(app.state.settings.thread_nice)  # those threads run below the event loop (service.priority)
         codec.png_decoder()  # probed and logged at start-up, not on the first request
         await app.state.manager.start()
+        grpc_server = None
         try:
+            if app.state.settings.grpc_port:  # the OIP over gRPC, on this worker's loop, once its models are loaded
+                from service.grpc import server as grpc_oip  # here: grpcio stays unimported when gRPC is off
+
+                grpc_server = await grpc_oip.start(app.state)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_oip.stop(grpc_server, app.state.settings.request_timeout_s)
             await app.state.manager.close()  # requests already queued are answered first
             app.state.metrics.process_exited()
             flush_access_log()

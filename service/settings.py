@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="Model served when a request names none; unset: the model whose serving version gains most over bicubic on its validation images.")
     host: str = Field("127.0.0.1", description="Address uvicorn binds to (`python -m service --host`).")
     port: int = Field(8000, ge=0, le=65535, description="Port uvicorn listens on (`python -m service --port`).")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC (KServe's `inference.GRPCInferenceService` and the standard gRPC health service; docs/oip.md), on the same host and worker processes as HTTP, behind the same batcher, API keys and limits; 8001 as Triton. 0: no gRPC.")
     max_batch_images: int = Field(64, ge=1, description="Most images one model forward pass takes (requests are merged up to this and split beyond it).")
     max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher lets a batch grow (from its oldest image) while work is waiting before it runs a partial batch; also the longest a batch waits for the clients just answered, for a model whose forward pass has a large fixed cost (measured at load; see service.batching).")
     idle_dispatch: bool = Field(True, description="When the inference worker is idle and nothing is queued, run an arriving request at once (the batching window then applies only while work is waiting); false: every batch waits up to max_wait_ms for company.")

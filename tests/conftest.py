@@ -14,6 +14,9 @@ from model_store import ModelStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("UPGRADER_DATA", PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
+# The servers the tests start (in-process or as subprocesses) serve no gRPC unless a test gives them a port:
+# the default (8001) would be one port shared by every test server at once.
+os.environ.setdefault("UPGRADER_GRPC_PORT", "0")
 
 
 @pytest.fixture(scope="session")

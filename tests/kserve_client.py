@@ -42,7 +42,7 @@ async def main() -> None:
         report["model_ready"] = await client.is_model_ready(args.url, args.model, headers=headers)
         call = client.infer(args.url, request, model_name=args.model, headers=headers)
     else:
-        client = InferenceGRPCClient(args.url, retries=1)
+        client = InferenceGRPCClient(args.url, retries=2)  # its retry policy wants at least 2 attempts
         headers = [("authorization", f"Bearer {args.key}")] if args.key else None
         report["live"] = await client.is_server_live()
         report["ready"] = await client.is_server_ready()

@@ -17,6 +17,7 @@ are the protocol's `{"error": "..."}` (service.errors picks that shape for every
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -221,36 +222,65 @@ async def run_infer(state: State, name: str, version: str, header: Callable[[str
 
     Called by `infer` (FastAPI's route and service.fastlane) and by the protocol's own lane (service.infer_lane),
     which passes its connection's ClientGone: a client that leaves raises ClientDisconnect (counted as 499)."""
-    manager: ModelManager = state.manager
-    metrics: Metrics = state.metrics
     settings: Settings = state.settings
-    started = time.perf_counter()
-    label, status, images_served = UNKNOWN_MODEL, 500, 0
-    try:
-        body = decompress(await read_body(), header("content-encoding"), settings.max_body_bytes)
-        head, tail = split_body(body, header(HEADER_LENGTH))
-        payload = _parse_header(head)
-        wanted = _wanted_outputs(payload)
-        async with manager.lease(name, version) as served:
-            label = served.name
-            images = await _read_input(payload, tail, settings)
-            timeout = settings.request_timeout_s - (time.perf_counter() - started)
-            result = await served.batcher.submit(images, 1, timeout, png=PNG_OUT in wanted, gone=gone)
-        answer = _answer(served.name, served.version, payload.id, wanted, result.images, result.pngs)
-        images_served = len(result.pngs)
-        status = 200
-        return answer
-    except TensorError as exc:
-        status = exc.status
-        raise ApiError(exc.status, "invalid_tensor", str(exc)) from None
-    except ApiError as exc:
-        status = exc.status
-        raise
-    except ClientDisconnect:
-        status = 499
-        raise
-    finally:
-        metrics.request_done(label, status, time.perf_counter() - started, images_served)
+    with Tally(state.metrics) as tally:
+        try:
+            body = decompress(await read_body(), header("content-encoding"), settings.max_body_bytes)
+            head, tail = split_body(body, header(HEADER_LENGTH))
+            payload = _parse_header(head)
+            wanted = _wanted_outputs(payload)
+            done = await run_model(state, name, version, lambda: _read_input(payload, tail, settings), PNG_OUT in wanted, tally, gone)
+        except TensorError as exc:
+            raise ApiError(exc.status, "invalid_tensor", str(exc)) from None
+        return _answer(done.name, done.version, payload.id, wanted, done.pixels, done.pngs)
+
+
+class Tally:
+    """Counts one inference request in the service metrics when its block ends: model, status (from the exception) and images.
+
+    Shared by both transports (REST here, gRPC in service.grpc), so a request counts the same either way."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics, self.label, self.status, self.images = metrics, UNKNOWN_MODEL, 500, 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> Tally:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is None:
+            self.status = 200
+        elif isinstance(exc, (TensorError, ApiError)):
+            self.status = exc.status
+        elif isinstance(exc, (ClientDisconnect, asyncio.CancelledError)):
+            self.status = 499
+        self.metrics.request_done(self.label, self.status, time.perf_counter() - self.started, self.images if exc is None else 0)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    name: str
+    version: int
+    pixels: np.ndarray  # uint8 N x 3 x 32 x 32
+    pngs: list[bytes]  # empty unless asked for
+
+
+async def run_model(state: State, name: str, version: str, read_images: Callable[[], Awaitable[np.ndarray]], png: bool,
+                    tally: Tally, gone: ClientGone | None = None, deadline_s: float | None = None) -> Inferred:
+    """The shared inference path of both transports: lease the version, read the request's images, run them through its batcher.
+
+    `read_images()` runs under the lease (a version unknown is refused before any image is decoded); the
+    request's time (`request_timeout_s`, or the client's own `deadline_s` if sooner) counts from `tally.started`."""
+    settings: Settings = state.settings
+    manager: ModelManager = state.manager
+    async with manager.lease(name, version) as served:
+        tally.label = served.name
+        images = await read_images()
+        budget = settings.request_timeout_s if deadline_s is None else min(settings.request_timeout_s, deadline_s)
+        timeout = budget - (time.perf_counter() - tally.started)
+        result = await served.batcher.submit(images, 1, timeout, png=png, gone=gone)
+    tally.images = len(result.pngs)
+    return Inferred(served.name, served.version, result.images, result.pngs)
 
 
 def _parse_header(header: bytes) -> InferenceRequest:
