@@ -30,10 +30,11 @@ import io
 import logging
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from service.errors import ApiError
 
@@ -52,20 +53,54 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith((_PNG_SIGNATURE, b"\xff\xd8\xff", b"BM")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def _frames(image: Image.Image) -> int:
+    """How many frames an opened image holds (APNG, animated WebP or GIF: more than one); 1 where that cannot be read."""
+    try:
+        return int(getattr(image, "n_frames", 1)) if getattr(image, "is_animated", False) else 1
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+        return 1
+
+
+def _refuse_animated(image: Image.Image, item: int, what: str) -> None:
+    if (frames := _frames(image)) > 1:
+        raise ApiError(422, "animated_image", f"{what} {item} is an animated {image.format} ({frames} frames); animated images are "
+                       "not upscaled: send one frame as a still image", item)
+
+
+def _animated_gif(data: bytes, item: int, what: str) -> None:
+    """GIF is not an accepted format; an animated one is refused as animated, which says more than 'not a PNG'."""
+    if not data.startswith(b"GIF8"):
+        return
+    try:
+        with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
+            _refuse_animated(image, item, what)
+    except ApiError:
+        raise
+    except Exception:  # noqa: BLE001 - not a readable GIF: refused as an unsupported format by the caller
+        return
+
+
 def _open(data: bytes, item: int, what: str, max_bytes: int | None) -> Image.Image:
-    """Encoded bytes -> a lazily opened PIL image (header parsed, no pixel decompressed yet)."""
+    """Encoded bytes -> a lazily opened PIL image (header parsed, no pixel decompressed yet); animated images refused."""
     if not data:
         raise ApiError(400, "empty_image", f"{what} {item} is empty", item)
     if max_bytes is not None and len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"{what} {item} is {len(data)} bytes; the limit is {max_bytes}", item)
     try:
-        return Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: header only
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: header only
     except Image.DecompressionBombError as exc:
         raise ApiError(413, "dimensions_too_large", f"{what} {item}: {exc}", item) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         if _looks_like_image(data):
             raise ApiError(400, "corrupt_image", f"{what} {item} has a truncated or corrupt header", item) from None
+        _animated_gif(data, item, what)
         raise ApiError(415, "unsupported_image", f"{what} {item} is not a PNG, JPEG, WebP or BMP image", item) from None
+    try:
+        _refuse_animated(image, item, what)
+    except ApiError:
+        image.close()
+        raise
+    return image
 
 
 def _load(image: Image.Image, item: int, what: str) -> np.ndarray:
@@ -113,6 +148,8 @@ def _decode_png(data: bytes, size: int) -> np.ndarray | None:
     header = _png_header(data)
     if header is None or header[:3] != (size, size, 8) or header[3] not in (0, 2, 3, 4, 6) or header[4] != 0:
         return None
+    if b"acTL" in data[: data.find(b"IDAT")]:  # an animated PNG: PIL's path refuses it
+        return None
     if (decode_png := _libpng()) is None:
         return None
     try:
@@ -153,6 +190,77 @@ def decode_any(data: bytes, item: int, what: str = "image", max_pixels: int | No
             raise ApiError(413, "dimensions_too_large", f"{what} {item} declares {width}x{height} = {width * height} pixels; "
                            f"the limit is {max_pixels} per image", item)
         return _load(image, item, what)
+
+
+@dataclass
+class PhotoMeta:
+    """What a photo's RGB pixels leave out, for its answer (service.formats): its alpha channel and whether it was grey."""
+
+    alpha: np.ndarray | None  # uint8 H x W, None for an opaque image
+    grey: bool  # greyscale in (L, LA, 1, 16-bit grey): greyscale back
+
+    @property
+    def plain(self) -> bool:
+        return self.alpha is None and not self.grey
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def to_srgb(image: Image.Image) -> Image.Image:
+    """An RGB, RGBA or CMYK image with an embedded ICC profile, converted from it to sRGB (alpha kept); others as they are.
+
+    The model was trained on sRGB pixels and every answer is untagged sRGB. A profile that names itself sRGB is
+    skipped (the conversion would be the identity); one littleCMS cannot read is ignored, the pixels taken as sRGB."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(source).strip().startswith("sRGB"):
+            return image
+        alpha = image.getchannel("A") if image.mode == "RGBA" else None
+        base = image.convert("RGB") if alpha is not None else image
+        converted = ImageCms.profileToProfile(base, source, _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
+        log.warning("ICC profile not applied; pixels taken as sRGB", extra={"reason": repr(exc)[:200]})
+        return image
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+def decode_photo(data: bytes, item: int, what: str = "image", max_pixels: int | None = None,
+                 size: tuple[int, int] | None = None, max_bytes: int | None = None) -> tuple[np.ndarray, PhotoMeta]:
+    """A photo of any size -> (uint8 H x W x 3 sRGB, what its answer needs besides): its EXIF orientation applied, its
+    ICC profile converted to sRGB, its alpha channel (RGBA, LA, PA, a palette with transparency) and greyness kept
+    apart. Limits as decode_any, on the declared size (before rotation: the same pixel count)."""
+    with _open(data, item, what, max_bytes) as image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ApiError(413, "dimensions_too_large", f"{what} {item} declares {width}x{height} = {width * height} pixels; "
+                           f"the limit is {max_pixels} per image", item)
+        try:
+            image.load()
+            oriented = ImageOps.exif_transpose(image)
+            if size is not None and oriented.size != size:
+                raise ApiError(422, "wrong_size", f"{what} {item} is {oriented.width}x{oriented.height}; it must be {size[0]}x{size[1]}", item)
+            return _split(to_srgb(oriented))
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            raise ApiError(400, "corrupt_image", f"{what} {item} is truncated or corrupt ({exc})", item) from None
+
+
+def _split(image: Image.Image) -> tuple[np.ndarray, PhotoMeta]:
+    mode = image.mode
+    grey = mode in ("1", "L", "LA", "La", *_SIXTEEN_BIT_MODES)
+    if mode == "P" and "transparency" in image.info or mode == "PA":
+        image, mode = image.convert("RGBA"), "RGBA"
+    alpha = np.asarray(image.getchannel("A")) if mode in ("RGBA", "RGBa", "LA", "La") else None
+    if mode in ("LA", "La"):
+        image = image.convert("L")
+    elif mode in ("RGBA", "RGBa"):
+        image = image.convert("RGB")
+    return _to_rgb(image), PhotoMeta(alpha, grey)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

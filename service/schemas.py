@@ -36,6 +36,13 @@ class UpscaleQuery(BaseModel):
                        "(GET /models: input any, e.g. photo_residual): it upscales every image whole, up to "
                        "UPGRADER_MAX_WHOLE_IMAGE_PIXELS.")
 
+    format: str | None = Field(None, description="Output format: png (default), webp, jpeg (or jpg), avif (where the server's Pillow "
+                               "has it, else 406). Unset: the first of these Accept "
+                               "names, else png. Not offered: 406. The one image itself comes back when Accept names its type "
+                               "(or image/*), else JSON.")
+    quality: int | None = Field(None, ge=1, le=100, description="Quality of a lossy format: jpeg (default 90), avif (default 75), "
+                                "webp (given: lossy at this quality; unset: lossless). On png: 422.")
+
     @field_validator("ensemble")
     @classmethod
     def _an_ensemble_size(cls, value: int) -> int:
@@ -59,7 +66,11 @@ class ModelRef(BaseModel):
 
 class UpscaledImage(BaseModel):
     index: int = Field(description="Position of the input image in the request.")
-    png: str = Field(description="The 32x32 output (4x the input with tile=true), base64-encoded PNG.")
+    png: str | None = Field(None, description="The 32x32 output (4x the input with tile=true or a model that takes any size), "
+                            "base64-encoded PNG (the default format).")
+    data: str | None = Field(None, description="The output in the format asked for (format=webp, jpeg or avif, or Accept), base64; "
+                             "absent for PNG, which is in `png`.")
+    media_type: str | None = Field(None, description="The media type of `data` (image/webp, image/jpeg, image/avif); absent for PNG.")
     width: int = 32
     height: int = 32
     psnr: float | None = Field(None, description="PSNR in dB against the reference (only when references were sent).")

@@ -25,17 +25,17 @@ from upgrader.imaging import to_float
 PARAMS = {"width": 8, "depth": 2}  # small and fast; the served one is 64x8 (runs/photo)
 
 
-def photo_model(seed: int = 0, **params) -> torch.nn.Module:
-    """An untrained photo_residual whose residual branch is not zero (a fresh one is exactly bicubic)."""
+def photo_model(seed: int = 0, residual_std: float = 0.05, **params) -> torch.nn.Module:
+    """An untrained photo_residual whose residual branch is not zero (a fresh one, residual_std 0, is exactly bicubic)."""
     torch.manual_seed(seed)
     model = build_model("photo_residual", **(params or PARAMS)).eval()
-    torch.nn.init.normal_(model.to_subpixels.weight, std=0.05)
+    torch.nn.init.normal_(model.to_subpixels.weight, std=residual_std)
     return model
 
 
-def publish_photo(store: ModelStore, name: str = "photo", seed: int = 0) -> torch.nn.Module:
+def publish_photo(store: ModelStore, name: str = "photo", seed: int = 0, residual_std: float = 0.05) -> torch.nn.Module:
     """A photo_residual version with the manifest fields trainer/photo.py writes (any H x W, its degradation)."""
-    model = photo_model(seed)
+    model = photo_model(seed, residual_std)
     manifest = {
         "architecture": {"name": "photo_residual", "params": PARAMS}, "parameter_count": parameter_count(model),
         "input_shape": [3, None, None], "output_shape": [3, None, None], "degradation": "bicubic-matlab-x4", "scale": 4,

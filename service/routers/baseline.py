@@ -56,7 +56,7 @@ async def upscale_bicubic(request: Request, settings: SettingsDep, tile: TilePar
     check_acceptable(request, len(body.images))
     if tile:
         check_pixels(body.images, settings, settings.max_image_pixels)
-        images, references = await decode_tiled(body, settings)
+        images, references, _ = await decode_tiled(body, settings)
     else:
         images = list(await decode_all(Upscaler.decode, body.images, settings))
         references = await decode_all(decode_reference, body.references, settings) if body.references else None

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from service import codec, multipart, tiling, wholeimage
+from service import codec, formats, multipart, tiling, wholeimage
 from service.priority import off_loop
 from service.deps import StateDep, require_api_key
 from service.errors import ApiError, echo, unavailable
@@ -138,20 +138,21 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
                 # A model that takes any size upscales whole images, tile=true or not (service.wholeimage).
                 whole = served.any_size
                 body = await read_body(request, settings, tile or whole)
-                check_acceptable(request, len(body.images))
+                output = formats.negotiate(request.headers.get("accept", ""), query.format, query.quality, len(body.images))
                 if tile or whole:
                     if whole:
                         check_pixels(body.images, settings, settings.max_whole_image_pixels, settings.max_whole_image_pixels)
                     else:
                         check_pixels(body.images, settings, settings.max_image_pixels)
                 upscale_images = upscale_whole if whole else upscale_tiled if tile else upscale_small
-                done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings, request.scope.get(CLIENT_GONE))
+                done = await upscale_images(served, body, ensemble, started + settings.request_timeout_s, settings, request.scope.get(CLIENT_GONE),
+                                            output)
                 scores = await off_loop(score_each, done.outputs, done.references) if done.references is not None else None
         total_ms = (time.perf_counter() - started) * 1000
         run = UpscaleMetrics(images=len(done.pngs), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3), tiles=done.tiles,
                              inference_ms=round(done.inference_s * 1000, 3), total_ms=round(total_ms, 3), device=str(manager.device),
                              precision=manager.precision)
-        answer = (request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs])
+        answer = (request, served.name, served.version, done.pngs, scores, run, [o.shape[-2:] for o in done.outputs], output)
         response = make_response(*answer) if len(done.pngs) <= INLINE_DECODE_LIMIT else await off_loop(make_response, *answer)
         images_served = len(done.pngs)
         status = response.status_code
@@ -169,7 +170,7 @@ async def upscale(request: Request, state: StateDep, query: Annotated[UpscaleQue
 @dataclass
 class Upscaled:
     outputs: np.ndarray | list[np.ndarray]  # uint8 N x 3 x 32 x 32, or 3 x 4H x 4W per tiled image
-    pngs: list[bytes]
+    pngs: list[bytes]  # each output encoded in the answer's format (PNG unless asked otherwise: service.formats)
     references: np.ndarray | list[np.ndarray] | None
     batch_size: int
     queue_s: float
@@ -177,33 +178,44 @@ class Upscaled:
     tiles: int | None = None
 
 
+PNG = formats.Output("png", None, False)
+
+
+async def encode_all(images, metas: list[codec.PhotoMeta] | None, output: formats.Output, settings: Settings) -> list[bytes]:
+    """Each output in the answer's format (off the event loop: a large photo's encoding takes a while)."""
+    return await off_loop(lambda: [formats.encode(image, output, metas[i] if metas else None, settings.png_compression)
+                                   for i, image in enumerate(images)])
+
+
 async def upscale_small(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings,
-                        gone: ClientGone | None) -> Upscaled:
+                        gone: ClientGone | None, output: formats.Output = PNG) -> Upscaled:
     """8x8 images: one job on the batcher (dropped if the client leaves while it waits: `gone`)."""
     inputs = await decode_all(Upscaler.decode, body.images, settings)
     references = await decode_all(decode_reference, body.references, settings) if body.references else None
-    result = await served.batcher.submit(inputs, ensemble, deadline - time.perf_counter(), gone=gone)
-    return Upscaled(result.images, result.pngs, references, result.batch_size, result.queue_s, result.inference_s)
+    png = output.format == "png"  # the worker thread encodes PNGs as it goes; other formats are encoded here
+    result = await served.batcher.submit(inputs, ensemble, deadline - time.perf_counter(), png=png, gone=gone)
+    encoded = result.pngs if png else await encode_all(result.images, None, output, settings)
+    return Upscaled(result.images, encoded, references, result.batch_size, result.queue_s, result.inference_s)
 
 
 async def upscale_tiled(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings,
-                        gone: ClientGone | None) -> Upscaled:
+                        gone: ClientGone | None, output: formats.Output = PNG) -> Upscaled:
     """Images of any size: tiles through the batcher, stitched (service.tiling)."""
-    images, references = await decode_tiled(body, settings)
+    images, references, metas = await decode_tiled(body, settings)
     overlapping = fully_convolutional(served.manifest.get("architecture", {}).get("name", ""))
     tiled = await tiling.upscale_tiles(served.batcher, images, overlapping, ensemble, deadline - time.perf_counter(), settings.max_batch_images, gone)
-    pngs = await off_loop(lambda: [codec.encode_png(image, settings.png_compression) for image in tiled.images])
-    return Upscaled(tiled.images, pngs, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
+    encoded = await encode_all(tiled.images, metas, output, settings)
+    return Upscaled(tiled.images, encoded, references, tiled.batch_size, tiled.queue_s, tiled.inference_s, tiled.tiles)
 
 
 async def upscale_whole(served: Served, body: UpscaleBody, ensemble: int, deadline: float, settings: Settings,
-                        gone: ClientGone | None) -> Upscaled:
+                        gone: ClientGone | None, output: formats.Output = PNG) -> Upscaled:
     """Images of any size through a model that takes any size: whole, or in windows within the pixel budget (service.wholeimage)."""
-    images, references = await decode_tiled(body, settings, settings.max_whole_image_pixels)
+    images, references, metas = await decode_tiled(body, settings, settings.max_whole_image_pixels)
     done = await wholeimage.upscale_whole(served.batcher, images, ensemble, deadline - time.perf_counter(), settings.max_forward_pixels,
                                           served.halo, gone)
-    pngs = await off_loop(lambda: [codec.encode_png(image, settings.png_compression) for image in done.images])
-    return Upscaled(done.images, pngs, references, done.batch_size, done.queue_s, done.inference_s, done.tiles)
+    encoded = await encode_all(done.images, metas, output, settings)
+    return Upscaled(done.images, encoded, references, done.batch_size, done.queue_s, done.inference_s, done.tiles)
 
 
 # ---- body forms -------------------------------------------------------------------
@@ -359,18 +371,21 @@ def check_pixels(blobs: list[bytes], settings: Settings, max_image_pixels: int, 
     return sizes
 
 
-async def decode_tiled(body: UpscaleBody, settings: Settings, max_pixels: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Images of any size (up to `max_pixels`, default max_image_pixels) -> uint8 3 x H x W each; references must be 4x
-    their image's width and height."""
+async def decode_tiled(body: UpscaleBody, settings: Settings, max_pixels: int | None = None
+                       ) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[codec.PhotoMeta]]:
+    """Photos of any size (up to `max_pixels`, default max_image_pixels) -> uint8 3 x H x W each (EXIF orientation applied,
+    sRGB), with what their answers need (alpha, greyness: codec.decode_photo); references must be 4x their image's width
+    and height."""
     def run():
         limit = max_pixels or settings.max_image_pixels
-        images = [codec.decode_any(data, item, "image", limit) for item, data in enumerate(body.images)]
+        photos = [codec.decode_photo(data, item, "image", limit) for item, data in enumerate(body.images)]
+        images = [image for image, _ in photos]
         references = None
         if body.references is not None:
-            references = [codec.decode_any(data, item, "reference", size=(image.shape[1] * tiling.SCALE, image.shape[0] * tiling.SCALE))
+            references = [codec.decode_photo(data, item, "reference", size=(image.shape[1] * tiling.SCALE, image.shape[0] * tiling.SCALE))[0]
                           for item, (data, image) in enumerate(zip(body.references, images, strict=True))]
             references = [np.ascontiguousarray(r.transpose(2, 0, 1)) for r in references]
-        return [np.ascontiguousarray(i.transpose(2, 0, 1)) for i in images], references
+        return [np.ascontiguousarray(i.transpose(2, 0, 1)) for i in images], references, [meta for _, meta in photos]
 
     return await off_loop(run)
 
@@ -387,16 +402,21 @@ def check_acceptable(request: Request, count: int) -> None:
 
 
 def make_response(request: Request, name: str, version: int, pngs: list[bytes], scores: list[tuple[float, float]] | None,
-                  run: UpscaleMetrics, sizes: list[tuple[int, int]] | None = None) -> Response:
-    if wants_png(request, len(pngs)):
+                  run: UpscaleMetrics, sizes: list[tuple[int, int]] | None = None, output: formats.Output | None = None) -> Response:
+    """The answer: the one image itself when `output.raw` (default: PNG when Accept asks for image/png), else JSON."""
+    if output is None:
+        output = formats.Output("png", None, wants_png(request, len(pngs)))
+    if output.raw:
         timing = (f"queue;dur={run.queue_ms}, inference;dur={run.inference_ms}, total;dur={run.total_ms}, "
                   f"batch;desc=\"{run.batch_size} images on {run.device}\"")
-        return Response(pngs[0], media_type="image/png", headers={"Server-Timing": timing, "X-Upgrader-Model": f"{name}:{version}"})
+        return Response(pngs[0], media_type=output.media_type, headers={"Server-Timing": timing, "X-Upgrader-Model": f"{name}:{version}"})
+    png = output.format == "png"
     images = [
-        UpscaledImage(index=i, png=base64.b64encode(png).decode("ascii"),
+        UpscaledImage(index=i, png=base64.b64encode(data).decode("ascii") if png else None,
+                      data=None if png else base64.b64encode(data).decode("ascii"), media_type=None if png else output.media_type,
                       width=sizes[i][1] if sizes else OUTPUT_SIZE, height=sizes[i][0] if sizes else OUTPUT_SIZE,
                       psnr=None if scores is None else round(scores[i][0], 4), ssim=None if scores is None else round(scores[i][1], 6))
-        for i, png in enumerate(pngs)
+        for i, data in enumerate(pngs)
     ]
     payload = UpscaleResponse(model=ModelRef(name=name, version=version), images=images, metrics=run)
     return Response(payload.model_dump_json(exclude_none=True), media_type="application/json")
