@@ -217,3 +217,50 @@ def test_usable_at_phone_width(live, browser):
     page.click("#tab-models")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     context.close()
+
+
+# ---- photo models, output formats, before/after ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def photo_live(tmp_path_factory):
+    from test_service_wholeimage import publish_photo
+
+    store = ModelStore(tmp_path_factory.mktemp("page-photo") / "store")
+    publish(store, "conv", "conv", seed=1, psnr=21.0)
+    publish_photo(store, "photo")
+    with LiveServer(store=store.root, poll_interval_s=60, max_image_pixels=128 * 128) as server:
+        yield server
+
+
+def test_a_photo_model_in_the_chosen_format_with_a_before_after_slider(photo_live, page):
+    page.goto(photo_live.url + "/")
+    page.wait_for_selector("#model-choices select[data-model=photo]")
+    badge = page.locator("label[for=use-photo] .badge.photo")
+    assert badge.inner_text() == "photos" and "bicubic-matlab-x4" in badge.get_attribute("title")
+    assert page.locator("label[for=use-conv] .badge.photo").count() == 0
+    page.select_option("#format", "webp")
+    page.click("button[data-example=astronaut]")
+    wait_for_results(page, 3)  # photo, conv and bicubic
+    assert page.locator(".card.failed").count() == 0
+    sizes = natural_sizes(page)
+    assert sizes["photo"] == [256, 256] and sizes["conv"] == [256, 256]
+    card = page.locator(".card[data-model=photo]")
+    assert card.get_attribute("data-format") == "image/webp"
+    # The download is exactly the API's WebP (the whole image in one forward: no tiles).
+    expected = api_answer(photo_live, "/upscale?tile=true&model=photo&format=webp", "astronaut")["images"][0]
+    assert expected["media_type"] == "image/webp" and float(card.get_attribute("data-psnr")) == expected["psnr"]
+    link = card.locator("a[download]")
+    assert link.get_attribute("download").endswith(".webp") and link.inner_text() == "Download WEBP"
+    downloaded = page.evaluate("async url => { const b = new Uint8Array(await (await fetch(url)).arrayBuffer()); "
+                               "let s = ''; b.forEach(x => s += String.fromCharCode(x)); return btoa(s); }", link.get_attribute("href"))
+    assert downloaded == expected["data"]
+    # Before/after: the input over the output's left half; the slider moves the edge.
+    before = card.locator(".frame.compare img.before")
+    assert before.evaluate("img => img.naturalWidth") == 64
+    box, frame = before.bounding_box(), card.locator(".frame").bounding_box()
+    assert abs(box["width"] - frame["width"]) < 2 and abs(box["height"] - frame["height"]) < 2
+    card.locator("input.slider").fill("20")
+    assert before.evaluate("img => img.style.clipPath") == "inset(0px 80% 0px 0px)"
+    # Another format reruns: JPEG comes back as JPEG.
+    page.select_option("#format", "jpeg:90")
+    page.wait_for_function("document.querySelector('.card[data-model=photo].done')?.dataset.format === 'image/jpeg'", timeout=60_000)
+    assert page.locator(".card[data-model=photo] a[download]").get_attribute("download").endswith(".jpg")

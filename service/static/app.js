@@ -15,6 +15,9 @@ const PLAIN = {
   unauthorized: "The API key was not accepted.",
   wrong_size: "The image has the wrong size.",
   unsupported_image: "That file is not an image the server reads (PNG, JPEG, WebP or BMP).",
+  animated_image: "Animated images are not upscaled; send a still image.",
+  format_not_offered: "This server cannot write that output format.",
+  not_acceptable: "This server cannot write that output format.",
   unsupported_media_type: "That file is not an image the server reads (PNG, JPEG, WebP or BMP).",
   corrupt_image: "The image file is damaged or incomplete.",
   empty_image: "The image file is empty.",
@@ -119,6 +122,11 @@ function renderChoices(listing) {
     const check = Object.assign(document.createElement("input"), { type: "checkbox", checked: true, id: `use-${model.name}` });
     check.dataset.model = model.name;
     const label = Object.assign(document.createElement("label"), { htmlFor: check.id, textContent: model.name });
+    if (model.input === "any") {  // a photo model: any size, whole images; trained on inputs made by its degradation
+      const badge = Object.assign(document.createElement("span"), { className: "badge photo", textContent: "photos",
+        title: `any size, upscaled whole; trained on ${model.degradation} inputs` });
+      label.append(badge);
+    }
     const select = document.createElement("select");
     select.dataset.model = model.name;
     select.setAttribute("aria-label", `${model.name} version`);
@@ -307,9 +315,31 @@ function card(kind, title) {
   return node;
 }
 
-function b64ToBlob(b64) {
+function b64ToBlob(b64, type = "image/png") {
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-  return new Blob([bytes], { type: "image/png" });
+  return new Blob([bytes], { type });
+}
+
+// The output format chosen: "png", "webp" (lossless) or "name:quality" -> the query of POST /upscale.
+function formatQuery() {
+  const [name, quality] = $("#format").value.split(":");
+  return `&format=${name}` + (quality ? `&quality=${quality}` : "");
+}
+
+const EXTENSIONS = { "image/png": "png", "image/webp": "webp", "image/jpeg": "jpg", "image/avif": "avif" };
+
+// Before/after on a model's card: the input, stretched to the output's size, over the output's left part; a slider
+// moves the edge between them.
+function addCompare(node, inputBlob) {
+  const frame = node.querySelector(".frame");
+  frame.classList.add("compare");
+  const before = Object.assign(document.createElement("img"), { className: "before", alt: "input (before)", src: URL.createObjectURL(inputBlob) });
+  before.style.maxWidth = frame.querySelector("img").style.maxWidth;  // exactly over the output
+  frame.append(before);
+  const slider = Object.assign(document.createElement("input"), { type: "range", min: 0, max: 100, value: 50, className: "slider" });
+  slider.setAttribute("aria-label", "before / after");
+  slider.addEventListener("input", () => { before.style.clipPath = `inset(0 ${100 - slider.value}% 0 0)`; });
+  frame.after(slider);
 }
 
 async function showImage(node, blob, width) {
@@ -351,7 +381,7 @@ async function upscaleOne(target, job, ensemble, shown, runId) {
   form.append("images", job.input, "input.png");
   if (job.reference) form.append("references", job.reference, "reference.png");
   const url = target.name === "bicubic" ? "/bicubic?tile=true"
-    : `/upscale?tile=true&model=${encodeURIComponent(target.name)}&version=${encodeURIComponent(target.version)}&ensemble=${ensemble}`;
+    : `/upscale?tile=true&model=${encodeURIComponent(target.name)}&version=${encodeURIComponent(target.version)}&ensemble=${ensemble}` + formatQuery();
   const started = performance.now();
   try {
     const answer = await (await api(url, { method: "POST", body: form })).json();
@@ -361,8 +391,11 @@ async function upscaleOne(target, job, ensemble, shown, runId) {
     node.querySelector("h3").textContent = title;
     Object.assign(node.dataset, { version: answer.model.version, batch: m.batch_size, ms: m.total_ms });
     if (image.psnr != null) Object.assign(node.dataset, { psnr: image.psnr, ssim: image.ssim });
-    const blob = b64ToBlob(image.png);
+    const type = image.media_type || "image/png";
+    node.dataset.format = type;
+    const blob = image.png != null ? b64ToBlob(image.png) : b64ToBlob(image.data, type);
     await showImage(node, blob, shown);
+    if (target.name !== "bicubic") addCompare(node, job.input);
     const stats = node.querySelector(".stats");
     if (image.psnr != null) {
       const score = Object.assign(document.createElement("div"), { className: "score", textContent: `PSNR ${image.psnr.toFixed(2)} dB · SSIM ${image.ssim.toFixed(3)}` });
@@ -371,8 +404,9 @@ async function upscaleOne(target, job, ensemble, shown, runId) {
     const timing = `${image.width}×${image.height} · ${m.total_ms.toFixed(1)} ms on the server (${Math.round(performance.now() - started)} ms here)` +
       (target.name === "bicubic" ? "" : ` · batch of ${m.batch_size}` + (m.tiles > 1 ? ` · ${m.tiles} tiles` : ""));
     stats.append(Object.assign(document.createElement("div"), { className: "timing", textContent: timing }));
-    const link = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), textContent: "Download PNG",
-      download: `${job.name}_${answer.model.name}${target.name === "bicubic" ? "" : `-v${answer.model.version}`}.png` });
+    const extension = EXTENSIONS[type] || "png";
+    const link = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), textContent: `Download ${extension.toUpperCase()}`,
+      download: `${job.name}_${answer.model.name}${target.name === "bicubic" ? "" : `-v${answer.model.version}`}.${extension}` });
     node.append(link);
     node.classList.add("done");
   } catch (err) {
@@ -397,6 +431,7 @@ $("#tab-try").addEventListener("click", () => showView("try"));
 $("#tab-models").addEventListener("click", () => showView("models"));
 $("#run").addEventListener("click", () => run());
 $("#ensemble").addEventListener("change", () => state.job && run());
+$("#format").addEventListener("change", () => state.job && run());
 $("#downscale").addEventListener("change", () => { $("#downscale").dataset.touched = "1"; });
 $("#file").addEventListener("change", (event) => event.target.files[0] && useFile(event.target.files[0]));
 $("#reference-file").addEventListener("change", (event) => {
