@@ -91,7 +91,7 @@ def negotiate(accept: str, fmt: str | None, quality: int | None, count: int) -> 
                            "(accept application/json for several)")
         wants_image = False
     if quality is not None and name not in LOSSY:
-        raise ApiError(422, "invalid_query", f"quality applies to {', '.join(LOSSY)}; {name} is lossless")
+        raise ApiError(422, "invalid_parameter", f"quality applies to {', '.join(LOSSY)}; {name} is lossless")
     return Output(name, quality, wants_image)
 
 

@@ -149,7 +149,7 @@ def test_what_is_not_offered_is_406_with_the_error_body(client, monkeypatch):
     monkeypatch.setattr(formats.features, "check", lambda name: False)  # a Pillow built without AVIF
     assert_error(one(client, data, "&format=avif"), 406, "format_not_offered")
     assert_error(one(client, data, accept="image/avif"), 406, "not_acceptable")
-    assert_error(one(client, data, "&format=png&quality=50"), 422, "invalid_query")
+    assert_error(one(client, data, "&format=png&quality=50"), 422, "invalid_parameter")
     response = client.post("/upscale?model=photo&format=webp", files=multipart([data, data]), headers={"accept": "image/webp"})
     assert_error(response, 406, "not_acceptable")
 

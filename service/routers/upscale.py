@@ -91,16 +91,17 @@ _ERRORS = {
     400: "Corrupt or truncated image, empty part, invalid base64/JSON/multipart.",
     401: "UPGRADER_API_KEYS is set and no valid key was sent.",
     404: "Unknown model or version/alias.",
-    406: "Accept: image/png with more than one image.",
+    406: "A format (query or Accept) this server does not write, or one image type in Accept with several images.",
     413: "Body, image, image count or declared image dimensions (tile=true: pixels per image or per request) over the limits.",
     415: "Not a PNG/JPEG/WebP/BMP image, or an unsupported Content-Type.",
-    422: "Wrong image size, unknown form/JSON field, no images, references not aligned, bad query parameter.",
+    422: "Wrong image size, animated image, unknown form/JSON field, no images, references not aligned, bad query parameter.",
     503: "Queue full, no model loaded, version refused or shutting down (with Retry-After).",
     504: "Not inferred within UPGRADER_REQUEST_TIMEOUT_S.",
 }
 _RESPONSES = {
-    200: {"model": UpscaleResponse, "description": "JSON by default; with `Accept: image/png` and one image, the PNG itself "
-          "(metrics in `Server-Timing`, model in `X-Upgrader-Model: name:version`).", "content": {"image/png": {"schema": _binary}}},
+    200: {"model": UpscaleResponse, "description": "JSON by default; with one image and `Accept` naming its format (image/png, "
+          "image/webp, image/jpeg, image/avif), the image itself (metrics in `Server-Timing`, model in `X-Upgrader-Model: name:version`).",
+          "content": {media: {"schema": _binary} for media in ("image/png", "image/webp", "image/jpeg", "image/avif")}},
     **{status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()},
 }
 
