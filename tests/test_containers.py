@@ -113,6 +113,16 @@ def upscale(url: str, png: bytes, **params: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
 
 
+def upscale_over_grpc(address: str, png: bytes) -> np.ndarray:
+    import tritonclient.grpc as triton
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).transpose(2, 0, 1)[None].copy()
+    tensor = triton.InferInput("input", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    answer = triton.InferenceServerClient(address).infer("upgrader", [tensor]).as_numpy("output")
+    return answer[0].transpose(1, 2, 0)
+
+
 def in_process(png: bytes, store: ModelStore, name: str) -> np.ndarray:
     """What the float32 model gives in this process for the same 8-bit input, as 8-bit pixels."""
     model, _ = store.load(name)
@@ -183,8 +193,9 @@ def test_the_cuda_image_imports_torch_with_cuda_the_service_and_the_trainer(imag
 
 
 def test_cpu_profile_seeds_the_store_serves_the_shipped_model_and_hot_loads_what_the_trainer_publishes(images):
-    port, = free_ports(1)
-    stack = Stack("cpu", env={"UPGRADER_PUBLISH_PORT": str(port), "UPGRADER_DATA_DIR": str(DATA)})
+    port, grpc_port = free_ports(2)
+    stack = Stack("cpu", env={"UPGRADER_PUBLISH_PORT": str(port), "UPGRADER_GRPC_PUBLISH_PORT": str(grpc_port),
+                              "UPGRADER_DATA_DIR": str(DATA)})
     url = f"http://127.0.0.1:{port}"
     png = (ROOT / "examples" / "cat-8x8.png").read_bytes()
     try:
@@ -195,7 +206,9 @@ def test_cpu_profile_seeds_the_store_serves_the_shipped_model_and_hot_loads_what
         assert stack.state("store-init")["ExitCode"] == 0
         listing = httpx.get(f"{url}/models", timeout=10).json()
         assert listing["default_model"] == "upgrader", listing
-        assert_same_pixels(upscale(url, png), in_process(png, ModelStore(ROOT / "pretrained"), "upgrader"))
+        expected = in_process(png, ModelStore(ROOT / "pretrained"), "upgrader")
+        assert_same_pixels(upscale(url, png), expected)
+        assert_same_pixels(upscale_over_grpc(f"127.0.0.1:{grpc_port}", png), expected)  # the published gRPC port
         assert any(entry.get("png_decoder") == "torchcodec" for entry in json_logs(stack.logs("service")))
 
         stack.compose("run", "--rm", "trainer-cpu", *SMOKE_TRAINING, timeout=900)

@@ -189,13 +189,16 @@ def test_s3_profile_runs_an_s3_server_a_bucket_init_a_trainer_and_two_replicas_o
         cache = replica["environment"]["UPGRADER_MODEL_CACHE"]
         assert [v["target"] for v in replica["volumes"]] == [cache]  # its own cache, no shared store volume
     assert len({r["volumes"][0]["source"] for r in replicas}) == 2, "each replica has its own cache volume"
-    assert len({p["published"] for r in replicas for p in r["ports"]}) == 2, "the replicas need different host ports"
+    published = [p["published"] for r in replicas for p in r["ports"]]
+    assert len(set(published)) == len(published) == 4, "the replicas need different host ports (HTTP and gRPC each)"
+    assert all({p["target"] for p in r["ports"]} == {8000, 8001} for r in replicas)  # HTTP and the OIP over gRPC
 
 
 def test_every_service_setting_reaches_the_service_containers_when_set_and_only_then():
     from service.settings import Settings
 
-    fixed = {"UPGRADER_STORE", "UPGRADER_HOST", "UPGRADER_PORT", "UPGRADER_MODEL_CACHE"}
+    # fixed by the file: where the store is, and the addresses the published ports map to
+    fixed = {"UPGRADER_STORE", "UPGRADER_HOST", "UPGRADER_PORT", "UPGRADER_GRPC_PORT", "UPGRADER_MODEL_CACHE"}
     settings = {f"UPGRADER_{field.upper()}" for field in Settings.model_fields} - fixed
     given = {var: f"value-of-{var.lower()}" for var in settings}
     services = compose_config("s3", services=("service", "service-a", "service-b"), env=given)["services"]
@@ -421,6 +424,12 @@ def test_service_and_autoscaler_point_at_the_deployment(base):
     assert not (service["spec"]["selector"].items() <= one(base, "Job")["spec"]["template"]["metadata"]["labels"].items()), \
         "the Service must not send requests to the trainer"
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # the OIP over gRPC: the Service's grpc port reaches the container port the service listens on
+    grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert grpc["targetPort"] == "grpc" and grpc["appProtocol"] == "grpc"
+    listens = next(e["value"] for e in container["env"] if e["name"] == "UPGRADER_GRPC_PORT")
+    assert {"name": "grpc", "containerPort": int(listens)} in container["ports"]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
     assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
