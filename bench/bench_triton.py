@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_triton.py --store STORE --triton-python /tmp/tv/bin/python --perf-analyzer /tmp/tv/bin/perf_analyzer
     .venv/bin/python bench/bench_triton.py --store STORE ... --models conv --concurrency 32 --rounds 3
     .venv/bin/python bench/bench_triton.py --store STORE ... --baseline-ref HEAD~3   # also this tree vs an earlier one
+    .venv/bin/python bench/bench_triton.py --store STORE ... --protocol grpc         # the same, over gRPC on both servers
 
 Setup (bench-only, nothing of it is a project dependency; see docs/benchmarks.md):
 
@@ -117,8 +118,9 @@ instance_group [{{ kind: KIND_CPU, count: {args.instances} }}]
 class Server(ServerProcess):
     """bench_service's server process (own session, log file, SIGSTOP/SIGCONT, graceful stop), ready when its models are."""
 
-    def __init__(self, kind: str, command: list[str], env: dict[str, str], port: int, log: Path):
+    def __init__(self, kind: str, command: list[str], env: dict[str, str], port: int, log: Path, grpc_port: int):
         super().__init__(ServerSpec(kind, command, env, ready_path="/v2/health/ready", upscale_path=""), port, log)
+        self.grpc_port = grpc_port  # the same V2 protocol over gRPC (perf_analyzer -i grpc)
 
     @property
     def kind(self) -> str:
@@ -158,9 +160,9 @@ def start_triton(root: Path, repo: Path, args) -> Server:
     # The python backend runs the stub found next to it; the wheel keeps one per Python version.
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     shutil.copy(home / "python_backend_stubs" / version / "triton_python_backend_stub", backends / "python")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     command = [str(home / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backends}",
-               "--http-address=127.0.0.1", f"--http-port={port}", "--grpc-address=127.0.0.1", f"--grpc-port={free_port()}", f"--metrics-port={free_port()}", "--allow-metrics=false",
+               "--http-address=127.0.0.1", f"--http-port={port}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}", f"--metrics-port={free_port()}", "--allow-metrics=false",
                "--log-verbose=0", "--exit-on-error=true",
                # importing torch in each stub can take a minute on a loaded machine; the default 30 s kills it
                "--backend-config=python,stub-timeout-seconds=600",
@@ -174,16 +176,16 @@ def start_triton(root: Path, repo: Path, args) -> Server:
         "PYTHONPATH": ":".join([str(PROJECT_ROOT), site_packages(sys.executable)]),
         "PYTHONHOME": sys.base_prefix,
     }
-    return Server("triton", command, env, port, root / "triton.log")
+    return Server("triton", command, env, port, root / "triton.log", grpc_port)
 
 
 def start_upgrader(root: Path, store: ModelStore, args, tree: Path = PROJECT_ROOT, kind: str = "upgrader") -> Server:
-    port = free_port()
-    env = {"UPGRADER_STORE": str(store.root), "UPGRADER_WORKERS": str(args.instances), "UPGRADER_TORCH_THREADS": str(args.threads),
+    port, grpc_port = free_port(), free_port()
+    env = {"UPGRADER_GRPC_PORT": str(grpc_port), "UPGRADER_STORE": str(store.root), "UPGRADER_WORKERS": str(args.instances), "UPGRADER_TORCH_THREADS": str(args.threads),
            "UPGRADER_MAX_BATCH_IMAGES": "64", "UPGRADER_MAX_WAIT_MS": str(args.max_queue_delay_us / 1000), "PYTHONPATH": str(tree),
            "UPGRADER_PRECISION": args.upgrader_precision}
     return Server(kind, [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env, port,
-                  root / f"{kind}.log")
+                  root / f"{kind}.log", grpc_port)
 
 
 @contextlib.contextmanager
@@ -207,7 +209,8 @@ def write_input_data(root: Path, images: np.ndarray) -> Path:
 
 def run_perf_analyzer(server: Server, model: str, concurrency: int, inputs: Path, root: Path, args) -> Cell:
     report = root / f"pa-{server.kind}-{model}-{concurrency}.csv"
-    command = [args.perf_analyzer, "-m", model, "-u", f"127.0.0.1:{server.port}", "-i", "http", "-b", "1",
+    port = server.grpc_port if args.protocol == "grpc" else server.port
+    command = [args.perf_analyzer, "-m", model, "-u", f"127.0.0.1:{port}", "-i", args.protocol, "-b", "1",
                f"--concurrency-range={concurrency}", f"--measurement-interval={int(args.interval_s * 1000)}", "--percentile=99",
                # the machine is shared: windows are reported, not retried until stable
                "--stability-percentage=1000", "--max-trials=3", f"--input-data={inputs}", "-f", str(report)]
@@ -295,6 +298,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--rounds", type=int, default=1, help="repeat every cell (servers alternated) and report medians")
     parser.add_argument("--interval-s", type=float, default=3.0, help="perf_analyzer measurement window")
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http",
+                        help="the V2 protocol over REST or over gRPC (both servers, same models and settings)")
     parser.add_argument("--cell-timeout-s", type=float, default=180.0)
     parser.add_argument("--instances", type=int, default=2, help="Triton model instances = Upgrader worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per instance / worker")
@@ -325,7 +330,7 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers' process groups are stopped on the way out
     print(f"load average {os.getloadavg()}, {os.cpu_count()} cpus; {args.instances} instances x {args.threads} torch thread(s); "
-          f"queue delay {args.max_queue_delay_us} us; perf_analyzer window {args.interval_s:g}s; Triton's forward: {args.triton_forward}", flush=True)
+          f"queue delay {args.max_queue_delay_us} us; perf_analyzer -i {args.protocol}, window {args.interval_s:g}s; Triton's forward: {args.triton_forward}", flush=True)
     store = ModelStore(args.store)
     targets, _ = load_images(args.data, args.images)
     from upgrader.imaging import downsample, to_float

@@ -77,7 +77,7 @@ def api_answer(live, path: str, example: str) -> dict:
 def natural_sizes(page) -> dict[str, list[int]]:
     return page.eval_on_selector_all(".card.done, .card[data-kind=input], .card[data-kind=reference]",
                                      "cards => Object.fromEntries(cards.map(c => [c.dataset.model || c.dataset.kind, "
-                                     "[c.querySelector('img').naturalWidth, c.querySelector('img').naturalHeight]]))")
+                                     "[c.querySelector('img:not(.before)').naturalWidth, c.querySelector('img:not(.before)').naturalHeight]]))")
 
 
 def wait_for_results(page, count: int) -> None:
@@ -95,7 +95,7 @@ def test_an_example_through_every_model_matches_the_api(live, page):
     assert sizes["input"] == [64, 64] and sizes["reference"] == [256, 256]
     assert all(sizes[name] == [256, 256] for name in MODELS + ["bicubic"]), sizes
     # Crisp pixels: the enlarged pictures are not smoothed by the browser.
-    assert page.eval_on_selector(".card[data-model=conv] img", "img => getComputedStyle(img).imageRendering") == "pixelated"
+    assert page.eval_on_selector(".card[data-model=conv] img.after", "img => getComputedStyle(img).imageRendering") == "pixelated"
     for name in MODELS + ["bicubic"]:
         path = "/bicubic?tile=true" if name == "bicubic" else f"/upscale?tile=true&model={name}"
         expected = api_answer(live, path, "astronaut")
@@ -210,7 +210,7 @@ def test_usable_at_phone_width(live, browser):
     page.click("button[data-example=astronaut]")
     wait_for_results(page, len(MODELS) + 1)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
-    box = page.locator(".card[data-model=conv] img").bounding_box()
+    box = page.locator(".card[data-model=conv] img.after").bounding_box()
     assert 100 < box["width"] <= 390
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
@@ -256,8 +256,8 @@ def test_a_photo_model_in_the_chosen_format_with_a_before_after_slider(photo_liv
     # Before/after: the input over the output's left half; the slider moves the edge.
     before = card.locator(".frame.compare img.before")
     assert before.evaluate("img => img.naturalWidth") == 64
-    box, frame = before.bounding_box(), card.locator(".frame").bounding_box()
-    assert abs(box["width"] - frame["width"]) < 2 and abs(box["height"] - frame["height"]) < 2
+    box, after = before.bounding_box(), card.locator(".frame img.after").bounding_box()
+    assert all(abs(box[k] - after[k]) < 1 for k in ("x", "y", "width", "height")), (box, after)  # exactly over the output
     card.locator("input.slider").fill("20")
     assert before.evaluate("img => img.style.clipPath") == "inset(0px 80% 0px 0px)"
     # Another format reruns: JPEG comes back as JPEG.

@@ -334,7 +334,7 @@ function addCompare(node, inputBlob) {
   const frame = node.querySelector(".frame");
   frame.classList.add("compare");
   const before = Object.assign(document.createElement("img"), { className: "before", alt: "input (before)", src: URL.createObjectURL(inputBlob) });
-  before.style.maxWidth = frame.querySelector("img").style.maxWidth;  // exactly over the output
+  before.style.maxWidth = frame.querySelector("img.after").style.maxWidth;  // exactly over the output
   frame.append(before);
   const slider = Object.assign(document.createElement("input"), { type: "range", min: 0, max: 100, value: 50, className: "slider" });
   slider.setAttribute("aria-label", "before / after");
@@ -343,7 +343,7 @@ function addCompare(node, inputBlob) {
 }
 
 async function showImage(node, blob, width) {
-  const img = document.createElement("img");
+  const img = Object.assign(document.createElement("img"), { className: "after" });  // the output ("before" is the input)
   img.src = URL.createObjectURL(blob);
   await img.decode().catch(() => {});
   // Every picture is drawn at the same width, so input pixels and output pixels line up by eye.
