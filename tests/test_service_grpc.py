@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ast
+import ctypes
 import importlib.util
+import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import httpx
@@ -16,7 +20,8 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2
 from test_service_oip import run_kserve_client, torch_of, upscale_pixels
-from test_service_support import LiveServer, assert_close_to, decode_png, expected_outputs, metric_value, png_list, publish, small_inputs
+from test_service_support import (LiveServer, ServiceProcess, assert_close_to, decode_png, expected_outputs, metric_value, png_list,
+                                  publish, small_inputs)
 from tritonclient.utils import InferenceServerException
 
 from model_store import ModelStore
@@ -101,25 +106,87 @@ def fails(code: grpc.StatusCode, *fragments: str):
 
 
 # ---- the proto --------------------------------------------------------------------------
+def _compiled(out: Path) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """grpc_predict_v2.proto and its import compiled again by grpcio-tools, as the docstring of service.grpc.messages says."""
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{messages.PROTO.parent}", "--include_imports",
+                    f"--descriptor_set_out={out}", str(messages.PROTO)], check=True)
+    return {file.name: file for file in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file}
+
+
+def _without_json_names(proto: descriptor_pb2.FileDescriptorProto | descriptor_pb2.DescriptorProto) -> None:
+    for message in proto.message_type if isinstance(proto, descriptor_pb2.FileDescriptorProto) else proto.nested_type:
+        for field in message.field:
+            field.ClearField("json_name")
+        _without_json_names(message)
+
+
 def test_the_descriptor_is_compiled_from_the_proto_and_matches_kserves(tmp_path):
     out = tmp_path / "again.binpb"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{messages.PROTO.parent}", f"--descriptor_set_out={out}",
-                    str(messages.PROTO)], check=True)
+    files = _compiled(out)
     assert out.read_bytes() == messages.DESCRIPTOR_SET.read_bytes()
+    assert list(files) == [messages.MODEL_CONFIG_PROTO.name, messages.PROTO.name]
     # The kserve wheel's generated module, read without importing it (its names would clash with tritonclient's).
-    kserve_root = messages.Path(importlib.util.find_spec("kserve").origin).parent  # located, not imported
+    kserve_root = Path(importlib.util.find_spec("kserve").origin).parent  # located, not imported
     source = (kserve_root / "protocol" / "grpc" / "grpc_predict_v2_pb2.py").read_text()
     serialized = next(ast.literal_eval(node.args[0]) for node in ast.walk(ast.parse(source))
                       if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile")
     theirs = descriptor_pb2.FileDescriptorProto.FromString(serialized)
-    ours = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    ours = files[messages.PROTO.name]
+    # KServe's service plus Triton's ModelConfig RPC, whose messages come from the import.
+    [config_rpc] = [method for method in ours.service[0].method if method.name == "ModelConfig"]
+    assert (config_rpc.input_type, config_rpc.output_type) == (".inference.ModelConfigRequest", ".inference.ModelConfigResponse")
+    ours.service[0].method.remove(config_rpc)
+    assert list(ours.dependency) == [messages.MODEL_CONFIG_PROTO.name]
+    ours.ClearField("dependency")
     for proto in (theirs, ours):
         proto.ClearField("name")
-        for message in proto.message_type:
-            for nested in [message, *message.nested_type, *(n for m in message.nested_type for n in m.nested_type)]:
-                for field in nested.field:
-                    field.ClearField("json_name")
+        _without_json_names(proto)
     assert ours == theirs
+
+
+def test_the_model_config_messages_are_a_subset_of_tritons(tmp_path):
+    """Every message, field and enum value of model_config.proto is Triton's: same name, number, type, label, oneof."""
+    from tritonclient.grpc import model_config_pb2, service_pb2  # Triton's, in the default pool; ours are in a pool of their own
+
+    triton_messages, triton_enums = {}, {}
+
+    def index(prefix: str, messages_, enums) -> None:
+        for enum in enums:
+            triton_enums[f"{prefix}.{enum.name}"] = {value.name: value.number for value in enum.value}
+        for message in messages_:
+            triton_messages[f"{prefix}.{message.name}"] = message
+            index(f"{prefix}.{message.name}", message.nested_type, message.enum_type)
+
+    for module in (model_config_pb2, service_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        _without_json_names(proto)
+        index(".inference", proto.message_type, proto.enum_type)
+
+    ours = _compiled(tmp_path / "again.binpb")[messages.MODEL_CONFIG_PROTO.name]
+    _without_json_names(ours)
+    checked = []
+
+    def check(prefix: str, messages_, enums) -> None:
+        for enum in enums:
+            # An enum has all of Triton's values, so nothing Triton sends or expects is unknown here.
+            assert {value.name: value.number for value in enum.value} == triton_enums[f"{prefix}.{enum.name}"], enum.name
+        for message in messages_:
+            name = f"{prefix}.{message.name}"
+            theirs = triton_messages[name]
+            their_fields = {field.name: field for field in theirs.field}
+            for field in message.field:
+                their = their_fields[field.name]
+                assert (field.number, field.type, field.label, field.type_name) == (their.number, their.type, their.label, their.type_name), \
+                    f"{name}.{field.name}"
+                oneof = message.oneof_decl[field.oneof_index].name if field.HasField("oneof_index") else None
+                assert oneof == (theirs.oneof_decl[their.oneof_index].name if their.HasField("oneof_index") else None), f"{name}.{field.name}"
+                checked.append(f"{name}.{field.name}")
+            check(name, message.nested_type, message.enum_type)
+
+    check(".inference", ours.message_type, ours.enum_type)
+    assert {".inference.ModelConfig.max_batch_size", ".inference.ModelConfig.dynamic_batching", ".inference.ModelInput.dims",
+            ".inference.ModelConfigResponse.config", ".inference.ModelVersionPolicy.Specific.versions"} <= set(checked)
 
 
 # ---- health and metadata ---------------------------------------------------------------
@@ -139,6 +206,27 @@ def test_health_and_metadata(live, client):
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", messages.SERVICE):
             assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_model_config_is_what_rest_answers(live, client):
+    """Triton's ModelConfig RPC, read by tritonclient's own message classes, equals GET .../config parsed into them."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    for version, path in (("", "/v2/models/conv/config"), ("stable", "/v2/models/conv/versions/stable/config"),
+                          ("2", "/v2/models/conv/versions/2/config")):
+        rest = httpx.get(live.url + path)
+        assert rest.status_code == 200, rest.text
+        config = client.get_model_config("conv", version).config
+        assert config == json_format.ParseDict(rest.json(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == ("conv", "upgrader_pytorch", 16)
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [("input", "TYPE_UINT8", [3, 8, 8])]
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [("output", "TYPE_UINT8", [3, 32, 32])]
+    assert config.WhichOneof("scheduling_choice") == "dynamic_batching" and list(config.version_policy.specific.versions) == [1, 2]
+    with fails(grpc.StatusCode.NOT_FOUND, "model 'nope' not found"):
+        client.get_model_config("nope")
+    with fails(grpc.StatusCode.NOT_FOUND, "no version or alias '9'"):
+        client.get_model_config("conv", "9")
 
 
 # ---- inference -------------------------------------------------------------------------
@@ -279,7 +367,53 @@ def test_api_keys_and_deadlines(tmp_path, inputs):
             with fails(grpc.StatusCode.UNAUTHENTICATED):
                 client.get_model_metadata("conv", headers={"authorization": "Bearer wrong"})
             assert client.get_model_metadata("conv", headers={"x-api-key": "k1"}, as_json=True)["name"] == "conv"
+            with fails(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required"):
+                client.get_model_config("conv")
+            assert client.get_model_config("conv", headers={"x-api-key": "k1"}).config.name == "conv"
             # The deadline (spent before the batch can come back) is 504 over HTTP, DEADLINE_EXCEEDED here.
             with fails(grpc.StatusCode.DEADLINE_EXCEEDED, "not inferred within"):
                 client.infer("conv", [pixels_input(images)], headers={"authorization": "Bearer k1"})
         assert server.url
+
+
+# ---- perf_analyzer ---------------------------------------------------------------------
+PERF_ANALYZER_SH = Path(__file__).parent / "tools" / "perf_analyzer.sh"
+
+
+@pytest.fixture(scope="session")
+def perf_analyzer(request) -> tuple[Path, dict[str, str]]:
+    """Triton's perf_analyzer binary and the environment it runs in; tests/tools/perf_analyzer.sh installs it when missing."""
+    try:
+        ctypes.CDLL("libb64.so.0d")
+    except OSError:
+        pytest.skip("perf_analyzer links Debian's libb64.so.0d, which is not installed here (apt-get install libb64-0d; .ci/run does)")
+    env = {**os.environ, "PYTHON": sys.executable}
+    cache = Path(env.get("UPGRADER_CI_CACHE", "/var/cache/upgrader-ci"))
+    installed = (cache / "perf-analyzer-2.41.0" / "bin" / "perf_analyzer").is_file()
+    if "UPGRADER_PERF_ANALYZER_DIR" not in env and not installed and not os.access(cache if cache.exists() else cache.parent, os.W_OK):
+        env["UPGRADER_PERF_ANALYZER_DIR"] = str(request.config.cache.mkdir("perf-analyzer-2.41.0"))  # no CI cache to write to
+    where = Path(subprocess.run(["bash", str(PERF_ANALYZER_SH)], env=env, check=True, capture_output=True, text=True,
+                                timeout=900).stdout.strip())
+    library_path = ":".join(filter(None, [str(where / "nvidia" / "cuda_runtime" / "lib"), os.environ.get("LD_LIBRARY_PATH")]))
+    return where / "bin" / "perf_analyzer", {**os.environ, "LD_LIBRARY_PATH": library_path}
+
+
+def test_perf_analyzer_over_grpc_measures_a_python_m_service(perf_analyzer, tmp_path):
+    """Triton's perf_analyzer -i grpc (ModelConfig, ModelMetadata, then ModelInfer) against `python -m service`."""
+    binary, env = perf_analyzer
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", seed=1)
+    port = free_port()
+    server = ServiceProcess(store.url, env={"UPGRADER_GRPC_PORT": str(port)})
+    try:
+        server.wait_ready()
+        run = subprocess.run([str(binary), "-i", "grpc", "-u", f"127.0.0.1:{port}", "-m", "conv", "-b", "1",
+                              "--concurrency-range=2", "--measurement-interval=1000", "--stability-percentage=1000",
+                              "--max-trials=3"],  # perf_analyzer calls a measurement stable over 3 windows: fewer never is
+                             env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report
+    throughput = re.search(r"Concurrency: 2, throughput: ([0-9.]+) infer/sec", report)
+    assert throughput and float(throughput.group(1)) > 0, report

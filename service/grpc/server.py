@@ -19,6 +19,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from starlette.datastructures import State
 from starlette.requests import ClientDisconnect
@@ -38,6 +39,7 @@ from service.routers.inference import (
     SERVER_NAME,
     SERVER_VERSION,
     Tally,
+    _config,
     _metadata,
     _read_input,
     _wanted_outputs,
@@ -150,6 +152,15 @@ class InferenceServicer:
             name=metadata.name, versions=metadata.versions, platform=PLATFORM,
             inputs=[{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in metadata.inputs],
             outputs=[{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in metadata.outputs])
+
+    async def ModelConfig(self, request, context):
+        """Triton's ModelConfig RPC: the dict GET /v2/models/{name}[/versions/{v}]/config answers, as the message."""
+        self._check_key(context)
+        state = await self.manager.model_state(request.name)
+        if request.version:
+            await self.manager.version_number(state, request.version)
+        config = json_format.ParseDict(_config(state, self.settings), messages.ModelConfig())
+        return messages.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request, context):
         gone = ClientGone()
