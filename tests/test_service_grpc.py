@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2
 from test_service_oip import run_kserve_client, torch_of, upscale_pixels
 from test_service_support import (LiveServer, ServiceProcess, assert_close_to, decode_png, expected_outputs, metric_value, png_list,
-                                  publish, small_inputs)
+                                  publish, small_inputs, wait_for)
 from tritonclient.utils import InferenceServerException
 
 from model_store import ModelStore
@@ -352,6 +352,42 @@ def test_a_cancelled_request_leaves_the_server_serving(live, channel, client, in
     for future in futures:  # each ends: answered before the cancel arrived, or cancelled; never hung
         assert future.cancelled() or future.exception(timeout=30) is None or future.code() == grpc.StatusCode.CANCELLED
     assert np.array_equal(client.infer("conv", [pixels_input(images)]).as_numpy("output"), upscale_pixels(live.url, images))
+
+
+def test_a_cancelled_request_has_its_queued_images_dropped_not_computed(tmp_path, pngs, inputs):
+    """As over HTTP (tests/test_overload.py): images queued for a gRPC call its client cancelled are never computed."""
+    from test_overload import connect, multipart_body, multipart_head, read_response
+
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", seed=1)
+    port = free_port()
+    with LiveServer(store=store.root, grpc_port=port, poll_interval_s=60, max_batch_images=1) as live, \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        def batches() -> float:
+            return metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_batch_images_count", model="conv")
+
+        before = batches()
+        body = multipart_body(pngs * 4)  # 256 images, one forward pass (x8 with ensemble=8) each, ahead in line
+        stays = connect(live.url)
+        stays.sendall(multipart_head(live.url, body).replace(b"/upscale", b"/upscale?ensemble=8") + body)
+        started = wait_for(lambda: (count := batches()) > before and count, "the first batch")
+        images = inputs[:8].numpy()
+        request = ModelInferRequest(model_name="conv")
+        request.inputs.add(name="input", datatype="UINT8", shape=list(images.shape))
+        request.raw_input_contents.append(images.tobytes())
+        call = channel.unary_unary(f"/{messages.SERVICE}/ModelInfer", request_serializer=ModelInferRequest.SerializeToString,
+                                   response_deserializer=messages.ModelInferResponse.FromString).future(request)
+        wait_for(lambda: batches() >= started + 20, "20 more batches")  # long enough for the 8 to be queued
+        assert not call.done()
+        call.cancel()
+        status, _, answer = read_response(stays)
+        assert status == 200
+        stays.close()
+        metrics = httpx.get(f"{live.url}/metrics").text
+        # grpc.aio cancels the handler when its client cancels: counted as "cancelled", the call as 499 (client gone)
+        assert metric_value(metrics, "upgrader_images_dropped_total", model="conv", reason="cancelled") == 8
+        assert metric_value(metrics, "upgrader_requests_total", model="conv", status="499") == 1
+        assert batches() - before == 256  # the 256 only: none of the 8 went through the model
 
 
 def test_api_keys_and_deadlines(tmp_path, inputs):
