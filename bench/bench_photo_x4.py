@@ -21,6 +21,7 @@ Set14 are test sets: measure on them, never tune on them.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,20 @@ def ensemble_upscale(model: torch.nn.Module, lr: torch.Tensor) -> torch.Tensor:
     return sum(undo_dihedral(model(dihedral(lr, turns, mirrored)), turns, mirrored) for turns, mirrored in DIHEDRAL) / len(DIHEDRAL)
 
 
+def served_upscale(url: str, model: str, lr: torch.Tensor, ensemble: int = 1) -> torch.Tensor:
+    """POST /upscale?tile=true of a running service, the LR image as a PNG, the answer as a PNG: what a client gets."""
+    import httpx
+
+    buffer = io.BytesIO()
+    Image.fromarray((lr[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    params = {"tile": "true", "model": model, **({"ensemble": str(ensemble)} if ensemble > 1 else {})}
+    answer = httpx.post(f"{url}/upscale", params=params, content=buffer.getvalue(), timeout=120,
+                        headers={"content-type": "image/png", "accept": "image/png"})
+    answer.raise_for_status()
+    with Image.open(io.BytesIO(answer.content)) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float().div(255)
+
+
 def load(store: ModelStore, spec: str) -> tuple[str, torch.nn.Module]:
     name, _, version = spec.partition(":")
     model, manifest = store.load(name, version or "latest")
@@ -97,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiled-store", default=str(ROOT / "pretrained"), help="store of the --tiled versions")
     p.add_argument("--tiled", action="append", default=None, metavar="NAME[:VERSION]",
                    help="8x8 model run through the service's tiling (repeatable; default: upgrader; 'none': no such row)")
-    p.add_argument("--ensemble", action="store_true", help="also each --model's self-ensemble over the 8 dihedral views")
+    p.add_argument("--ensemble", action="store_true", help="also each --model's (and --served model's) self-ensemble over the 8 dihedral views")
+    p.add_argument("--url", help="a running service (e.g. http://127.0.0.1:8000): each --served model is measured through it")
+    p.add_argument("--served", action="append", default=[], metavar="NAME",
+                   help="a model of the service at --url, sent each LR image as a PNG via POST /upscale?tile=true (repeatable)")
     p.add_argument("--sets", default="Set5,Set14")
     p.add_argument("--degradations", default="bicubic,bilinear")
     p.add_argument("--threads", type=int, default=None)
@@ -111,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += [(label, "whole", model) for label, model in whole]
     rows += [(f"{label} (x8 ensemble)", "ensemble", model) for label, model in whole if args.ensemble]
     rows += [(f"{label} (tiled)", "tiled", model) for label, model in (load(ModelStore(args.tiled_store), s) for s in tiled_specs)]
+    rows += [(f"{name} (through {args.url})", "served", name) for name in args.served]
+    rows += [(f"{name} (through {args.url}, ensemble=8)", "served-ensemble", name) for name in args.served if args.ensemble]
     sets, degradations = args.sets.split(","), args.degradations.split(",")
     table: dict[tuple[str, str, str], float] = {}
     started = time.perf_counter()
@@ -128,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                             output = model(lr)
                         elif how == "ensemble":
                             output = ensemble_upscale(model, lr)
+                        elif how == "served":
+                            output = served_upscale(args.url, model, lr)
+                        elif how == "served-ensemble":
+                            output = served_upscale(args.url, model, lr, ensemble=8)
                         else:
                             output = tiled_upscale(model, lr)
                         table.setdefault((label, set_name, degradation), []).append(score(output, hr, gray))
