@@ -135,7 +135,42 @@ def _limits(architecture: str, manifest: dict) -> str:
             "its metrics are for CIFAR-10 images and natural photo tiles; other kinds of image (text, line art) are not measured.")
 
 
+def photo_model_card(name: str, version: int, manifest: dict) -> str:
+    """The card of a whole-photo model (trainer/photo.py): any input size, the standard x4 degradation."""
+    arch, recipe, dataset = manifest["architecture"], manifest.get("recipe", {}), manifest.get("dataset", {})
+    params = arch.get("params") or {}
+    heldout = manifest["metrics"]["heldout_photos_x4"]
+    model, bicubic = heldout["model"]["psnr_y"], heldout["bicubic"]["psnr_y"]
+    lines = [f"## `{name}:{version}`", ""]
+    lines.append(f"- **Architecture:** `{arch['name']}`" + (f" with `{json.dumps(params, sort_keys=True)}`" if params else " (defaults)")
+                 + f"; {manifest['parameter_count']:,} parameters; any input size, output {manifest.get('scale', 4)}× as large.")
+    lines.append(f"- **Training data:** `{dataset.get('name', '?')}` ({dataset.get('train_images', '?')} photographs, "
+                 f"{len(dataset.get('val_files', []))} held out); random {recipe.get('hr_crop', '?')}×{recipe.get('hr_crop', '?')} crops. "
+                 f"Degradation: `{manifest.get('degradation')}`, MATLAB's antialiased bicubic reduction "
+                 "(`upgrader.imaging.bicubic_degrade`, the LR images of every published x4 table), rounded to 8 bits.")
+    lines.append(f"- **Recipe:** `python -m trainer.photo`: {_recipe_line(recipe)}; {manifest.get('steps', '?')} steps, "
+                 f"{manifest.get('wall_time_s', 0) / 60:.1f} minutes on {manifest.get('device_name') or manifest.get('device', '?')}.")
+    if "init_from" in recipe:
+        start = recipe["init_from"]
+        dropped = ", ".join(start.get("dropped_modules", [])) or "nothing"
+        lines.append(f"- **Started from:** `{start['name']}:{start['version']}` (sha256 `{start['weights_sha256'][:12]}…`; "
+                     f"dropped: {dropped}).")
+    lines.append(f"- **Weights:** `weights.safetensors`, sha256 `{manifest['weights_sha256'][:16]}…` "
+                 f"({manifest.get('weights', 'last')} weights); evaluation: {manifest.get('evaluation', '?')}.")
+    lines.append("- **Limits:** trained for one degradation, clean bicubic reduction by 4; photos with noise, JPEG artefacts "
+                 "or blur of other kinds are not measured. The service runs it on whole images (large ones in windows "
+                 "that overlap by its receptive field), up to `UPGRADER_MAX_WHOLE_IMAGE_PIXELS` input pixels.")
+    lines += ["", "| validation set | images | bicubic PSNR-Y | model PSNR-Y (vs bicubic) |", "|---|---|---|---|",
+              f"| held-out photographs | {_count(heldout.get('images'))} | {bicubic:.3f} dB | {model:.3f} dB ({model - bicubic:+.3f}) |", ""]
+    lines.append(f"Serve it: `curl -s -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @photo.png "
+                 f"'http://127.0.0.1:8000/upscale?tile=true&model={name}&version={version}' -o photo-x4.png`.")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def model_card(name: str, version: int, manifest: dict) -> str:
+    if "heldout_photos_x4" in manifest.get("metrics", {}):
+        return photo_model_card(name, version, manifest)
     arch = manifest["architecture"]
     params = arch.get("params") or {}
     recipe, dataset, metrics = manifest.get("recipe", {}), manifest.get("dataset", {}), manifest["metrics"]
