@@ -15,10 +15,11 @@ PORT   ?= $(or $(UPGRADER_PORT),8000)
 QUICK_TRAIN ?= --epochs 6 --limit-train 10000 --limit-val 1000 --max-minutes 1.5 --loss l1 --lr 2e-3 --lr-schedule cosine --augment dihedral --amp auto
 QUICK_NATURAL ?= --natural-share 0.5 --quantize-inputs
 
-# The model that ships with the repository: pretrained/ is a model store (docs/model-store.md). `make models`
-# copies it, verified, into an empty store beside the quick profile's four, and the service serves it by default.
+# The models that ship with the repository: pretrained/ is a model store (docs/model-store.md). `make models`
+# copies them, verified, into an empty store beside the quick profile's four; the service serves `upgrader` by
+# default for 8x8 images, and `photo` when a request names it.
 PRETRAINED       ?= pretrained
-PRETRAINED_MODEL ?= upgrader
+PRETRAINED_MODELS ?= upgrader photo
 
 # Settings from .env (see .env.example), exported to every command below.
 -include .env
@@ -39,9 +40,11 @@ models: install
 	@if $(BIN)/python -c "import sys; from model_store import ModelStore; sys.exit(0 if ModelStore('$(STORE)').models() else 1)"; then \
 	  echo "store $(STORE) already has models:"; \
 	else \
-	  if [ -d "$(PRETRAINED)/$(PRETRAINED_MODEL)" ]; then \
-	    $(BIN)/python -m model_store --store "$(STORE)" copy --from "$(PRETRAINED)" $(PRETRAINED_MODEL) || exit 1; \
-	  fi; \
+	  for model in $(PRETRAINED_MODELS); do \
+	    if [ -d "$(PRETRAINED)/$$model" ]; then \
+	      $(BIN)/python -m model_store --store "$(STORE)" copy --from "$(PRETRAINED)" $$model || exit 1; \
+	    fi; \
+	  done; \
 	  test -d "$(DATA)/train" || { echo "No training data at $(DATA). Set UPGRADER_DATA to an ImageFolder tree with train/ and test/ (or a cifar-10-batches-py directory), or run: $(BIN)/python -m trainer --download --data ./data ..."; exit 2; }; \
 	  $(BIN)/python -m trainer --models fc,conv,resnet18,subpixel_residual --data "$(DATA)" --store "$(STORE)" $(QUICK_TRAIN) \
 	    $$(test -d "$(NATURAL)/bsd200" && echo --natural "$(NATURAL)" $(QUICK_NATURAL)); \

@@ -15,7 +15,7 @@ from trainer.natural import load_natural_data
 from trainer.train import evaluate
 
 PRETRAINED = ModelStore(PROJECT_ROOT / "pretrained")
-SHIPPED = "upgrader"  # the Makefile's PRETRAINED_MODEL
+SHIPPED = "upgrader"  # the first of the Makefile's PRETRAINED_MODELS
 
 
 def test_every_shipped_version_verifies_and_loads():
