@@ -363,10 +363,12 @@ def test_service_deployment_is_replicated_probed_bounded_and_locked_down(base):
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
     assert port == 8000
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    for probe in ("readinessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] in ("http", port)
+    # liveness asks the gRPC health service (grpc.health.v1) on the port the service's gRPC listens on
+    grpc_port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
+    assert container["livenessProbe"]["grpc"]["port"] == grpc_port
     for what in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][what])
     assert "nvidia.com/gpu" not in json.dumps(deployment)
