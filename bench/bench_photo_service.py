@@ -7,10 +7,10 @@ Starts two servers as real subprocesses on free loopback ports (`python -m servi
 torch thread: one worker of the default two on a 2-core machine; precision and CPU forward as the service picks them):
 
 * tiled: the 8x8 model (pretrained/upgrader, the shipped one), POST /upscale?tile=true: the photo is cut into
-  overlapping 8x8 tiles (every pixel computed ~4 times) and blended (service.tiling);
+  overlapping 8x8 tiles (every pixel computed ~4 times) and blended (service.runtime.tiling);
 * whole: a photo_residual version (the published one given by --photo-store, else an untrained one with the
   architecture of the run training in runs/photo: speed does not depend on the weights), the whole photo in one
-  forward (service.wholeimage).
+  forward (service.runtime.wholeimage).
 
 Each round sends the 256x256 example photo (service/static/examples) once to each server, interleaved, with
 `Accept: image/png`, and times the answer (a 1024x1024 PNG): output megapixels a second, median and best of the

@@ -10,7 +10,7 @@ Two degradations, two columns per set:
 
 Rows: bicubic upscaling (MATLAB's, the tables' "bicubic" row), every `--model` (any fully convolutional
 architecture, run on the whole LR image in one forward; with --ensemble also averaged over its 8 dihedral views) and every `--tiled` model (run the way the service runs
-8x8 models on larger images: service/tiling.py's overlapping 8x8 tiles, 8-bit tile outputs blended with the tent
+8x8 models on larger images: service/runtime/tiling.py's overlapping 8x8 tiles, 8-bit tile outputs blended with the tent
 window). Models are loaded from a model store (architecture from the manifest, checksum-verified safetensors).
 
 Grayscale HR images (Set14 has one) are measured on their one channel, as the published evaluation code does
@@ -68,7 +68,7 @@ def bilinear_lr(hr: torch.Tensor) -> torch.Tensor:
 
 def tiled_upscale(model: torch.nn.Module, lr: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     """The service's path for 8x8 models: overlapping 8x8 tiles, each output rounded to 8 bits, tent-blended."""
-    from service.tiling import cut, layout, stitch
+    from service.runtime.tiling import cut, layout, stitch
     from upgrader.architectures import fully_convolutional
 
     image = (lr[0] * 255).round().byte().numpy()

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_precision.py --store store        # every model's serving version (make run's store)
     .venv/bin/python bench/bench_precision.py --store store --ensembles 2,4,8   # and the quality dial of ?ensemble=
 
-Each version is loaded as the service loads it (`service.upscaler.Upscaler`: verified, and run in whichever
+Each version is loaded as the service loads it (`service.runtime.upscaler.Upscaler`: verified, and run in whichever
 memory format and way, plain or frozen trace or OpenVINO, is fastest here) and run through its forward pass
 (`Upscaler.predict`) in float32, the baseline; in float32 as TorchScript only, a plain or frozen trace (a
 second baseline); as a plain trace (a third); and in bf16, as
@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from model_store import ModelStore
-from service.upscaler import Upscaler
+from service.runtime.upscaler import Upscaler
 from trainer.data import batches, load_image_data
 from trainer.natural import load_natural_data
 from trainer.train import EVAL_BATCH_SIZE, evaluate

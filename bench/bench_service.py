@@ -12,11 +12,13 @@ paused with SIGSTOP while another is measured, cells alternating between them):
   batched2  the same with UPGRADER_WORKERS=2 (the service's default on a CPU with 2+ cores): two uvicorn
             worker processes, each with its batcher (LitServe also runs two: HTTP server, inference worker)
   batch1    this service with UPGRADER_MAX_BATCH_IMAGES=1, one process (no batching: the in-run baseline)
+  traced2   batched2 with tracing on (OTEL_EXPORTER_OTLP_ENDPOINT), exporting every span to a sink process
+            that answers each OTLP/HTTP export 200: what tracing costs (batched2 is the same with it off)
   base, base2  batched and batched2 run from another checkout (`--baseline-root DIR`, e.g. a
             `git worktree add --detach` of main): the code before a change, measured in the same run
   litserve  bench/litserve_server.py: LitServe's own batching (max_batch_size=64, batch_timeout=2 ms),
             same weights from the same store, same PNG-in / base64-PNG-out JSON contract, same
-            PNG codec (service.codec; `--litserve-codec pil` for Pillow's)
+            PNG codec (service.runtime.codec; `--litserve-codec pil` for Pillow's)
 
 and drives each with the same load generator: `concurrency` keep-alive connections, each sending
 one real 8x8 PNG (CIFAR-10 test images reduced to 8x8) and waiting for the answer before the
@@ -69,7 +71,35 @@ from upgrader.imaging import bicubic_upscale, psnr_per_image, ssim_per_image, to
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(os.environ.get("UPGRADER_DATA", PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
-SERVERS = ("batched", "batched2", "batch1", "litserve", "base", "base2")
+SERVERS = ("batched", "batched2", "batch1", "traced2", "litserve", "base", "base2")
+# The OTLP/HTTP sink of the traced2 server: accepts every export (an empty ExportTraceServiceResponse is an empty body).
+OTLP_SINK = """
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200); self.send_header("content-type", "application/x-protobuf"); self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+_sink_port: list[int] = []
+
+
+def otlp_sink_url() -> str:
+    """The OTLP/HTTP sink, started on first use as a process of its own (it lives as long as this one)."""
+    if not _sink_port:
+        port = free_port()
+        subprocess.Popen([sys.executable, "-c", OTLP_SINK, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        _sink_port.append(port)
+    return f"http://127.0.0.1:{_sink_port[0]}"
 OUR_BATCHED = ("batched", "batched2")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -174,9 +204,12 @@ def server_spec(kind: str, model: str, store: Path, port: int, threads: int, max
         "UPGRADER_DEFAULT_MODEL": model,
         "UPGRADER_TORCH_THREADS": str(threads),
         "UPGRADER_MAX_WAIT_MS": str(max_wait_ms),
+        "UPGRADER_GRPC_PORT": "0",  # HTTP is measured here; several servers run at once
         "UPGRADER_MAX_BATCH_IMAGES": "1" if kind == "batch1" else "64",
-        "UPGRADER_WORKERS": "2" if kind in ("batched2", "base2") else "1",  # explicit: the service's default depends on the machine
+        "UPGRADER_WORKERS": "2" if kind in ("batched2", "base2", "traced2") else "1",  # explicit: the service's default depends on the machine
     }
+    if kind == "traced2":
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=otlp_sink_url(), OTEL_SERVICE_NAME="upgrader-bench")
     command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     if kind in ("base", "base2"):
         if baseline_root is None:
@@ -443,7 +476,7 @@ def ceiling_codec() -> tuple[str, Callable[[list[bytes]], torch.Tensor], Callabl
     """(name, PNGs -> uint8 Nx3x8x8, float outputs -> PNGs): the service's own codec when it is
     importable (what the service pays per image), else Pillow."""
     try:
-        from service import codec
+        from service.runtime import codec
     except ImportError:
         return "PIL", lambda pngs: torch.stack([decode_png(p) for p in pngs]), lambda outputs: [encode_png(p) for p in to_pixels(outputs)]
 
@@ -453,7 +486,7 @@ def ceiling_codec() -> tuple[str, Callable[[list[bytes]], torch.Tensor], Callabl
     def encode(outputs: torch.Tensor) -> list[bytes]:
         return [codec.encode_png(image) for image in codec.quantize(outputs).numpy()]
 
-    return "service.codec", decode, encode
+    return "service.runtime.codec", decode, encode
 
 
 def ceiling(model: torch.nn.Module, pngs: list[bytes], batch: int, seconds: float) -> float:

@@ -21,7 +21,7 @@ figures) and measures, each against a baseline taken in the same run:
    Upscaler.run_batch in batches of 64 -> tiling.stitch, one torch thread), interleaved rounds.
 4. Fairness: latency of single 8x8 requests (4 closed-loop clients) alone, while 256x256 images
    are being upscaled by the same model (2 clients), and the same with the large image's share of
-   a batch uncapped (service.batching.BULK_SHARE = 1.0 in a second server), interleaved rounds.
+   a batch uncapped (service.runtime.batching.BULK_SHARE = 1.0 in a second server), interleaved rounds.
 
 Absolute quality numbers are those of whatever models are in the store.
 """
@@ -49,8 +49,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from bench_service import ServerProcess, ServerSpec, free_port  # noqa: E402
 
 from model_store import ModelStore  # noqa: E402
-from service import tiling  # noqa: E402
-from service.upscaler import Upscaler  # noqa: E402
+from service.runtime import tiling  # noqa: E402
+from service.runtime.upscaler import Upscaler  # noqa: E402
 from upgrader.architectures import fully_convolutional  # noqa: E402
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float  # noqa: E402
 
@@ -263,7 +263,7 @@ def server(kind: str, store: Path, model: str, logs: Path) -> tuple[ServerProces
            "UPGRADER_REQUEST_TIMEOUT_S": "300", "UPGRADER_MAX_IMAGE_PIXELS": str(1500 * 1500), "UPGRADER_MAX_REQUEST_PIXELS": str(1500 * 1500),
            "UPGRADER_MAX_BODY_BYTES": str(64 * 1024 * 1024), "UPGRADER_LOG_LEVEL": "WARNING"}
     if kind == "uncapped":  # the same service with a large image's share of a batch uncapped
-        command = [sys.executable, "-c", "import sys, service.batching as b; b.BULK_SHARE = 1.0; from service.__main__ import main; "
+        command = [sys.executable, "-c", "import sys, service.runtime.batching as b; b.BULK_SHARE = 1.0; from service.__main__ import main; "
                    "main(sys.argv[1:])", "--host", "127.0.0.1", "--port", str(port)]
     else:
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]

@@ -315,7 +315,7 @@ def parse_args() -> argparse.Namespace:
                              "Upgrader's bf16 forward where this CPU has it; trees before it ignore the variable)")
     parser.add_argument("--triton-forward", choices=["eager", "openvino"], default="eager",
                         help="how Triton's Python backend runs the model: eager PyTorch (the backend's own way), or "
-                             "compiled by OpenVINO with the service's own settings (service/openvino_forward.py), the forward "
+                             "compiled by OpenVINO with the service's own settings (service/runtime/openvino_forward.py), the forward "
                              "Upgrader chooses for most models on this CPU: what Triton's OpenVINO backend would run")
     parser.add_argument("--baseline-ref", default=None, help="also serve Upgrader as of this git ref, measured in the same rotation")
     parser.add_argument("--json", type=Path, default=None)

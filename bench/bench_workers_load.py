@@ -8,7 +8,7 @@ Each round starts `python -m service --workers 2` (the default on 2+ cores) from
 holding five models: `upgrader` (copied from pretrained/) and fc, conv, resnet18 and subpixel_residual 48x6 with
 seeded weights. From the workers' JSON logs ("loaded version", one per worker and model) it reads which forward
 and memory format each worker chose, and how it chose (`forward_source`: timed, or shared from the other worker
-through service/forward_choices.py). `ready s` is the time from the start until both workers logged all five.
+through service/runtime/forward_choices.py). `ready s` is the time from the start until both workers logged all five.
 Then `upgrader` gets a closed loop of single-image /upscale requests (bench_service.LoadRun, `--concurrency`
 connections for `--seconds`), spread over both workers by the kernel (SO_REUSEPORT).
 """

@@ -4,7 +4,7 @@
 
 For every model's latest version in the store: images/s of the bare forward pass at batch 64 and
 1024 on CUDA (float32 with TF32, and bf16 autocast), of the service's whole batch path
-(`service.upscaler.Upscaler.run_batch`: pinned staging, forward, quantisation, PNG encoding) at
+(`service.runtime.upscaler.Upscaler.run_batch`: pinned staging, forward, quantisation, PNG encoding) at
 batch 64 on CUDA, and of the same forward at batch 64 on the CPU with one thread (the figure the
 issue's >= 1,000 images/s target is about). Prints a markdown table.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model_store import ModelStore
-from service.upscaler import Upscaler
+from service.runtime.upscaler import Upscaler
 from upgrader.imaging import downsample
 
 

@@ -64,7 +64,7 @@ def image_codec(name: str) -> tuple[Callable[[bytes], np.ndarray], Callable[[tor
     LitServe deployment would write."""
     if name == "pil":
         return _pil_decode, _pil_encode
-    from service.codec import decode_image, encode_png
+    from service.runtime.codec import decode_image, encode_png
 
     return (lambda data: decode_image(data, INPUT_SIZE, 0)), encode_png
 

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--seed", metavar="STORE", help="then copy the latest version of each of this store's models in, unless "
                       "already there (e.g. the image's pretrained/, the model that ships with Upgrader); safe at every start")
     args = parser.parse_args(argv)
-    store, console = ModelStore(args.store), Console(width=160)
+    store, console = ModelStore(args.store), Console(width=160, soft_wrap=True)  # a long store URL never breaks a line
     try:
         if args.command == "ls":
             return ls(store, console)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from service.logs import configure_logging
+from service.observability.logs import configure_logging
 from service.settings import Settings
 from service.workers import run_workers
 from upgrader.cpus import usable_cpus
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["UPGRADER_WORKERS"] = str(workers)  # each worker sizes its torch threads by it
     with tempfile.TemporaryDirectory(prefix="upgrader-workers-") as run_dir:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", run_dir)  # before any worker imports prometheus_client
-        # The workers time each version's CPU forward once, in turns, and all run that one (service/forward_choices.py).
-        os.environ.setdefault("UPGRADER_FORWARD_CHOICES", os.path.join(run_dir, "forward_choices.json"))
         host, port = common.pop("host"), common.pop("port")
         sys.exit(run_workers(workers, host, port, settings.log_level, common, grace_s=settings.request_timeout_s + 10))
 

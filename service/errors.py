@@ -61,11 +61,9 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 
 def validation_error_response(errors, path: str) -> JSONResponse:
-    """A parameter that failed validation (FastAPI's or the fast lane's): 422, or 400 under /v2 as the protocol says."""
+    """A parameter that failed validation: 422, or 400 under /v2 as the protocol says."""
     first = errors[0] if errors else {}
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    if first and where and not where.startswith(("query", "path", "header", "body")):
-        where = f"query.{where}"  # a query model validated by the fast lane: say where, as FastAPI does
+    where = ".".join(str(part) for part in first.get("loc", ()))  # e.g. query.ensemble: every location names its part
     status = 400 if is_protocol_path(path) else 422
     return error_response(status, "invalid_parameter", f"{where}: {first.get('msg', 'invalid request')}", path=path)
 

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port uvicorn listens on (`python -m service --port`).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC (KServe's `inference.GRPCInferenceService` and the standard gRPC health service; docs/oip.md), on the same host and worker processes as HTTP, behind the same batcher, API keys and limits; 8001 as Triton. 0: no gRPC.")
     max_batch_images: int = Field(64, ge=1, description="Most images one model forward pass takes (requests are merged up to this and split beyond it).")
-    max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher lets a batch grow (from its oldest image) while work is waiting before it runs a partial batch; also the longest a batch waits for the clients just answered, for a model whose forward pass has a large fixed cost (measured at load; see service.batching).")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher lets a batch grow (from its oldest image) while work is waiting before it runs a partial batch; also the longest a batch waits for the clients just answered, for a model whose forward pass has a large fixed cost (measured at load; see service.runtime.batching).")
     idle_dispatch: bool = Field(True, description="When the inference worker is idle and nothing is queued, run an arriving request at once (the batching window then applies only while work is waiting); false: every batch waits up to max_wait_ms for company.")
     max_queue_images: int = Field(1024, ge=1, description="Images waiting per loaded model version; past it requests get 503 + Retry-After at once.")
     max_images_per_request: int = Field(256, ge=1, description="Most images (and as many references) one request may carry.")
@@ -50,17 +50,21 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA when available.")
     precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Precision of the forward pass: bfloat16 runs it under bf16 autocast (outputs still float32, then 8-bit). auto: bfloat16 on a CPU that computes bf16 natively (AVX512-BF16 or AMX, as OpenVINO does there), where subpixel_residual runs ~1.8x faster for <0.001 dB on CIFAR-10 (bench/bench_precision.py); float32 elsewhere, CUDA included.")
     cpu_forward: Literal["auto", "trace", "frozen", "openvino"] = Field("auto", description="What runs a model on the CPU: auto times every candidate at load (TorchScript trace, frozen trace, OpenVINO; NCHW and channels_last) and keeps the fastest; a name pins that one (its memory format still timed), e.g. for the same forward on every replica.")
-    forward_choices: Path | None = Field(None, description="JSON file where the CPU forward chosen for each version, and its fixed cost (the batcher's regrouping wait), are written by the first worker to time them and read by the others (under a file lock), so a service's workers run and batch alike and time one at a time; unset: with several workers, one file per run in a temporary directory; a path set here is kept across restarts, and a choice is reused only on the same weights, threads, CPU and library versions (service/forward_choices.py).")
+    forward_choices: Path | None = Field(None, description="JSON file recording the CPU forward chosen for each version and its fixed cost (the batcher's regrouping wait), keyed by what the choice depends on (weights, threads, precision, CPU model, torch and OpenVINO versions): the first worker to load a version on a machine times the candidates and writes the choice under a file lock, and every later worker and restart reads it and builds that forward without timing; unset: forward-choices.json in model_cache.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints (PUT aliases); unset: admin endpoints answer 403.")
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), description="Comma-separated client keys; when set, every endpoint but /healthz, /readyz and /v2/health/* needs one (Authorization: Bearer or X-API-Key): /upscale, /v2..., /models..., /docs, /openapi.json and /metrics (unless UPGRADER_METRICS_PUBLIC).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers.")
     max_active_images: int = Field(512, ge=1, description="Images per worker being read, decoded, queued or inferred at once, counted before a body is read from its Content-Length (one image per 300 bytes, at most the request limit); requests beyond it wait in line (body unread).")
     max_waiting_requests: int = Field(32, ge=0, description="Upscale requests per worker waiting for a slot (body unread); past it requests get 503 + Retry-After before their body is read.")
-    max_connections: int = Field(1000, ge=1, description="Open connections per worker; a connection beyond it is answered 503 and closed at once (logged, counted in upgrader_connections_refused_total).")
-    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send a request's headers (from connecting or the first byte of a keep-alive request); past it 408 and the connection is closed.")
-    body_timeout_s: float = Field(20.0, gt=0, description="Time a client has to send a request's whole body once its headers arrived; past it 408 and the connection is closed.")
+    max_connections: int = Field(1000, ge=1, description="Connections (and requests in flight) one worker takes (uvicorn's limit_concurrency: beyond it uvicorn answers 503 at once); the nginx proxy in front (deploy/nginx) holds all its connections to this many per replica, answering 503 + Retry-After in the service's JSON shape beyond.")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), description="Comma-separated origins (https://app.example.com) whose browser apps may call the API across origins (CORS, Starlette's middleware): preflights are answered and answers carry Access-Control-Allow-Origin; `*` allows any origin; unset: no CORS headers.")
+    header_timeout_s: int = Field(10, ge=1, description="Seconds a client has to send a request's headers; past it the nginx proxy in front (deploy/nginx) closes the connection: slow clients (slowloris) hold a connection of the proxy, never one of a worker.")
+    body_timeout_s: int = Field(20, ge=1, description="Seconds the nginx proxy in front (deploy/nginx) waits between two reads of a request body before answering 408 and closing; the proxy reads a whole body before it passes the request on, so a slow body never reaches a worker.")
     metrics_public: bool = Field(False, description="Serve /metrics without an API key even when UPGRADER_API_KEYS is set (for a Prometheus scraper on a trusted network).")
     log_level: str = Field("INFO", description="Log level of the JSON logs (DEBUG, INFO, WARNING, ...).")
+
+    def forward_choices_file(self) -> Path:
+        return self.forward_choices or self.model_cache / "forward-choices.json"
 
     def inference_threads(self) -> int:
         return self.torch_threads or max(1, (usable_cpus() - 1) // (self.workers or 1))
@@ -69,6 +73,13 @@ class Settings(BaseSettings):
     @classmethod
     def _path_is_a_location(cls, value):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if isinstance(value, str):
+            return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

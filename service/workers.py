@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 
-from service.logs import configure_logging
+from service.observability.logs import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("service.workers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ DATA_DIR = Path(os.environ.get("UPGRADER_DATA", PROJECT_ROOT.parent / "shared" /
 # The servers the tests start (in-process or as subprocesses) serve no gRPC unless a test gives them a port:
 # the default (8001) would be one port shared by every test server at once.
 os.environ.setdefault("UPGRADER_GRPC_PORT", "0")
+# The CPU forward each version runs is recorded in the model cache (service.runtime.forward_choices): one per test session.
+os.environ.setdefault("UPGRADER_MODEL_CACHE", tempfile.mkdtemp(prefix="upgrader-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch
 from test_service_support import BUSY_SUBPIXEL_PARAMS, busy_subpixel_model
 
 from model_store import ModelStore
-from service.upscaler import Upscaler
+from service.runtime.upscaler import Upscaler
 from trainer.train import main as train_main
 from upgrader.architectures import ARCHITECTURES, build_model
 from upgrader.imaging import downsample, to_float

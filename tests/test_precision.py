@@ -12,7 +12,7 @@ import torch
 from test_service_support import BUSY_SUBPIXEL_PARAMS, LiveServer, busy_subpixel_model, outputs_of, png_list, publish, small_inputs
 
 from model_store import ModelStore
-from service.upscaler import pick_precision
+from service.runtime.upscaler import pick_precision
 from upgrader.cpus import _cpuinfo_flags, native_bf16_cpu
 
 

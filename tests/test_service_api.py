@@ -37,10 +37,10 @@ from test_service_support import (
 
 from model_store import ModelStore
 from service import Settings, create_app
-from service.batching import Batcher
-from service.forward_choices import ForwardChoices
-from service.metrics import Metrics
-from service.upscaler import BatchOutput, Upscaler, fastest_cpu_forward
+from service.runtime.batching import Batcher
+from service.runtime.forward_choices import ForwardChoices
+from service.observability.metrics import Metrics
+from service.runtime.upscaler import BatchOutput, Upscaler, fastest_cpu_forward
 from upgrader.architectures import build_model
 from upgrader.ensemble import self_ensemble
 from upgrader.imaging import psnr_per_image, ssim_per_image, to_float
@@ -126,7 +126,7 @@ def test_self_ensemble_averages_two_four_or_eight_views(client, served, inputs, 
     assert (answers[2].int() - answers[8].int()).abs().max() > 1  # different views, different answers
     for bad in (3, 16, 0):
         error = assert_error(client.post(f"/upscale?ensemble={bad}", files=multipart(pngs[:1])), 422, "invalid_parameter")
-        assert "1, 2, 4, 8" in error["message"], error
+        assert error["message"].startswith("query.ensemble: ") and "1, 2, 4, 8" in error["message"], error  # names the parameter
 
 
 # ---- the bad-input matrix -------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_a_request_past_its_deadline_gets_504(served, pngs):
 
 
 def test_empty_store_is_alive_but_not_ready_and_says_why_once(tmp_path, pngs, caplog):
-    with caplog.at_level(logging.ERROR, logger="service.registry"), \
+    with caplog.at_level(logging.ERROR, logger="service.runtime.registry"), \
             in_process_client(store=tmp_path / "empty", poll_interval_s=0.05) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
@@ -487,10 +487,10 @@ def test_a_model_with_a_large_fixed_cost_waits_for_the_clients_just_answered(ser
 
 
 def test_the_access_line_written_directly_is_the_formatters_line():
-    """log_access's direct path (service.logs.JsonFormatter.access_line) writes what Logger.info + JsonFormatter would."""
+    """log_access's direct path (service.observability.logs.JsonFormatter.access_line) writes what Logger.info + JsonFormatter would."""
     import logging
 
-    from service.logs import JsonFormatter, request_id
+    from service.observability.logs import JsonFormatter, request_id
 
     formatter = JsonFormatter()
     created = 1_790_000_000.0427
@@ -547,7 +547,7 @@ def test_openvino_leaves_its_threads_to_the_kernels_scheduler():
     """OpenVINO pins its inference threads to cores by default on Linux, and then the service's two worker
     processes shared one core (905-1,040 images/s together, 1,489-1,953 unpinned; docs/serving.md)."""
     pytest.importorskip("openvino", reason="openvino is a dependency (pyproject.toml), absent from this environment")
-    from service.openvino_forward import openvino_forward
+    from service.runtime.openvino_forward import openvino_forward
 
     compiled = openvino_forward(trained_looking("conv", {}).eval(), threads=1)
     assert compiled is not None and compiled.compiled.get_property("ENABLE_CPU_PINNING") is False
@@ -557,14 +557,14 @@ def test_openvino_leaves_its_threads_to_the_kernels_scheduler():
 def test_openvino_converts_a_model_without_telemetry_forks_or_files_in_home(tmp_path):
     """OpenVINO's converter phones home (Google Analytics) unless the user opted out: it forked a process per event,
     32 a model, and wrote a client id under ~/intel. In a fresh interpreter with an empty HOME, converting a model
-    through service.openvino_forward must fork nothing and write nothing there."""
+    through service.runtime.openvino_forward must fork nothing and write nothing there."""
     pytest.importorskip("openvino", reason="openvino is a dependency (pyproject.toml), absent from this environment")
     script = """
 import sys
 forks = []
 sys.addaudithook(lambda event, args: forks.append(event) if event == "os.fork" else None)  # telemetry forked per event
 import torch
-from service.openvino_forward import openvino_forward
+from service.runtime.openvino_forward import openvino_forward
 from upgrader.architectures import build_model
 compiled = openvino_forward(build_model("conv").eval(), threads=1)
 assert compiled is not None
@@ -583,9 +583,9 @@ print("forks", len(forks))
 def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tmp_path, real_images, monkeypatch):
     """OpenVINO is one optional candidate: where it is not installed (simulated by hiding the module), a forward list
     naming only it falls back to the first format's plain trace and still answers the model's outputs."""
-    import service.openvino_forward
+    import service.runtime.openvino_forward
 
-    monkeypatch.setattr(service.openvino_forward, "openvino", None)
+    monkeypatch.setattr(service.runtime.openvino_forward, "openvino", None)
     model = trained_looking("conv", {})
     with torch.inference_mode():
         module, memory_format, chosen = fastest_cpu_forward(model, formats=(torch.channels_last,), forwards=("openvino",))
@@ -597,8 +597,8 @@ def test_without_openvino_an_upscaler_asked_for_it_alone_runs_the_plain_trace(tm
 
 def test_models_set_up_at_once_time_their_forwards_one_at_a_time(tmp_path, monkeypatch):
     """The registry sets versions up concurrently; what setup times (the choice of forward, the fixed cost) must not
-    run beside another model's timing (service.upscaler.TIMING_LOCK). Each timed step is recorded as it runs."""
-    import service.upscaler
+    run beside another model's timing (service.runtime.upscaler.TIMING_LOCK). Each timed step is recorded as it runs."""
+    import service.runtime.upscaler
 
     spans: list[tuple[str, str, float, float]] = []
 
@@ -611,7 +611,7 @@ def test_models_set_up_at_once_time_their_forwards_one_at_a_time(tmp_path, monke
                 spans.append((threading.current_thread().name, what, started, time.perf_counter()))
         return run
 
-    monkeypatch.setattr(service.upscaler, "fastest_cpu_forward", recorded(service.upscaler.fastest_cpu_forward, "choice"))
+    monkeypatch.setattr(service.runtime.upscaler, "fastest_cpu_forward", recorded(service.runtime.upscaler.fastest_cpu_forward, "choice"))
     monkeypatch.setattr(Upscaler, "measure_fixed_cost", recorded(Upscaler.measure_fixed_cost, "fixed cost"))
     store = ModelStore(tmp_path / "store")
     for name, seed in (("first", 1), ("second", 2)):
@@ -632,21 +632,21 @@ def test_models_set_up_at_once_time_their_forwards_one_at_a_time(tmp_path, monke
 
 def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_where_its_signature_differs(tmp_path, real_images,
                                                                                                             monkeypatch, caplog):
-    """service.forward_choices: what the service's workers share. The first upscaler of a version times every
+    """service.runtime.forward_choices: what the service's workers share. The first upscaler of a version times every
     candidate and writes its choice and fixed cost; the next, with the same file, builds exactly that forward and
     takes that fixed cost without timing; a
     different thread count (or weights, CPU, versions) is another signature and is timed again. Here the workers
     are upscalers in one process; tests/test_service_e2e.py has two worker processes."""
-    import service.upscaler
+    import service.runtime.upscaler
 
     asked: list[tuple[tuple, tuple]] = []
-    real_fastest = service.upscaler.fastest_cpu_forward
+    real_fastest = service.runtime.upscaler.fastest_cpu_forward
 
     def recorded(model, **kwargs):
         asked.append((kwargs["formats"], kwargs["forwards"]))
         return real_fastest(model, **kwargs)
 
-    monkeypatch.setattr(service.upscaler, "fastest_cpu_forward", recorded)
+    monkeypatch.setattr(service.runtime.upscaler, "fastest_cpu_forward", recorded)
     store = ModelStore(tmp_path / "store")
     _, model = publish(store, "conv", "conv", seed=8)
     choices = ForwardChoices(tmp_path / "run" / "forward_choices.json")
@@ -659,7 +659,7 @@ def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_
 
     first, second = set_up(), set_up()
     assert first.forward_source == "timed" and len(asked[0][0]) == 2 and len(asked[0][1]) == 3
-    assert second.forward_source == "shared" and asked[1] == ((first.memory_format,), (first.forward,))
+    assert second.forward_source == "recorded" and asked[1] == ((first.memory_format,), (first.forward,))
     # The same forward, and the same fixed cost (the batcher's regrouping wait), measured once.
     assert (second.forward, second.memory_format, second.fixed_cost_s) == (first.forward, first.memory_format, first.fixed_cost_s)
     entry = json.loads(choices.path.read_text())["conv:1"]
@@ -677,7 +677,7 @@ def test_a_forward_timed_by_one_upscaler_is_built_alone_by_the_next_and_retimed_
     assert json.loads(choices.path.read_text())["conv:1"]["signature"]["threads"] == threads + 1  # the newest choice replaces it
 
     choices.path.write_text("{not json")  # a damaged file costs one timing, never a load
-    with caplog.at_level("WARNING", logger="service.forward_choices"):
+    with caplog.at_level("WARNING", logger="service.runtime.forward_choices"):
         assert set_up().forward_source == "timed"
     assert any(r.getMessage() == "forward choices unreadable; timing again" for r in caplog.records)
     assert set(json.loads(choices.path.read_text())) == {"conv:1"}
@@ -688,7 +688,7 @@ def test_a_pinned_cpu_forward_is_the_one_that_runs(tmp_path, real_images, caplog
     says so in the version's load log."""
     store = ModelStore(tmp_path / "store")
     publish(store, "conv", "conv", seed=9)
-    with caplog.at_level("INFO", logger="service.registry"), in_process_client(store=store.root, poll_interval_s=60,
+    with caplog.at_level("INFO", logger="service.runtime.registry"), in_process_client(store=store.root, poll_interval_s=60,
                                                                               cpu_forward="frozen") as client:
         assert client.post("/upscale?model=conv", files=multipart(png_list(small_inputs(real_images[:1])))).status_code == 200
     loaded = [r for r in caplog.records if r.getMessage() == "loaded version"]

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from test_service_support import png_bytes, small_inputs
 
-from service import Settings, codec
-from service.codec import decode_image, encode_png
+from service import Settings
+from service.runtime import codec
+from service.runtime.codec import decode_image, encode_png
 from service.errors import ApiError
 
 
@@ -125,7 +126,7 @@ def test_without_torchcodec_every_png_is_decoded_by_pillow(real_images, tmp_path
     script = (
         "import sys; sys.modules['torchcodec'] = None\n"  # `import torchcodec` now raises ImportError
         "import numpy as np; from pathlib import Path\n"
-        "from service import codec\n"
+        "from service.runtime import codec\n"
         f"data = Path({str(tmp_path / 'good.png')!r}).read_bytes()\n"
         "assert codec._libpng() is None and codec._decode_png(data, 8) is None and codec.png_decoder() == 'pil'\n"
         "np.save(sys.argv[1], codec.decode_image(data, 8, 0))\n"
@@ -207,53 +208,3 @@ def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(tmp_path):
     assert cpu_quota(v2, v1) is None  # cgroup v1 without a quota
     (v1 / "cpu.cfs_quota_us").write_text("300000\n")
     assert cpu_quota(v2, v1) == 3.0
-
-
-def random_multipart(rng: random.Random, boundary: bytes) -> bytes:
-    """A multipart body as some client might write it: mostly the plain shape, sometimes not (a preamble, odd headers,
-    escaped or unquoted names, a part without a disposition, data that almost holds the delimiter)."""
-    def maybe(p: float) -> bool:
-        return rng.random() < p
-
-    out = b"preamble\r\n" if maybe(0.05) else b""
-    for _ in range(rng.randint(1, 4)):
-        name = rng.choice([b"images", b"images", b"references", b"other", "bild\u00e9".encode(), b"a;b", b"x\\\"y"])
-        disposition = b'form-data; name="' + name + b'"'
-        if maybe(0.7):
-            disposition += b'; filename="' + rng.choice([b"0.png", b"0.png", b"a;b.png", b"", b"q\\\"uote.png"]) + b'"'
-        if maybe(0.05):
-            disposition = disposition.replace(b'"', b"")  # unquoted
-        lines = [rng.choice([b"Content-Disposition", b"content-disposition", b"CONTENT-DISPOSITION"]) + b": " + disposition]
-        if maybe(0.5):
-            lines.append(b"Content-Type: image/png")
-        if maybe(0.1):
-            lines.insert(0, b"X-Extra: 1")
-        if maybe(0.03):
-            lines = lines[1:]  # no disposition
-        data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
-        if maybe(0.2):
-            data += b"\r\n--" + boundary[: rng.randint(0, len(boundary) - 1)] + b"\r\n"  # almost the delimiter
-        out += b"--" + boundary + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + data + b"\r\n"
-    return out + b"--" + boundary + rng.choice([b"--\r\n", b"--", b"--\r\nepilogue"])
-
-
-def test_plain_multipart_bodies_are_split_exactly_as_python_multipart_parses_them():
-    """service.multipart cuts the plain shape with bytes.split (no Python per header, so no GIL held for long) and
-    leaves the rest to python-multipart: on 600 random bodies (about a quarter plain, a third refused) both give the
-    same parts, and nothing python-multipart refuses is taken by the short cut."""
-    from service import multipart
-
-    rng, boundary, plain, refused = random.Random(1), b"b0undary", 0, 0
-    for _ in range(600):
-        body = random_multipart(rng, boundary)
-        split = multipart._split(body, boundary, max_parts=3, max_part_bytes=40)
-        try:
-            parsed = [(p.name, p.filename, bytes(p.data)) for p in multipart._parse_any(body, boundary, max_parts=3, max_part_bytes=40)]
-        except (ApiError, multipart.TooManyParts):
-            assert split is None, body
-            refused += 1
-            continue
-        if split is not None:
-            plain += 1
-            assert [(p.name, p.filename, bytes(p.data)) for p in split] == parsed, body
-    assert plain > 100 and refused > 100 and 600 - plain - refused > 100  # all three kinds were tried

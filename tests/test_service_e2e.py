@@ -198,12 +198,14 @@ def test_python_m_service_serves_with_json_logs_and_stops_on_sigterm(store, pngs
     assert any(entry["message"] == "Application shutdown complete." for entry in logs)
 
 
-def test_several_workers_share_the_port_and_report_combined_metrics(store, inputs, pngs):
-    """`--workers 2`: two processes, each loading the model; every request answered right; /metrics adds both up."""
+def test_several_workers_share_the_port_and_report_combined_metrics(store, inputs, pngs, tmp_path):
+    """`--workers 2`: two processes, each loading the model; every request answered right; /metrics adds both up. The
+    CPU forward is timed once, by one of them, and recorded in the model cache: a restart times nothing."""
     _, model = publish(store, "conv", seed=6)
     expected = expected_outputs(model, inputs)
     picks = [[(3 * k + j) % len(pngs) for j in range(1 + k % 2)] for k in range(40)]
-    with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5") as run:
+    cache = str(tmp_path / "model-cache")
+    with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5", UPGRADER_MODEL_CACHE=cache) as run:
         url = run.url
         # The supervisor only supervises: torch (and its ~500 MB) is loaded by the workers alone.
         supervisor_maps = open(f"/proc/{run.process.pid}/maps").read()
@@ -227,7 +229,14 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     loaded = [entry for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"]
     assert len({entry["pid"] for entry in loaded}) == 2, f"expected two worker processes to load conv, got {loaded}"
-    # One worker timed the CPU forwards; the other took its choice and fixed cost (service/forward_choices.py).
-    assert sorted(entry["forward_source"] for entry in loaded) == ["shared", "timed"], loaded
+    # One worker timed the CPU forwards; the other took its choice and fixed cost (service/runtime/forward_choices.py).
+    assert sorted(entry["forward_source"] for entry in loaded) == ["recorded", "timed"], loaded
     assert len({(entry["forward"], entry["memory_format"], entry["fixed_cost_ms"]) for entry in loaded}) == 1, loaded
     assert process.returncode in (0, -signal.SIGTERM), output
+    with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5", UPGRADER_MODEL_CACHE=cache) as again:
+        assert httpx.post(f"{again.url}/upscale", files=multipart(pngs[:1])).status_code == 200
+    logs = [json.loads(line) for line in again.output.splitlines() if line.startswith("{")]
+    reloaded = [entry for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"]
+    assert [entry["forward_source"] for entry in reloaded] == ["recorded", "recorded"], reloaded
+    assert {(entry["forward"], entry["memory_format"], entry["fixed_cost_ms"]) for entry in reloaded} == {
+        (entry["forward"], entry["memory_format"], entry["fixed_cost_ms"]) for entry in loaded}

@@ -16,7 +16,7 @@ from test_service_wholeimage import forward, publish_photo
 from test_tiling import photo
 
 from model_store import ModelStore
-from service import formats
+from service.runtime import formats
 
 
 def linear_rgb_profile(description: str = "linear RGB (sRGB primaries, gamma 1.0)") -> bytes:

@@ -363,8 +363,8 @@ def test_a_cancelled_request_leaves_the_server_serving(live, channel, client, in
 
 
 def test_a_cancelled_request_has_its_queued_images_dropped_not_computed(tmp_path, pngs, inputs):
-    """As over HTTP (tests/test_overload.py): images queued for a gRPC call its client cancelled are never computed."""
-    from test_overload import connect, multipart_body, multipart_head, read_response
+    """As over HTTP (tests/test_http_admission.py): images queued for a gRPC call its client cancelled are never computed."""
+    from test_http_admission import connect, multipart_body, multipart_head, read_response
 
     store = ModelStore(tmp_path / "store")
     publish(store, "conv", seed=1)

@@ -389,7 +389,7 @@ def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, mode
     import logging
 
     access_log = logging.getLogger("service.access")
-    access_log.addHandler(caplog.handler)  # it may not propagate to the root (service.logs.configure_logging)
+    access_log.addHandler(caplog.handler)  # it may not propagate to the root (service.observability.logs.configure_logging)
     caplog.handler.setLevel(logging.INFO)
     level = access_log.level
     access_log.setLevel(logging.INFO)  # setLevel, not .level =: it clears the logger's cached isEnabledFor answers

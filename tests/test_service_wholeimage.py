@@ -15,10 +15,10 @@ from test_service_support import assert_error, in_process_client, multipart, png
 from test_tiling import photo
 
 from model_store import ModelStore
-from service import wholeimage
-from service.batching import Batcher
-from service.metrics import Metrics
-from service.upscaler import BatchOutput, Upscaler, fastest_cpu_forward, receptive_radius
+from service.runtime import wholeimage
+from service.runtime.batching import Batcher
+from service.observability.metrics import Metrics
+from service.runtime.upscaler import BatchOutput, Upscaler, fastest_cpu_forward, receptive_radius
 from upgrader.architectures import build_model, parameter_count
 from upgrader.imaging import to_float
 

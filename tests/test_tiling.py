@@ -17,10 +17,10 @@ from test_service_codec import png_with_declared_size
 from test_service_support import LiveServer, assert_error, expected_outputs, multipart, png_bytes, png_list, publish, small_inputs
 
 from model_store import ModelStore
-from service import batching, tiling
-from service.batching import Batcher
-from service.metrics import Metrics
-from service.upscaler import Upscaler
+from service.runtime import batching, tiling
+from service.runtime.batching import Batcher
+from service.observability.metrics import Metrics
+from service.runtime.upscaler import Upscaler
 from upgrader.architectures import fully_convolutional
 from upgrader.imaging import to_float
 

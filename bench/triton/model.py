@@ -29,7 +29,7 @@ class TritonPythonModel:
         self.model, manifest = ModelStore(parameters["store"]).load(parameters["model"], int(parameters["version"]))
         self.model.eval()
         if parameters.get("forward", "eager") == "openvino":  # bench_triton.py --triton-forward openvino
-            from service.openvino_forward import openvino_forward
+            from service.runtime.openvino_forward import openvino_forward
 
             self.model = openvino_forward(self.model, torch.get_num_threads())
             if self.model is None:

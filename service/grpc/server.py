@@ -3,7 +3,7 @@
 Each worker process starts one (app lifespan, after its models are loaded; with several workers every one binds
 UPGRADER_GRPC_PORT with SO_REUSEPORT, as HTTP does) and every RPC takes the HTTP routes' path through the code:
 the same ModelManager lease (hot reload included), batcher, limits, API keys and metrics
-(service.routers.inference.run_model). A ModelInferRequest is turned into the REST form (the JSON request
+(service.api.routes.inference.run_model). A ModelInferRequest is turned into the REST form (the JSON request
 model and its binary tail) and checked by the same code, so both transports refuse the same requests
 with the same messages; the HTTP status becomes a gRPC code (`CODES`).
 
@@ -25,13 +25,13 @@ from starlette.datastructures import State
 from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
-from service.deps import check_api_key
+from service.http.auth import check_api_key
 from service.errors import ApiError
 from service.grpc import messages
-from service.inference_schemas import InferenceRequest, RequestInput, RequestOutput
-from service.limits import ClientGone
-from service.registry import ModelManager
-from service.routers.inference import (
+from service.api.inference_schemas import InferenceRequest, RequestInput, RequestOutput
+from service.http.disconnect import ClientGone
+from service.runtime.registry import ModelManager
+from service.api.routes.inference import (
     EXTENSIONS,
     PIXELS_OUT,
     PLATFORM,
@@ -46,7 +46,7 @@ from service.routers.inference import (
     run_model,
 )
 from service.settings import Settings
-from service.tensors import NUMPY_DTYPES, TensorError, bytes_to_binary
+from service.runtime.tensors import NUMPY_DTYPES, TensorError, bytes_to_binary
 
 log = logging.getLogger("service.grpc")
 
