@@ -34,6 +34,10 @@ prepare_offline_builds() {
   if ! docker image inspect "$UPGRADER_BASE_IMAGE" >/dev/null 2>&1; then
     docker/make-base-image.sh "$UPGRADER_BASE_IMAGE"
   fi
+  export UPGRADER_PROXY_IMAGE=upgrader-proxy:bookworm  # the nginx in front of the service, from Debian's package
+  if ! docker image inspect "$UPGRADER_PROXY_IMAGE" >/dev/null 2>&1; then
+    docker/make-proxy-image.sh "$UPGRADER_PROXY_IMAGE"
+  fi
   mkdir -p "$ci_cache/wheelhouse"
   WHEELHOUSE="$ci_cache/wheelhouse" docker/make-wheelhouse.sh
   cp -al "$ci_cache/wheelhouse/." docker/wheelhouse/ 2>/dev/null || cp -a "$ci_cache/wheelhouse/." docker/wheelhouse/

