@@ -29,7 +29,6 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -180,12 +181,11 @@ class AdmissionMiddleware:
             self.note(busy := admission.busy())
             exc = admission.refuse(busy)
             headers = exc.headers
-            if (b"expect", b"100-continue") in scope["headers"]:
+            if Headers(scope=scope).get("expect", "").lower() == "100-continue":
                 # The client waits for 100 Continue before its body and never sends it after a final answer: close.
                 headers = {**headers, "Connection": "close"}
             return await error_response(exc.status, exc.code, exc.message, headers=headers)(scope, receive, send)
-        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"").decode("latin-1")
-        arrival = scope[ARRIVAL] = admission.arrive(admission.weight(length, self.max_images))
+        arrival = scope[ARRIVAL] = admission.arrive(admission.weight(Headers(scope=scope).get("content-length"), self.max_images))
         try:
             await self.app(scope, receive, send)
         finally:

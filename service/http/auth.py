@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ApiError
@@ -51,14 +52,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_open(scope["path"], self.settings):
-            authorization = x_api_key = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-                elif name == b"x-api-key":
-                    x_api_key = value.decode("latin-1")
+            headers = Headers(scope=scope)
             try:
-                check_api_key(self.settings, authorization, x_api_key)
+                check_api_key(self.settings, headers.get("authorization"), headers.get("x-api-key"))
             except ApiError as exc:
                 return await exc.response(scope["path"])(scope, receive, send)
         await self.app(scope, receive, send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_response
@@ -18,7 +19,7 @@ class BodySizeLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit():
             if int(declared) > self.limit:
                 exc = body_too_large(self.limit)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -158,7 +159,7 @@ class RequestContextMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        given = Headers(scope=scope).get("x-request-id", "")
         rid = given if valid_request_id(given) else new_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()

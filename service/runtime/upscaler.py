@@ -250,33 +250,34 @@ class Upscaler:
             # copies are asynchronous DMA.
             self._pinned_in = torch.empty((self.max_batch_images, *INPUT_SHAPE), dtype=torch.uint8).pin_memory()
             self._pinned_out = torch.empty((self.max_batch_images, *OUTPUT_SHAPE), dtype=torch.uint8).pin_memory()
-        # The turn on the shared choices file (when there is one) covers what TIMING_LOCK covers, so a service's
-        # workers time one at a time too, and the second to set a version up takes the first one's measurements.
+        # The turn on the recorded choices (the manager always gives them; an Upscaler built alone has none) covers what
+        # TIMING_LOCK covers, so a service's workers time one at a time too, and the second to set a version up takes
+        # the first one's measurements.
         cpu = self.device.type == "cpu"
-        shares = self.forward_choices is not None and cpu
-        with TIMING_LOCK, self.forward_choices.turn() if shares else contextlib.nullcontext():
+        records = self.forward_choices is not None and cpu
+        with TIMING_LOCK, self.forward_choices.turn() if records else contextlib.nullcontext():
             key = f"{self.name}:{self.version}"
-            wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards) if shares else {}
-            shared = self.forward_choices.get(key, wanted) if shares else None
+            wanted = signature(self.manifest.get("weights_sha256", ""), torch.get_num_threads(), self.bf16, self.cpu_forwards) if records else {}
+            recorded = self.forward_choices.get(key, wanted) if records else None
             if cpu:  # on CUDA the forward is a few kernel launches: nothing to gain from a trace
                 with torch.inference_mode():
-                    self.choose_cpu_forward(shared)
+                    self.choose_cpu_forward(recorded)
                 self.autocast = self.bf16 and self.forward == "eager"  # eager if tracing failed
             # One image through the whole path now, so the first request does not pay for lazy initialisation.
             blank = codec.encode_png(np.zeros(INPUT_SHAPE, dtype=np.uint8))
             self.run_batch(codec.stack_images([self.decode(blank, 0)]))
             # The batcher's regrouping wait is this fixed cost: workers that measured it apart batched apart. An any-size
             # model's batches are sized by pixels (batch_limit), its forward dominated by them: no regrouping wait.
-            self.fixed_cost_s = 0.0 if self.any_size else shared["fixed_cost_s"] if shared else self.measure_fixed_cost()
-            if shares and not shared:
+            self.fixed_cost_s = 0.0 if self.any_size else recorded["fixed_cost_s"] if recorded else self.measure_fixed_cost()
+            if records and not recorded:
                 self.forward_choices.put(key, wanted, forward=self.forward, memory_format=str(self.memory_format).removeprefix("torch."),
                                          fixed_cost_s=self.fixed_cost_s)
 
-    def choose_cpu_forward(self, shared: dict | None) -> None:
-        """The forward and memory format to run: the one recorded for this signature (`shared`), one candidate alone
+    def choose_cpu_forward(self, recorded: dict | None) -> None:
+        """The forward and memory format to run: the one recorded for this signature (`recorded`), one candidate alone
         (pinned), or the fastest timed here."""
-        if shared:
-            forwards, formats, self.forward_source = (shared["forward"],), (MEMORY_FORMATS[shared["memory_format"]],), "recorded"
+        if recorded:
+            forwards, formats, self.forward_source = (recorded["forward"],), (MEMORY_FORMATS[recorded["memory_format"]],), "recorded"
         else:
             forwards, formats = self.cpu_forwards, tuple(MEMORY_FORMATS.values())
             self.forward_source = "pinned" if len(forwards) == 1 else "timed"  # pinned: its memory format may be timed
