@@ -10,7 +10,10 @@ The recipe, top to bottom:
 * each step: `--batch-size` random HR crops of `--crop` x 4 pixels (uniform over every position of every
   photograph big enough), each in one of its 8 dihedral orientations; the LR input is MATLAB's antialiased
   bicubic reduction of the crop, 8-bit (`upgrader.imaging.bicubic_degrade`: the LR_bicubic_x4 images of every
-  published x4 table, and the PNG a client sends); the crop, seeded by (seed, step), is the same on a resumed run;
+  published x4 table, and the PNG a client sends); with `--degradation realistic` it is instead
+  `upgrader.degradations`' random chain (a clean bicubic share; otherwise blur, bicubic/bilinear/area reduction,
+  Gaussian or Poisson noise, JPEG), each crop's chain seeded by (seed, step, index); the crop, seeded by
+  (seed, step), is the same on a resumed run;
 * L1 loss, Adam, a cosine learning rate over `--steps` (or over `--max-minutes` of training time, whichever
   ends first, so a run cut short by its budget still ends annealed), an EMA of the weights (what is
   evaluated and published);
@@ -46,12 +49,16 @@ from trainer.natural import NaturalData, load_natural_data
 from trainer.recipe import EMA, dihedral_augment
 from upgrader.architectures import build_model, parameter_count
 from upgrader.cpus import native_bf16_cpu
+from upgrader.degradations import DegradationConfig, degrade_batch
 from upgrader.imaging import bicubic_degrade, imresize_bicubic, psnr_y, to_8bit, to_float
 
 log = logging.getLogger("trainer.photo")
 
 SCALE = 4
 DEGRADATION = "bicubic-matlab-x4"  # upgrader.imaging.bicubic_degrade; the CIFAR models' is antialiased bilinear
+# --degradation realistic: upgrader.degradations' random chain (blur, bicubic/bilinear/area, noise, JPEG), a clean share
+REALISTIC = "realistic-x4"
+REALISTIC_CHAIN = DegradationConfig(scale=4)
 EVALUATION = ("PSNR-Y (BT.601 luma, 8-bit output) with a 4-pixel border cropped, mean over the held-out photographs, "
               "each cropped to a multiple of 4, reduced by bicubic_degrade and upscaled whole in one forward")
 # Entries of the run's setup a resumed run may change: how long it runs, not what it trains.
@@ -83,6 +90,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
     recipe.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights that are evaluated and published")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the crops, their orientation and a fresh init")
+    recipe.add_argument("--degradation", choices=["bicubic", "realistic"], default="bicubic",
+                        help="the LR inputs: bicubic = MATLAB's bicubic x4, 8-bit (the benchmark's); realistic = "
+                             "upgrader.degradations' seeded chain of blur, downsampling, noise and JPEG, with a clean "
+                             "bicubic share (photos as people have them)")
 
     run = p.add_argument_group("how it runs")
     run.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
@@ -177,7 +188,10 @@ def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: 
     model.train()
     targets = to_float(sampler.batch(args.batch_size, step)).to(device)
     targets = dihedral_augment(targets, torch.Generator(device).manual_seed(args.seed * 1_000_003 + step))
-    inputs = bicubic_degrade(targets, SCALE)
+    if args.degradation == "realistic":
+        inputs = degrade_batch(targets, REALISTIC_CHAIN, seed=f"{args.seed}:{step}").to(device)
+    else:
+        inputs = bicubic_degrade(targets, SCALE)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(inputs)
     loss = nn.functional.l1_loss(outputs.float(), targets)
@@ -229,7 +243,7 @@ def load_initial_weights(model: nn.Module, spec: str, store: ModelStore) -> dict
 
 def run_setup(args: argparse.Namespace, natural: NaturalData, amp: bool) -> dict:
     """What this run trains: written into checkpoints (a resume must match it) and into the manifest."""
-    return {
+    setup = {
         "architecture": {"name": "photo_residual", "params": args.arch_params},
         "degradation": DEGRADATION,
         "scale": SCALE,
@@ -241,6 +255,11 @@ def run_setup(args: argparse.Namespace, natural: NaturalData, amp: bool) -> dict
         },
         "dataset": {**natural.describe(), "val_crops": None, "validation": "the held-out photographs, whole"},
     }
+    if args.degradation == "realistic":
+        setup["degradation"] = REALISTIC
+        setup["recipe"]["inputs"] = "8-bit (upgrader.degradations.degrade_batch, each crop's chain seeded by (seed, step, index))"
+        setup["recipe"]["degradation_chain"] = REALISTIC_CHAIN.describe()
+    return setup
 
 
 def check_resumable(saved: dict, wanted: dict, where: Path) -> None:
