@@ -14,6 +14,7 @@ from model_store import ModelStore
 from trainer import photo
 from trainer.checkpoint import load_checkpoint
 from upgrader.architectures import build_model
+from upgrader.degradations import DegradationConfig
 
 TINY = ["--arch-params", '{"width": 8, "depth": 1}', "--crop", "8", "--batch-size", "2", "--warmup", "1",
         "--eval-every", "2", "--log-every", "1", "--amp", "none", "--device", "cpu", "--threads", "1",
@@ -134,3 +135,14 @@ def test_a_stopped_process_does_not_spend_its_training_time(photos_dir, tmp_path
     assert run(photos_dir, tmp_path, "--steps", "5", "--no-publish") == 0
     state = json.loads((tmp_path / "ckpt" / "photo" / "state.json").read_text())
     assert state["step"] == 5 and state["history"][-1]["train_seconds"] < 60
+
+
+def test_realistic_degradation_trains_on_the_seeded_chain_and_records_it(photos_dir, tmp_path):
+    assert run(photos_dir, tmp_path, "--steps", "2", "--degradation", "realistic") == 0
+    manifest = ModelStore(tmp_path / "store").manifest("photo", 1)
+    assert manifest["degradation"] == "realistic-x4"
+    assert manifest["recipe"]["degradation_chain"] == DegradationConfig(scale=4).describe()
+    assert json.loads(json.dumps(manifest["recipe"]["degradation_chain"])) == manifest["recipe"]["degradation_chain"]
+    # the chain is part of the setup: a bicubic run does not resume it
+    assert run(photos_dir, tmp_path, "--steps", "2", "--resume", "--no-publish") == 1
+    assert run(photos_dir, tmp_path, "--steps", "2", "--resume", "--no-publish", "--degradation", "realistic") == 0

@@ -7,7 +7,7 @@ Each step is a function of a float image (C x H x W or N x C x H x W, values in 
 * `downsample`: MATLAB's antialiased bicubic (`upgrader.imaging.bicubic_degrade`, the published LR images),
   antialiased bilinear or area averaging;
 * `gaussian_noise` and `poisson_noise`: in colour (independent per channel) or grey (one field on every channel);
-* `jpeg`: a round trip through Pillow's JPEG encoder and decoder at a given quality.
+* `jpeg`: a round trip through Pillow's JPEG encoder (`encode_jpeg`) and decoder at a given quality.
 
 `degrade` draws one chain from a `DegradationConfig` with a `random.Random`: with probability `clean_share` the
 plain 8-bit bicubic LR (so a model keeps its quality on clean inputs); otherwise blur (sometimes), one of the
@@ -105,16 +105,21 @@ def poisson_noise(images: torch.Tensor, peak: float, generator: torch.Generator,
     return images + noise.to(images.device, images.dtype)
 
 
-def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
-    """One image (3 x H x W float in [0, 1]) encoded by Pillow as a JPEG at `quality` (1-95; Pillow's default 4:2:0
-    chroma subsampling) and decoded again; float on the 8-bit levels."""
+def encode_jpeg(image: torch.Tensor, quality: int) -> bytes:
+    """One image (3 x H x W float in [0, 1]) as a JPEG file from Pillow's encoder at `quality` (1-95; Pillow's
+    default 4:2:0 chroma subsampling)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg: quality must be in 1..100, got {quality}")
     pixels = (image.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
+    return buffer.getvalue()
+
+
+def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """One image (3 x H x W float in [0, 1]) through `encode_jpeg` at `quality` and Pillow's decoder: float on the
+    8-bit levels, with the JPEG's 8x8 block artefacts."""
+    with Image.open(io.BytesIO(encode_jpeg(image, quality))) as decoded:
         out = np.array(decoded.convert("RGB"))
     return torch.from_numpy(out).permute(2, 0, 1).to(image.device, image.dtype if image.dtype.is_floating_point else torch.float32) / 255
 
