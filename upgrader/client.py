@@ -409,8 +409,12 @@ class AsyncClient(_Base):
 
     async def upscale(self, image: ImageInput, *, model: str | None = None, version: int | str | None = None, format: str = "png",
                       quality: int | None = None, tile: bool = True, ensemble: int | None = None) -> UpscaleResult:
-        """See `Client.upscale`."""
-        request = _upscale_request(image, model, version, format, quality, tile, ensemble)
+        """See `Client.upscale` (a path is read in a thread, off the event loop)."""
+        arguments = (image, model, version, format, quality, tile, ensemble)
+        if isinstance(image, (str, os.PathLike)):
+            request = await asyncio.to_thread(_upscale_request, *arguments)
+        else:
+            request = _upscale_request(*arguments)
         response = await self._send("POST", "/upscale", content=request.content, params=request.params, headers=request.headers)
         return _result(response)
 
