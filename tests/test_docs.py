@@ -114,6 +114,73 @@ def test_a_model_added_to_the_store_gets_its_card(tmp_path):
     assert "natural photo tiles (held out)" not in cards  # no row for a validation set it was not measured on
 
 
+def test_the_hooks_draw_every_generated_page_without_torch_or_the_app():
+    """docs/hooks/generated.py reads manifests, service/settings.py and upgrader/architectures.py's source: with torch,
+    FastAPI and the installed package made unimportable it still draws both pages, the same as here."""
+    hook = load_hook()
+    script = f"""
+import importlib.util, json, sys
+for name in ("torch", "torchvision", "fastapi", "model_store", "trainer", "openvino"):
+    sys.modules[name] = None
+spec = importlib.util.spec_from_file_location("docs_generated", {str(ROOT / "docs" / "hooks" / "generated.py")!r})
+hook = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hook)
+print(json.dumps({{"cards": hook.model_cards(), "settings": hook.settings_table(), "architectures": hook.architectures()}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    drawn = json.loads(result.stdout)
+    assert drawn["cards"] == hook.model_cards() and drawn["settings"] == hook.settings_table()
+
+
+def test_the_hooks_reading_of_architectures_matches_the_registry():
+    from upgrader.architectures import ARCHITECTURES, fully_convolutional
+
+    hook = load_hook()
+    assert hook.architectures() == {name: fully_convolutional(name) for name in ARCHITECTURES}
+    with pytest.raises(KeyError, match="unknown architecture"):
+        hook.fully_convolutional("no_such_net")
+
+
+def test_every_model_card_names_its_licence_and_training_data(site):
+    page = page_text(site, "models")
+    assert page.count("Licence and intended use:") == len(sorted(ROOT.glob("pretrained/*/*/manifest.json")))
+    notices = (ROOT / "THIRD_PARTY_NOTICES.md").read_text()
+    hook = load_hook()
+    for name, version, manifest in hook.shipped_versions():
+        data = hook.training_data(manifest)
+        assert data, f"{name}:{version} names no training data"
+        for label in data:
+            assert label in page
+            assert label.split(" (")[0].split("'")[0] in notices, f"{label} has no entry in THIRD_PARTY_NOTICES.md"
+
+
+@pytest.mark.slow
+def test_the_docs_build_in_a_fresh_venv_with_only_the_docs_group(tmp_path):
+    """`python -m venv` (no system site-packages) + `pip install --group docs`: the site builds --strict, and neither
+    torch nor the app is importable there. pip may install from its cache or a local index."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}} | {"NO_MKDOCS_2_WARNING": "1"}
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    for step in (["pip>=25.1"], ["--group", "docs"]):  # --group: pip >= 25.1
+        done = subprocess.run(pip + step, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    for module in ("torch", "fastapi", "service.app"):
+        probe = subprocess.run([str(python), "-c", f"import {module}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"{module} is importable in the docs venv"
+    site = tmp_path / "site"
+    built = subprocess.run([str(venv / "bin" / "mkdocs"), "build", "--strict", "--site-dir", str(site)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert built.returncode == 0, built.stdout + built.stderr
+    hook = load_hook()
+    configuration, models = page_text(site, "configuration"), page_text(site, "models")
+    assert all(row["env"] in configuration for row in hook.settings_rows())
+    assert all(f"{name}:{version}" in models for name, version, _ in hook.shipped_versions())
+
+
 # ---- the README --------------------------------------------------------------------------------
 
 

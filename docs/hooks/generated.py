@@ -6,16 +6,22 @@
   (a model store: `<name>/<version>/manifest.json`), read from its manifest.
 
 Both functions are plain Python (tests/test_docs.py calls them too); mkdocs.yml names this file under `hooks:`.
+Neither imports torch or the app: the settings class is imported from `service/settings.py` alone (pydantic), the
+cards read manifests, and what an architecture is comes from `upgrader/architectures.py`'s source. So the site
+builds with the docs dependency group only (`pip install --group docs`, pyproject.toml).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAINED = ROOT / "pretrained"
+ARCHITECTURES_SOURCE = ROOT / "upgrader" / "architectures.py"
 MARKERS = {"<!-- generated: settings -->": lambda: settings_table(), "<!-- generated: model-cards -->": lambda: model_cards()}
 
 
@@ -60,6 +66,8 @@ def cli_flags() -> set[str]:
 
 def settings_rows() -> list[dict[str, str]]:
     """One row per field of the service's settings class: name, env var, flag, default, description."""
+    if str(ROOT) not in sys.path:  # `service.settings` of this checkout, installed or not (MkDocs restores sys.path
+        sys.path.append(str(ROOT))  # after loading a hook, so this is done here, when the page is drawn)
     from service.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
@@ -125,14 +133,72 @@ def _recipe_line(recipe: dict) -> str:
     return ", ".join(parts)
 
 
-def _limits(architecture: str, manifest: dict) -> str:
-    from upgrader.architectures import fully_convolutional  # imports torch: only when a card is drawn
+def architectures(source: Path = ARCHITECTURES_SOURCE) -> dict[str, bool]:
+    """Every registered architecture (`@register("name")` on a class) and whether it is fully convolutional (its class
+    sets `fully_convolutional = True`), read from the module's source so that no torch is imported."""
+    found = {}
+    for node in ast.parse(source.read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        names = [d.args[0].value for d in node.decorator_list if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "register"
+                 and d.args and isinstance(d.args[0], ast.Constant)]
+        flag = any(isinstance(s, ast.Assign) and any(getattr(t, "id", None) == "fully_convolutional" for t in s.targets)
+                   and isinstance(s.value, ast.Constant) and s.value.value is True for s in node.body)
+        for name in names:
+            found[name] = flag
+    return found
 
+
+def fully_convolutional(architecture: str) -> bool:
+    known = architectures()
+    if architecture not in known:
+        raise KeyError(f"unknown architecture {architecture!r}; known: {sorted(known)}")
+    return known[architecture]
+
+
+def _limits(architecture: str, manifest: dict) -> str:
     size = "×".join(map(str, manifest["input_shape"][1:]))
     tiles = ("overlapping tiles blended with tent windows, so no seams show" if fully_convolutional(architecture)
              else "plain, abutting tiles (this architecture flattens or pools the tile), so tile seams can show")
     return (f"it upscales {size} RGB images 4×. Larger images go through `POST /upscale?tile=true` as {tiles}; "
             "its metrics are for CIFAR-10 images and natural photo tiles; other kinds of image (text, line art) are not measured.")
+
+
+# What each training set is, and its terms (THIRD_PARTY_NOTICES.md says more): keyed by how manifests name them.
+DATASETS = {
+    "cifar": "CIFAR-10 (Krizhevsky, 2009)",
+    "bsd200": "BSDS300's 200 training photographs (Martin et al., 2001; research and educational use)",
+    "yang91": "T91 (Yang et al., 2010)",
+}
+
+
+def training_data(manifest: dict, root: Path = PRETRAINED, seen: frozenset = frozenset()) -> list[str]:
+    """The datasets a version's weights learnt from, its starting point's included (`recipe.init_from`, when that
+    version is in `root`), in a fixed order."""
+    dataset = manifest.get("dataset", {})
+    found = set()
+    if str(dataset.get("name", "")).startswith("cifar") or "train_size" in dataset:
+        found.add("cifar")
+    for photos in (dataset.get("natural"), dataset if "val_images" in dataset else None):
+        for file in (photos or {}).get("val_files", []):
+            found.add(file.split("/")[0])
+    start = manifest.get("recipe", {}).get("init_from")
+    if start and (start["name"], start["version"]) not in seen:
+        path = root / start["name"] / str(start["version"]) / "manifest.json"
+        if path.is_file():
+            found.update(key for key, label in DATASETS.items()
+                         if label in training_data(json.loads(path.read_text()), root, seen | {(start["name"], start["version"])}))
+    return [label for key, label in DATASETS.items() if key in found]
+
+
+def licence_line(manifest: dict, root: Path = PRETRAINED) -> str:
+    kind = ("photographs of any size, 4× (clean, bicubic-reduced inputs)" if "heldout_photos_x4" in manifest.get("metrics", {})
+            else "8×8 thumbnails, 4× to 32×32")
+    data = "; ".join(training_data(manifest, root)) or "not recorded"
+    return (f"- **Licence and intended use:** the weights are distributed under the project's Apache-2.0 licence (`LICENSE`); "
+            f"trained on {data}, whose terms are in `THIRD_PARTY_NOTICES.md`. For upscaling {kind} for viewing. The detail "
+            "it adds is the model's estimate, not a recovery of the original: not for evidence, identification (faces, "
+            "text, number plates) or medical images.")
 
 
 def photo_model_card(name: str, version: int, manifest: dict) -> str:
@@ -160,6 +226,7 @@ def photo_model_card(name: str, version: int, manifest: dict) -> str:
     lines.append("- **Limits:** trained for one degradation, clean bicubic reduction by 4; photos with noise, JPEG artefacts "
                  "or blur of other kinds are not measured. The service runs it on whole images (large ones in windows "
                  "that overlap by its receptive field), up to `UPGRADER_MAX_WHOLE_IMAGE_PIXELS` input pixels.")
+    lines.append(licence_line(manifest))
     lines += ["", "| validation set | images | bicubic PSNR-Y | model PSNR-Y (vs bicubic) |", "|---|---|---|---|",
               f"| held-out photographs | {_count(heldout.get('images'))} | {bicubic:.3f} dB | {model:.3f} dB ({model - bicubic:+.3f}) |", ""]
     lines.append(f"Serve it: `curl -s -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @photo.png "
@@ -196,6 +263,7 @@ def model_card(name: str, version: int, manifest: dict) -> str:
     lines.append(f"- **Weights:** `weights.safetensors`, sha256 `{manifest['weights_sha256'][:16]}…` "
                  f"({manifest.get('weights', 'last')} weights); evaluation {manifest.get('evaluation', 'on exact floats')}.")
     lines.append(f"- **Limits:** {_limits(arch['name'], manifest)}")
+    lines.append(licence_line(manifest))
     lines += ["", *_metrics_table(metrics), ""]
     speed = manifest.get("speed")
     if speed:
