@@ -226,7 +226,8 @@ function versionRow(model, v) {
   pictures.dataset.version = v.version;
   pictures.hidden = true;
   const cell = Object.assign(document.createElement("td"), { colSpan: 7 });
-  for (const picture of ["loss_curve.png", "samples.png"]) {
+  // photo models (trainer/photo.py) draw a learning curve over steps; 8x8 models a loss curve over epochs
+  for (const picture of [model.input === "any" ? "learning_curve.png" : "loss_curve.png", "samples.png"]) {
     const img = Object.assign(document.createElement("img"), { alt: `${model.name} v${v.version} ${picture}` });
     img.dataset.src = `/models/${encodeURIComponent(model.name)}/versions/${v.version}/${picture}`;
     img.addEventListener("error", () => img.replaceWith(Object.assign(document.createElement("span"), { className: "muted", textContent: `no ${picture} ` })));

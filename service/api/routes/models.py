@@ -74,9 +74,9 @@ async def get_version(name: NameParam, version: VersionParam, manager: ManagerDe
     return version_info(state, await manager.version_number(state, version), detail=True)
 
 
-@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss curve or sample grid", response_class=Response,
+@router.get("/{name}/versions/{version}/{picture}", summary="The trainer's loss or learning curve (photo models) or sample grid", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, **_NOT_FOUND})
-async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "samples.png"], manager: ManagerDep) -> Response:
+async def get_picture(name: NameParam, version: VersionParam, picture: Literal["loss_curve.png", "learning_curve.png", "samples.png"], manager: ManagerDep) -> Response:
     state = await manager.model_state(name)
     number = await manager.version_number(state, version)
     try:
