@@ -6,6 +6,7 @@ Every flag overrides the UPGRADER_* environment variable of the same name.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from service.observability.logs import configure_logging
 from service.settings import Settings
-from service.workers import run_workers
+from service.workers import PortTaken, claim_ports, listening_socket, run_workers
 from upgrader.cpus import usable_cpus
 
 # This process stays free of torch (and the app): with several workers it is only their supervisor,
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(host=settings.host, port=settings.port, log_config=None, access_log=False,
                   timeout_graceful_shutdown=settings.request_timeout_s + 5)
     workers = settings.workers or default_workers(settings)
+    try:  # this instance's ports, before any model loads: a second instance on them stops here, naming the port
+        claimed = claim_ports(settings.host, {"HTTP": settings.port, "gRPC": settings.grpc_port})
+    except PortTaken as exc:
+        logging.getLogger("service").error("cannot start", extra={"reason": str(exc)})
+        sys.exit(f"upgrader-serve: {exc}")
     if workers == 1:
         import uvicorn
 
@@ -74,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         from service.server import uvicorn_config
 
         app = create_app(settings)
+        app.state.ports_claimed = True  # its gRPC server joins the claimed port (service.grpc.server.start)
         host, port = common.pop("host"), common.pop("port")
-        uvicorn.Server(uvicorn_config(app, host, port, **common)).run()
+        uvicorn.Server(uvicorn_config(app, host, port, **common)).run(sockets=[listening_socket(host, port)])
+        del claimed
         return
     # Worker processes build their own app from the environment: hand them the flags that way.
     os.environ.update({f"UPGRADER_{key.upper()}": str(value) for key, value in overrides.items()})
@@ -83,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="upgrader-workers-") as run_dir:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", run_dir)  # before any worker imports prometheus_client
         host, port = common.pop("host"), common.pop("port")
-        sys.exit(run_workers(workers, host, port, settings.log_level, common, grace_s=settings.request_timeout_s + 10))
+        code = run_workers(workers, host, port, settings.log_level, common, grace_s=settings.request_timeout_s + 10)
+        del claimed
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service.errors import install_error_handlers
 from service.api.routes import baseline, inference, models, ops, page, upscale
-from service.http.admission import Admission, AdmissionMiddleware
+from service.http.admission import AdmissionMiddleware
+from service.runtime.admission import Admission
 from service.http.auth import ApiKeyMiddleware
 from service.http.body_limit import BodySizeLimitMiddleware
 from service.observability import tracing

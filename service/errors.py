@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.runtime.cancellation import ClientLeft
+
 log = logging.getLogger("service.errors")
 
 
@@ -36,6 +38,13 @@ def error_response(status: int, code: str, message: str, item: int | None = None
     if is_protocol_path(path):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message, "item": item}}, status_code=status, headers=headers)
+
+
+def validation_message(error: dict) -> tuple[str, str]:
+    """One pydantic validation error -> (where, what): its location dotted (`query.ensemble`, `inputs.0.shape`) and its message.
+
+    Every place that validates client input with pydantic names the problem this way."""
+    return ".".join(str(part) for part in error.get("loc", ())), error.get("msg", "invalid request")
 
 
 ECHO_LIMIT = 100  # characters of client input repeated in an error message (a 65 KB URL gets a short answer)
@@ -62,10 +71,9 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 def validation_error_response(errors, path: str) -> JSONResponse:
     """A parameter that failed validation: 422, or 400 under /v2 as the protocol says."""
-    first = errors[0] if errors else {}
-    where = ".".join(str(part) for part in first.get("loc", ()))  # e.g. query.ensemble: every location names its part
+    where, what = validation_message(errors[0] if errors else {})  # e.g. query.ensemble: every location names its part
     status = 400 if is_protocol_path(path) else 422
-    return error_response(status, "invalid_parameter", f"{where}: {first.get('msg', 'invalid request')}", path=path)
+    return error_response(status, "invalid_parameter", f"{where}: {what}", path=path)
 
 
 def client_gone_response(path: str) -> JSONResponse:
@@ -95,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None), path=request.url.path)
 
     @app.exception_handler(ClientDisconnect)
-    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    @app.exception_handler(ClientLeft)
+    async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
         return client_gone_response(request.url.path)
 
     @app.exception_handler(Exception)

@@ -1,4 +1,4 @@
-"""Several server processes on one port (UPGRADER_WORKERS > 1), each with its own listening socket.
+"""One owner per port, and several server processes on it (UPGRADER_WORKERS > 1), each with its own listening socket.
 
 uvicorn's own `workers=N` shares one listening socket, so one accept queue: when many clients
 connect at once, whichever worker wakes first accepts most of them, and stays the busy one for as
@@ -6,6 +6,13 @@ long as those keep-alive connections last (measured: one worker at 100% while th
 Here every worker binds the port itself with SO_REUSEPORT, and the kernel hashes each new
 connection to one of the listening sockets, so the load spreads evenly. A worker listens only after
 its models are loaded, so no connection is routed to a worker that cannot serve it yet.
+
+SO_REUSEPORT lets any process of the same user join a port, so a second instance started on a port in use
+would silently take a share of its connections. `claim_ports` keeps that from happening: before any worker
+starts, the supervisor binds each port (HTTP and gRPC) once without SO_REUSEPORT, which fails with "address
+already in use" while anything holds it, and then holds a placeholder socket on it for as long as it runs
+(SO_REUSEPORT without SO_REUSEADDR, never listening: it takes no connections, its own workers join it, and
+another instance's probe fails on it). The same holds with one worker (service.__main__).
 
 The supervisor forwards SIGINT/SIGTERM to the workers (each drains its queue, see app.lifespan)
 and exits when all have, killing any worker still alive `grace_s` later; if one dies on its own,
@@ -36,6 +43,34 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class PortTaken(RuntimeError):
+    """A port this instance would serve on is held by another process."""
+
+
+def claim_ports(host: str, ports: dict[str, int]) -> list[socket.socket]:
+    """{what: port} -> placeholder sockets that keep each port this instance's until closed; PortTaken names the port
+    another process holds (port 0 and None are skipped: the kernel picks those)."""
+    claimed = []
+    for what, port in ports.items():
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of an earlier run in TIME_WAIT are no owner
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                for sock in claimed:
+                    sock.close()
+                raise PortTaken(f"{what} port {port} on {host} is already in use ({exc.strerror}): another Upgrader or another "
+                                f"server listens there; stop it, or choose another port") from None
+        placeholder = socket.socket(family, socket.SOCK_STREAM)
+        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        placeholder.bind((host, port))
+        claimed.append(placeholder)
+    return claimed
+
+
 def serve_worker(host: str, port: int, log_level: str, uvicorn_options: dict) -> None:
     """One worker process: its own SO_REUSEPORT socket, its own app (settings from the environment)."""
     import uvicorn  # here, not at the top: the supervisor importing this module stays without torch
@@ -44,13 +79,14 @@ def serve_worker(host: str, port: int, log_level: str, uvicorn_options: dict) ->
     from service.server import uvicorn_config
 
     configure_logging(log_level)
-    config = uvicorn_config(create_app(Settings()), host, port, **uvicorn_options)
+    app = create_app(Settings())
+    app.state.ports_claimed = True  # the supervisor holds the ports: this worker's gRPC server joins them (SO_REUSEPORT)
+    config = uvicorn_config(app, host, port, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[listening_socket(host, port)])
 
 
 def run_workers(count: int, host: str, port: int, log_level: str, uvicorn_options: dict, grace_s: float) -> int:
     """Start `count` workers and wait for them; returns the exit code for the supervisor."""
-    listening_socket(host, port).close()  # a port already taken fails here, once, with a clear error
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or event-loop state
     workers = [spawn.Process(target=serve_worker, args=(host, port, log_level, uvicorn_options), name=f"upgrader-worker-{i}")
                for i in range(count)]

@@ -29,8 +29,8 @@ from test_service_support import (
 )
 
 from model_store import WEIGHTS_FILE, ModelStore
-from service.http.admission import Admission
-from service.http.disconnect import ClientGone
+from service.runtime.admission import Admission
+from service.runtime.cancellation import ClientGone, ClientLeft
 
 inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)
 pngs = pytest.fixture(scope="module", name="pngs")(png_list)
@@ -317,20 +317,18 @@ def test_a_request_waiting_in_line_leaves_it_when_its_client_does():
     """A request waiting for admission whose client leaves gives up its place at once (not at the deadline)."""
     import asyncio
 
-    from starlette.requests import ClientDisconnect
-
     async def scenario() -> None:
         admission = Admission(64, 2, 1)
         gone = ClientGone()
         holding, release = asyncio.Event(), asyncio.Event()
 
         async def holder() -> None:
-            async with admission.slot({}, str(64 * 300), 256, wait_s=30):
+            async with admission.slot(admission.weight(str(64 * 300), 256), wait_s=30):
                 holding.set()
                 await release.wait()
 
         async def waiter() -> None:
-            async with admission.slot({}, str(64 * 300), 256, wait_s=30, gone=gone):
+            async with admission.slot(admission.weight(str(64 * 300), 256), wait_s=30, gone=gone):
                 raise AssertionError("a request whose client left was admitted")
 
         first = asyncio.create_task(holder())
@@ -342,7 +340,7 @@ def test_a_request_waiting_in_line_leaves_it_when_its_client_does():
         for _ in range(3):  # a few turns of the loop, nowhere near the 30 s wait: the request is out of the line already
             await asyncio.sleep(0)
         assert second.done() and admission.waiting == 0 and admission.in_use == 64
-        with pytest.raises(ClientDisconnect):
+        with pytest.raises(ClientLeft):
             await second
         release.set()
         await first

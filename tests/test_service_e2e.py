@@ -235,6 +235,9 @@ def test_several_workers_share_the_port_and_report_combined_metrics(store, input
     assert process.returncode in (0, -signal.SIGTERM), output
     with python_m_service(store, "--workers", "2", UPGRADER_MAX_WAIT_MS="5", UPGRADER_MODEL_CACHE=cache) as again:
         assert httpx.post(f"{again.url}/upscale", files=multipart(pngs[:1])).status_code == 200
+        # Ready means one worker serves; the other may still be loading: wait for both before stopping them.
+        wait_for(lambda: len([e for e in again.logs() if e["message"] == "loaded version" and e.get("model") == "conv"]) == 2,
+                 "both workers to load conv", 120)
     logs = [json.loads(line) for line in again.output.splitlines() if line.startswith("{")]
     reloaded = [entry for entry in logs if entry["message"] == "loaded version" and entry.get("model") == "conv"]
     assert [entry["forward_source"] for entry in reloaded] == ["recorded", "recorded"], reloaded

@@ -282,7 +282,9 @@ class ServiceProcess:
         self.output = self._read_log()
 
     def logs(self) -> list[dict]:
-        return [json.loads(line) for line in self.output.splitlines() if line.startswith("{")]
+        """Its JSON log lines: all of them after stop(), those written so far before."""
+        text = self.output or self._read_log()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{") and line.endswith("}")]
 
 
 def wait_for(condition, what: str, seconds: float = 30.0, interval: float = 0.05):

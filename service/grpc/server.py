@@ -1,11 +1,11 @@
 """The gRPC server of a worker: grpc.aio on the worker's own event loop, serving the OIP and the standard health service.
 
 Each worker process starts one (app lifespan, after its models are loaded; with several workers every one binds
-UPGRADER_GRPC_PORT with SO_REUSEPORT, as HTTP does) and every RPC takes the HTTP routes' path through the code:
-the same ModelManager lease (hot reload included), batcher, limits, API keys and metrics
-(service.api.routes.inference.run_model). A ModelInferRequest is turned into the REST form (the JSON request
-model and its binary tail) and checked by the same code, so both transports refuse the same requests
-with the same messages; the HTTP status becomes a gRPC code (`CODES`).
+UPGRADER_GRPC_PORT with SO_REUSEPORT, as HTTP does). The servicer is a thin adapter over the protocol's core
+(service.oip.protocol): a ModelInferRequest becomes an `InferRequest` (raw or typed contents alike) and rides the
+same lease, admission, pipeline, limits and metrics as REST, so both transports refuse the same requests with the
+same messages. Request ids, spans, API keys, admission refusals, error codes and the access log are the
+interceptor's (service.grpc.interceptors).
 
 Answers carry their tensors in `raw_output_contents`, as Triton does. A client that cancels (or whose
 deadline passes) fires the request's ClientGone: its images still queued are dropped, not computed.
@@ -13,7 +13,6 @@ deadline passes) fires the request's ClientGone: its images still queued are dro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -22,40 +21,19 @@ import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from starlette.datastructures import State
-from starlette.requests import ClientDisconnect
 
 from model_store import LATEST
-from service.http.auth import check_api_key
 from service.errors import ApiError
 from service.grpc import messages
-from service.api.inference_schemas import InferenceRequest, RequestInput, RequestOutput
-from service.http.disconnect import ClientGone
+from service.grpc.interceptors import ServiceInterceptor
+from service.oip import protocol
+from service.oip.protocol import InferRequest, Tensor
+from service.oip.tensors import NUMPY_DTYPES, TensorError, bytes_to_binary
+from service.runtime.cancellation import ClientGone
 from service.runtime.registry import ModelManager
-from service.api.routes.inference import (
-    EXTENSIONS,
-    PIXELS_OUT,
-    PLATFORM,
-    PNG_OUT,
-    SERVER_NAME,
-    SERVER_VERSION,
-    Tally,
-    _config,
-    _metadata,
-    _read_input,
-    _wanted_outputs,
-    run_model,
-)
 from service.settings import Settings
-from service.runtime.tensors import NUMPY_DTYPES, TensorError, bytes_to_binary
 
 log = logging.getLogger("service.grpc")
-
-# HTTP status of an ApiError/TensorError -> gRPC status code. 499: the client went away.
-CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
-    499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 
 # The typed `contents` field that carries each datatype (the protocol's InferTensorContents).
 CONTENTS_FIELD = {
@@ -66,63 +44,43 @@ CONTENTS_FIELD = {
 ALL_CONTENTS = sorted(set(CONTENTS_FIELD.values()))
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> None:
-    """End the RPC with the code for the error's HTTP status and the same message; 503 says when to retry (`retry-after` seconds)."""
-    trailers = tuple((name.lower(), value) for name, value in (exc.headers or {}).items() if name.lower() == "retry-after")
-    await context.abort(CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message, trailing_metadata=trailers)
-
-
-def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return value if isinstance(value, str) else value.decode("latin-1")
-    return None
-
-
-def _as_rest(request) -> tuple[InferenceRequest, memoryview]:
-    """A ModelInferRequest -> the REST request model and binary tail it stands for (raw or typed contents alike)."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+def read_request(request) -> InferRequest:
+    """A ModelInferRequest -> the protocol's InferRequest (raw_input_contents, or typed contents)."""
+    raw = request.raw_input_contents
+    if len(raw) and len(raw) != len(request.inputs):
         raise TensorError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, or none")
-    inputs, tail = [], []
+    inputs = []
     for index, tensor in enumerate(request.inputs):
         shape, name, datatype = list(tensor.shape), tensor.name, tensor.datatype
-        filled = [field for field in ALL_CONTENTS if len(getattr(tensor.contents, field))]
-        if raw:
-            if filled:
+        if len(raw):
+            if tensor.HasField("contents") and any(len(getattr(tensor.contents, f)) for f in ALL_CONTENTS):
                 raise TensorError(f"input {name!r} has both contents and raw_input_contents; send one of them")
-            inputs.append(RequestInput(name=name, shape=shape, datatype=datatype, parameters={"binary_data_size": len(raw[index])}))
-            tail.append(raw[index])
+            inputs.append(Tensor(name, datatype, shape, raw=raw[index]))
             continue
+        filled = [f for f in ALL_CONTENTS if len(getattr(tensor.contents, f))]
         field = CONTENTS_FIELD.get(datatype)
         if field is not None and filled and filled != [field]:
             raise TensorError(f"input {name!r}: {datatype} contents go in {field}, not {', '.join(filled)}")
         values = list(getattr(tensor.contents, field)) if field is not None else []
-        if datatype == "BYTES":
-            data = bytes_to_binary(values)
-            inputs.append(RequestInput(name=name, shape=shape, datatype=datatype, parameters={"binary_data_size": len(data)}))
-            tail.append(data)
-        elif datatype in NUMPY_DTYPES and field is not None:
-            if NUMPY_DTYPES[datatype].kind == "b":
-                values = [bool(v) for v in values]
-            inputs.append(RequestInput(name=name, shape=shape, datatype=datatype, data=values))
-        else:  # FP16, BF16 (no typed field) or an unknown datatype: the shared checks name the problem
-            inputs.append(RequestInput(name=name, shape=shape, datatype=datatype, data=values))
-    outputs = [RequestOutput(name=output.name) for output in request.outputs] or None
-    payload = InferenceRequest(id=request.id or None, inputs=inputs, outputs=outputs)
-    return payload, memoryview(b"".join(tail))
+        if datatype in NUMPY_DTYPES and NUMPY_DTYPES[datatype].kind == "b":
+            values = [bool(v) for v in values]
+        inputs.append(Tensor(name, datatype, shape, data=values))  # FP16, BF16 (no typed field): the core names the problem
+    outputs = [(output.name, None) for output in request.outputs] or None
+    return InferRequest(inputs, protocol.wanted_outputs(outputs, True), request.id or None)
+
+
+def weight(request) -> int:
+    """A ModelInferRequest's images, from its first input's batch dimension (at least one)."""
+    return max(1, request.inputs[0].shape[0]) if len(request.inputs) and len(request.inputs[0].shape) else 1
 
 
 class InferenceServicer:
-    """inference.GRPCInferenceService over the worker's app state (manager, settings, metrics)."""
+    """inference.GRPCInferenceService over the worker's app state (manager, settings, metrics, admission)."""
 
     def __init__(self, state: State) -> None:
         self.state = state
         self.settings: Settings = state.settings
         self.manager: ModelManager = state.manager
-
-    def _check_key(self, context: grpc.aio.ServicerContext) -> None:
-        check_api_key(self.settings, _metadata_value(context, "authorization"), _metadata_value(context, "x-api-key"))
 
     async def ServerLive(self, request, context):
         return messages.ServerLiveResponse(live=True)
@@ -131,72 +89,49 @@ class InferenceServicer:
         return messages.ServerReadyResponse(ready=self.manager.is_ready())
 
     async def ModelReady(self, request, context):
-        self._check_key(context)
         try:
-            state = await self.manager.model_state(request.name)
-            number = await self.manager.version_number(state, request.version or LATEST)
+            ready, _ = await protocol.model_ready(self.manager, request.name, request.version or LATEST)
         except ApiError as exc:
             if exc.status == 404:  # Triton's answer for a model or version it does not have: not ready
                 return messages.ModelReadyResponse(ready=False)
             raise
-        return messages.ModelReadyResponse(ready=number in state.loaded and number not in state.failed)
+        return messages.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
-        self._check_key(context)
-        return messages.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+        return messages.ServerMetadataResponse(name=protocol.SERVER_NAME, version=protocol.SERVER_VERSION,
+                                               extensions=protocol.EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        self._check_key(context)
-        metadata = await _metadata(self.manager, request.name, request.version or None)
-        return messages.ModelMetadataResponse(
-            name=metadata.name, versions=metadata.versions, platform=PLATFORM,
-            inputs=[{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in metadata.inputs],
-            outputs=[{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in metadata.outputs])
+        return messages.ModelMetadataResponse(**await protocol.model_metadata(self.manager, request.name, request.version or None))
 
     async def ModelConfig(self, request, context):
         """Triton's ModelConfig RPC: the dict GET /v2/models/{name}[/versions/{v}]/config answers, as the message."""
-        self._check_key(context)
-        state = await self.manager.model_state(request.name)
-        if request.version:
-            await self.manager.version_number(state, request.version)
-        config = json_format.ParseDict(_config(state, self.settings), messages.ModelConfig())
-        return messages.ModelConfigResponse(config=config)
+        config = await protocol.model_config(self.manager, self.settings, request.name, request.version or None)
+        return messages.ModelConfigResponse(config=json_format.ParseDict(config, messages.ModelConfig()))
 
     async def ModelInfer(self, request, context):
         gone = ClientGone()
         context.add_done_callback(lambda ctx: gone.fire() if ctx.cancelled() else None)
-        remaining = context.time_remaining()
-        with Tally(self.state.metrics) as tally:
-            self._check_key(context)
-            payload, tail = _as_rest(request)
-            wanted = _wanted_outputs(payload)
-            done = await run_model(self.state, request.model_name, request.model_version or LATEST,
-                                   lambda: _read_input(payload, tail, self.settings), PNG_OUT in wanted, tally, gone,
-                                   deadline_s=remaining)
+        state, settings = self.state, self.settings
+
+        async def read() -> InferRequest:
+            return read_request(request)
+
+        def admit():
+            return state.admission.slot(state.admission.weigh(weight(request)), settings.request_timeout_s, gone)
+
+        with protocol.Tally(state.metrics) as tally:
+            call, done = await protocol.infer(state, request.model_name, request.model_version or LATEST, read, admit=admit,
+                                              gone=gone, deadline_s=context.time_remaining(), tally=tally)
         response = messages.ModelInferResponse(model_name=done.name, model_version=str(done.version), id=request.id)
-        for name in wanted:
-            if name == PIXELS_OUT:
+        for name in call.outputs:
+            if name == protocol.PIXELS_OUT:
                 response.outputs.add(name=name, datatype="UINT8", shape=list(done.pixels.shape))
                 response.raw_output_contents.append(np.ascontiguousarray(done.pixels).tobytes())
             else:
                 response.outputs.add(name=name, datatype="BYTES", shape=[len(done.pngs)])
                 response.raw_output_contents.append(bytes_to_binary(done.pngs))
         return response
-
-
-def _handler(method, request_class, response_class):
-    async def call(request, context: grpc.aio.ServicerContext):
-        try:
-            return await method(request, context)
-        except TensorError as exc:
-            await _abort(context, ApiError(exc.status, "invalid_tensor", str(exc)))
-        except ApiError as exc:
-            await _abort(context, exc)
-        except (ClientDisconnect, asyncio.CancelledError):
-            raise asyncio.CancelledError() from None  # the client left: nobody reads an answer
-
-    return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_class.FromString,
-                                               response_serializer=response_class.SerializeToString)
 
 
 def address(host: str, port: int) -> str:
@@ -206,14 +141,18 @@ def address(host: str, port: int) -> str:
 async def start(state: State) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Serve the OIP and grpc.health.v1 on `grpc_port` from this worker's event loop; -> (server, health servicer)."""
     settings: Settings = state.settings
-    shared = (settings.workers or 1) > 1  # several workers bind the port, each its own socket (SO_REUSEPORT)
-    server = grpc.aio.server(options=[
+    # Every worker binds the port with its own socket (SO_REUSEPORT), joining the placeholder with which the
+    # supervisor claimed it (service.workers.claim_ports); without that claim (an app served another way) the
+    # port is bound alone.
+    shared = bool(getattr(state, "ports_claimed", False))
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(state)], options=[
         ("grpc.so_reuseport", 1 if shared else 0),
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.max_send_message_length", -1),
     ])
     servicer = InferenceServicer(state)
-    handlers = {name: _handler(getattr(servicer, name), request_class, response_class)
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=request_class.FromString,
+                                                          response_serializer=response_class.SerializeToString)
                 for name, (request_class, response_class) in messages.METHODS.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(messages.SERVICE, handlers),))
     health_servicer = health.aio.HealthServicer()

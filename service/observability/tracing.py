@@ -7,7 +7,8 @@ the exporter's `OTEL_EXPORTER_OTLP_*` (headers, timeout, compression) and the ba
 Off, nothing of it is imported and no layer is added: a request costs what it costs without it.
 
 What is traced:
-* one server span per HTTP request (opentelemetry-instrumentation-asgi's middleware, in the app's stack),
+* one server span per HTTP request (opentelemetry-instrumentation-asgi's middleware, in the app's stack), and one
+  per gRPC call (service.grpc.interceptors),
   with the model, version and image count the route served;
 * one span per batch forward (service.runtime.batching), *linked* to the server spans of the requests
   whose images it carried: a batch serves many requests and a request may ride several batches, so
@@ -82,3 +83,33 @@ def note_served(model: str, version: int, images: int) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attributes({"upgrader.model": model, "upgrader.version": version, "upgrader.images": images})
+
+
+def server_tracer(provider):
+    """The tracer of the gRPC server spans, or None (tracing off)."""
+    return None if provider is None else provider.get_tracer("upgrader.grpc")
+
+
+def start_server_span(tracer, method: str, metadata):
+    """A server span for one gRPC call, current until `end_server_span`: its parent is the trace the call's
+    `traceparent` metadata names (W3C trace context, as HTTP's header), so batch spans link to it."""
+    from opentelemetry import context, propagate, trace
+
+    carrier = {key: value if isinstance(value, str) else value.decode("latin-1") for key, value in metadata or ()}
+    parent = propagate.extract(carrier)
+    service, _, rpc = method.lstrip("/").rpartition("/")
+    span = tracer.start_span(method.lstrip("/"), context=parent, kind=trace.SpanKind.SERVER,
+                             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc})
+    token = context.attach(trace.set_span_in_context(span, parent))
+    return span, token
+
+
+def end_server_span(handle, code: str) -> None:
+    from opentelemetry import context, trace
+
+    span, token = handle
+    span.set_attribute("rpc.grpc.status_code", code)
+    if code != "OK":
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+    context.detach(token)
+    span.end()

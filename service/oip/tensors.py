@@ -5,8 +5,8 @@ in the `Inference-Header-Content-Length` HTTP header and each binary tensor says
 `binary_data_size` parameter, in the order of the tensors. Binary tensors are little-endian and row
 major; a BYTES tensor is, per element, a 4-byte little-endian length and then that many bytes.
 
-Everything here raises `TensorError` (a message naming the tensor); the router turns it into the
-protocol's `{"error": "..."}` answer.
+Everything here raises `TensorError` (an ApiError whose message names the tensor); each transport answers it
+in its own form (REST: the protocol's `{"error": "..."}`, gRPC: INVALID_ARGUMENT and the same message).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import zlib
 
 import numpy as np
 
+from service.errors import ApiError
+
 HEADER_LENGTH = "inference-header-content-length"
 
 # The numeric datatypes of the protocol and their little-endian numpy dtypes.
@@ -30,12 +32,11 @@ NUMPY_DTYPES = {
 DATATYPES = (*NUMPY_DTYPES, "BYTES", "BF16")
 
 
-class TensorError(ValueError):
-    """A request's tensor is malformed; the message names it. status: the HTTP status to answer with."""
+class TensorError(ApiError):
+    """A request's tensor is malformed; the message names it (400, or 413/415 for what is too large or not supported)."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, "invalid_tensor", message)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -115,14 +116,27 @@ def numeric_from_json(data, datatype: str, shape: list[int], name: str) -> np.nd
         raise TensorError(f"input {name!r}: data is not a (nested) list of numbers") from None
     if values.size != count:
         raise TensorError(f"input {name!r}: {values.size} values for shape {shape} (expected {count})")
-    if dtype.kind in "iub":
-        if not all(type(v) is (bool if dtype.kind == "b" else int) for v in values):
-            raise TensorError(f"input {name!r}: {datatype} data must be {'true/false' if dtype.kind == 'b' else 'integers'}")
-        if dtype.kind in "iu":
-            info = np.iinfo(dtype)
-            if count and not (info.min <= min(values) and max(values) <= info.max):
-                raise TensorError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
+    if dtype.kind == "b" and not all(type(v) is bool for v in values):
+        raise TensorError(f"input {name!r}: {datatype} data must be true/false")
+    if dtype.kind in "iu":
+        # Integral values are accepted in either JSON form (3 or 3.0: generated clients write numbers as
+        # floats, and KServe's and MLServer's servers take them); a fraction is refused, naming the element.
+        for index, value in enumerate(values):
+            if type(value) is int:
+                continue
+            if type(value) is float and value.is_integer():
+                values[index] = int(value)
+                continue
+            raise TensorError(f"input {name!r}: {datatype} data must be integers; element {index} is {echo_value(value)}")
+        info = np.iinfo(dtype)
+        if count and not (info.min <= min(values) and max(values) <= info.max):
+            raise TensorError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
     return values.astype(dtype).reshape(shape)
+
+
+def echo_value(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def bytes_from_binary(chunk: memoryview, shape: list[int], name: str) -> list[bytes]:
@@ -144,12 +158,16 @@ def bytes_from_binary(chunk: memoryview, shape: list[int], name: str) -> list[by
 
 
 def bytes_from_json(data, shape: list[int], name: str) -> list[bytes]:
-    """JSON BYTES elements are strings; binary content (an encoded image) travels base64-encoded."""
+    """JSON BYTES elements are strings; binary content (an encoded image) travels base64-encoded (gRPC's typed
+    contents carry the bytes themselves)."""
     flat = _flatten(data)
     if len(flat) != element_count(shape, name):
         raise TensorError(f"input {name!r}: {len(flat)} BYTES elements for shape {shape} (expected {element_count(shape, name)})")
     elements = []
     for index, text in enumerate(flat):
+        if isinstance(text, bytes):  # gRPC's typed bytes_contents: the elements themselves
+            elements.append(text)
+            continue
         if not isinstance(text, str):
             raise TensorError(f"input {name!r}: BYTES element {index} is not a string")
         try:

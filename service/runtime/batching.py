@@ -55,10 +55,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError, unavailable
-from service.http.disconnect import ClientGone
+from service.runtime.cancellation import ClientGone, ClientLeft
 from service.observability import tracing
 from service.observability.metrics import Metrics
 from service.runtime.priority import lower_this_thread
@@ -105,7 +104,7 @@ class Job:
         """The request's connection closed (ClientGone): its images still queued are dropped."""
         if not self.future.done():
             self.abandoned = "client_gone"
-            self.future.set_exception(ClientDisconnect())
+            self.future.set_exception(ClientLeft())
 
     def outputs(self) -> np.ndarray:
         chunks = [chunk for _, chunk in sorted(self.chunks, key=lambda c: c[0])]
@@ -166,10 +165,10 @@ class Batcher:
 
     async def submit(self, images: np.ndarray, ensemble: int, timeout_s: float, bulk: bool = False, png: bool = True,
                      gone: ClientGone | None = None) -> JobResult:
-        """The upscales of `images`; raises ClientDisconnect (nothing computed from then on) if `gone` fires first."""
+        """The upscales of `images`; raises ClientLeft (nothing computed from then on) if `gone` fires first."""
         n = len(images)
         if gone is not None and gone.fired:
-            raise ClientDisconnect()
+            raise ClientLeft()
         if self._closing:
             raise unavailable("shutting_down", f"{self.label} is shutting down", self.retry_after_s)
         if self.queued_images + n > self.max_queue_images:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.runtime.batching import Batcher
-from service.http.disconnect import ClientGone
+from service.runtime.cancellation import ClientGone
 from upgrader.architectures import INPUT_SIZE, OUTPUT_SIZE
 
 TILE = INPUT_SIZE

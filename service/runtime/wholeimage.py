@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from service.runtime.batching import Batcher
-from service.http.disconnect import ClientGone
+from service.runtime.cancellation import ClientGone
 
 SCALE = 4
 

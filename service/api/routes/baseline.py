@@ -16,19 +16,9 @@ from PIL import Image
 from service.runtime import codec
 from service.runtime.priority import off_loop
 from service.api.deps import SettingsDep
-from service.api.routes.upscale import (
-    _RESPONSES,
-    TileParam,
-    check_acceptable,
-    check_pixels,
-    decode_all,
-    decode_reference,
-    decode_tiled,
-    make_response,
-    read_body,
-    request_body,
-    score_each,
-)
+from service.api.bodies import read_body, request_body
+from service.api.routes.upscale import _RESPONSES, TileParam, check_acceptable, make_response
+from service.runtime.pipeline import check_pixels, decode_all, decode_reference, decode_with_references, score_each
 from service.api.schemas import UpscaleMetrics, UpscaleResponse
 from service.settings import Settings
 from service.runtime.upscaler import Upscaler
@@ -55,8 +45,8 @@ async def upscale_bicubic(request: Request, settings: SettingsDep, tile: TilePar
     body = await read_body(request, settings, tile)
     check_acceptable(request, len(body.images))
     if tile:
-        check_pixels(body.images, settings, settings.max_image_pixels)
-        images, references, _ = await decode_tiled(body, settings)
+        check_pixels(body.images, settings.max_image_pixels, settings.max_request_pixels)
+        images, references, _ = await decode_with_references(body, settings, settings.max_image_pixels)
     else:
         images = list(await decode_all(Upscaler.decode, body.images, settings))
         references = await decode_all(decode_reference, body.references, settings) if body.references else None

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from model_store import StoreError, StoreUnavailable
 from service.runtime.priority import off_loop
 from service.api.deps import ManagerDep, require_admin
-from service.errors import ApiError, unavailable
+from service.errors import ApiError, validation_message, unavailable
 from service.redact import public, scrub_text
 from service.runtime.upscaler import any_size_model
 from service.runtime.registry import ModelManager, ModelState
@@ -114,7 +114,7 @@ def parse_alias_update(raw: bytes) -> AliasUpdate:
         return AliasUpdate.model_validate_json(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
+        where, what = validation_message(error)
         if error["type"] == "json_invalid":
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error['msg']}") from None
-        where = ".".join(str(part) for part in error["loc"]) or "body"
-        raise ApiError(422, "invalid_body", f"{where}: {error['msg']}; send {{\"version\": <number or alias>}}") from None
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {what}") from None
+        raise ApiError(422, "invalid_body", f"{where or 'body'}: {what}; send {{\"version\": <number or alias>}}") from None
