@@ -133,6 +133,59 @@ def test_overload_is_refused_before_the_body_is_read_and_waiting_requests_are_se
         assert metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_requests_total", model="-", status="503") >= 1
 
 
+def test_one_admission_refuses_v2_infer_from_its_headers_and_grpc_before_its_message(store, pngs, inputs):
+    """While /upscale holds the only slot and one request waits, a /v2 infer is refused from its headers (503, the
+    protocol's error shape) and a gRPC ModelInfer with UNAVAILABLE and retry-after; once the slot frees, both serve."""
+    import socket as sockets
+
+    import grpc
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    with LiveServer(store=store.root, poll_interval_s=60, max_active_images=1, max_waiting_requests=1, grpc_port=grpc_port) as live:
+        body = multipart_body(pngs[:4])
+        a = connect(live.url)  # the only slot, its body stalled halfway
+        a.sendall(multipart_head(live.url, body) + body[: len(body) // 2])
+        time.sleep(0.3)
+        b = connect(live.url)  # the one place in line
+        b.sendall(multipart_head(live.url, body) + body)
+        time.sleep(0.3)
+        images = inputs[:2].numpy()
+        v2 = v2_request("/v2/models/conv/infer", images)
+        c = connect(live.url)
+        c.sendall(v2[: v2.index(b"\r\n\r\n") + 4])  # its headers alone: the refusal needs no body
+        status, headers, answer = read_response(c)
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert set(json.loads(answer)) == {"error"} and "images at work" in json.loads(answer)["error"]
+        with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            tensor = triton_grpc.InferInput("input", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images)
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("conv", [tensor])
+            assert refused.value.status() == "StatusCode.UNAVAILABLE" and "images at work" in refused.value.message()
+            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+            from service.grpc import messages
+            request_class, response_class = messages.METHODS["ModelInfer"]
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=request_class.SerializeToString,
+                                       response_deserializer=response_class.FromString)
+            with pytest.raises(grpc.RpcError) as bare:
+                call(request_class(model_name="conv"), timeout=10)
+            assert bare.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert int(dict(bare.value.trailing_metadata())["retry-after"]) >= 1
+            channel.close()
+            a.sendall(body[len(body) // 2 :])
+            for sock in (a, b):
+                assert read_response(sock)[0] == 200
+            assert client.infer("conv", [tensor]).as_numpy("output").shape == (2, 3, 32, 32)  # served once there is room
+        c.close()
+        for sock in (a, b):
+            sock.close()
+        assert metric_value(httpx.get(f"{live.url}/metrics").text, "upgrader_requests_total", model="-", status="503") >= 3
+
+
 def test_a_refusal_from_the_headers_keeps_the_connection_in_step(store, pngs):
     """Refused from its headers, a request's body is still read and dropped: the same connection serves the next request;
     an answer still being made on the connection goes out first; a client waiting for 100 Continue is closed."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from otlpreceiver import OtlpReceiver, attributes
 from test_service_support import LiveServer, multipart, png_list, publish, small_inputs, v2_request
 
@@ -17,6 +19,13 @@ from service.observability import tracing
 from service.settings import Settings
 
 inputs = pytest.fixture(scope="module", name="inputs")(small_inputs)
+CLIENT_TRACE, CLIENT_SPAN = 0x5EED_0000_0000_0000_0000_0000_0000_0001, 0xC11E_0000_0000_0002
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 pngs = pytest.fixture(scope="module", name="pngs")(png_list)
 OTEL_VARIABLES = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                   "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")
@@ -54,7 +63,8 @@ def test_a_server_span_per_request_and_batch_spans_linked_to_the_requests_they_s
         clean_otel_environment.setenv("OTEL_SERVICE_NAME", "upgrader-under-test")
         clean_otel_environment.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
         # A 300 ms batching window: the eight requests sent together ride the same batch.
-        with LiveServer(store=store.root, poll_interval_s=60, idle_dispatch=False, max_wait_ms=300) as live:
+        grpc_port = free_port()
+        with LiveServer(store=store.root, poll_interval_s=60, idle_dispatch=False, max_wait_ms=300, grpc_port=grpc_port) as live:
             assert "OpenTelemetryMiddleware" in [layer.cls.__name__ for layer in live.app.user_middleware]
 
             async def send_together() -> list[httpx.Response]:
@@ -68,6 +78,11 @@ def test_a_server_span_per_request_and_batch_spans_linked_to_the_requests_they_s
             v2 = httpx.post(f"{live.url}/v2/models/conv/infer", content=body,
                             headers={"inference-header-content-length": headers["Inference-Header-Content-Length"]})
             assert v2.status_code == 200, v2.text
+            # A gRPC call continues the trace its client names (W3C traceparent metadata), as an HTTP request does.
+            with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+                tensor = triton_grpc.InferInput("input", [4, 3, 8, 8], "UINT8")
+                tensor.set_data_from_numpy(inputs[:4].numpy().astype(np.uint8))
+                client.infer("conv", [tensor], headers={"traceparent": f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-01"})
         # The server's shutdown flushes the spans still batched.
     spans = [span for _, span in receiver.spans]
     assert {resource["service.name"] for resource, _ in receiver.spans} == {"upgrader-under-test"}
@@ -78,8 +93,13 @@ def test_a_server_span_per_request_and_batch_spans_linked_to_the_requests_they_s
     for span in upscales:
         served = attributes(span)
         assert served["upgrader.model"] == "conv" and served["upgrader.version"] == 1 and served["upgrader.images"] == 2
-    infers = [span for span in servers if "infer" in span.name]
+    infers = [span for span in servers if "/infer" in span.name]
     assert len(infers) == 1 and attributes(infers[0])["upgrader.images"] == 3
+    calls = [span for span in servers if span.name == "inference.GRPCInferenceService/ModelInfer"]
+    assert len(calls) == 1
+    call = calls[0]
+    assert attributes(call)["upgrader.images"] == 4 and attributes(call)["rpc.grpc.status_code"] == "OK"
+    assert int.from_bytes(call.trace_id, "big") == CLIENT_TRACE and int.from_bytes(call.parent_span_id, "big") == CLIENT_SPAN
     batches = [span for span in spans if span.name == "batch forward"]
     assert batches
     server_ids = {(span.trace_id, span.span_id) for span in servers}
@@ -94,5 +114,5 @@ def test_a_server_span_per_request_and_batch_spans_linked_to_the_requests_they_s
             assert attributes(link)["upgrader.queue_wait_ms"] >= 0
             linked_images += attributes(link)["upgrader.images"]
         assert not batch.parent_span_id
-    assert linked_images == 8 * 2 + 3
+    assert linked_images == 8 * 2 + 3 + 4
     assert max(len(batch.links) for batch in batches) >= 2  # one forward served several requests

@@ -461,3 +461,47 @@ def test_perf_analyzer_over_grpc_measures_a_python_m_service(perf_analyzer, tmp_
     assert run.returncode == 0, report
     throughput = re.search(r"Concurrency: 2, throughput: ([0-9.]+) infer/sec", report)
     assert throughput and float(throughput.group(1)) > 0, report
+
+
+def test_every_call_has_a_request_id_and_an_access_log_line(live, channel, inputs):
+    """The x-request-id metadata is kept (or one is made) and sent back; each call logs one access line carrying it."""
+    images = inputs[:2].numpy()
+    request = ModelInferRequest(model_name="conv")
+    request.inputs.add(name="input", datatype="UINT8", shape=list(images.shape))
+    request.raw_input_contents.append(images.tobytes())
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=ModelInferRequest.SerializeToString,
+                               response_deserializer=messages.METHODS["ModelInfer"][1].FromString)
+    import logging
+
+    from service.observability.logs import request_id
+
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines = {}
+
+        def emit(self, record: logging.LogRecord) -> None:  # the request id as the JSON formatter reads it
+            if getattr(record, "method", None) == "GRPC":
+                self.lines[request_id.get()] = record
+
+    access, handler = logging.getLogger("service.access"), Lines()
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        _, given = call.with_call(request, metadata=(("x-request-id", "grpc-call-1"),), timeout=30)
+        _, made = call.with_call(request, timeout=30)
+        bad = ModelInferRequest(model_name="nope")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(bad, metadata=(("x-request-id", "grpc-call-2"),), timeout=30)
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    assert dict(given.initial_metadata())["x-request-id"] == "grpc-call-1"
+    generated = dict(made.initial_metadata())["x-request-id"]
+    assert generated and generated != "grpc-call-1"
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    lines = handler.lines
+    assert lines["grpc-call-1"].path == "/inference.GRPCInferenceService/ModelInfer" and lines["grpc-call-1"].status == 0
+    assert lines[generated].status == 0
+    assert lines["grpc-call-2"].status == grpc.StatusCode.NOT_FOUND.value[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 from test_service_support import (
     LiveServer,
     assert_close_to,
@@ -427,3 +429,78 @@ def test_the_protocols_own_lane_answers_as_the_asgi_path_does(live, inputs, mode
     with triton.InferenceServerClient(live.url.removeprefix("http://")) as client:
         result = client.infer("conv", [pixels_input(images)], outputs=outputs("output"))
         assert_close_to(torch_of(result.as_numpy("output")), expected)
+
+
+def test_photo_models_take_any_size_over_rest_and_grpc_as_upscale_does(tmp_path):
+    """A photo model declares UINT8 [-1, 3, -1, -1]; a 256x256 photo through the OIP (pixels or an encoded image, REST
+    or gRPC) gives /upscale?model=photo's pixels."""
+    import socket
+
+    import tritonclient.grpc as triton_grpc
+    from test_service_wholeimage import publish_photo
+
+    def pixels_of(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG"
+            return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+
+    decode_png = pixels_of
+    store = ModelStore(tmp_path / "store")
+    publish(store, "conv", seed=1)
+    publish_photo(store)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    photo = np.random.default_rng(5).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    photo[64:192] = photo[64:192] // 4 + 96  # some structure besides noise
+    encoded = png_bytes(photo)
+    with LiveServer(store=store.root, poll_interval_s=60, grpc_port=grpc_port) as live:
+        served = httpx.post(f"{live.url}/upscale?model=photo", content=encoded,
+                            headers={"content-type": "image/png", "accept": "image/png"}, timeout=120)
+        assert served.status_code == 200, served.text
+        expected = decode_png(served.content)  # uint8 3 x 1024 x 1024
+        assert expected.shape == (3, 1024, 1024)
+        pixels = np.ascontiguousarray(photo.transpose(2, 0, 1))[None]
+        with triton.InferenceServerClient(live.url.removeprefix("http://"), network_timeout=120) as rest:
+            metadata = rest.get_model_metadata("photo")
+            assert metadata["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 3, -1, -1]}]
+            assert metadata["outputs"] == [{"name": "output", "datatype": "UINT8", "shape": [-1, 3, -1, -1]}]
+            assert rest.get_model_config("photo")["input"][0]["dims"] == [3, -1, -1]
+            assert rest.get_model_metadata("conv")["inputs"][0]["shape"] == [-1, 3, 8, 8]  # an 8x8 model stays as it is
+            answer = rest.infer("photo", [pixels_input(pixels)], outputs=outputs("output"))
+            assert np.array_equal(answer.as_numpy("output")[0], expected)
+            answer = rest.infer("photo", [images_input([encoded])], outputs=outputs("png"))
+            assert np.array_equal(decode_png(answer.as_numpy("png")[0]), expected)
+            # Photos of different sizes come back as PNGs; as one pixel tensor they cannot: the error says so.
+            small = png_bytes(photo[:40, :48])
+            answer = rest.infer("photo", [images_input([small, encoded])], outputs=outputs("png"))
+            assert [decode_png(p).shape for p in answer.as_numpy("png")] == [(3, 160, 192), (3, 1024, 1024)]
+            with raises(400, "different sizes", "'png'"):
+                rest.infer("photo", [images_input([small, encoded])], outputs=outputs("output"))
+        with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as grpc_client:
+            assert grpc_client.get_model_metadata("photo", as_json=True)["inputs"][0]["shape"] == ["-1", "3", "-1", "-1"]
+            tensor = triton_grpc.InferInput("input", list(pixels.shape), "UINT8")
+            tensor.set_data_from_numpy(pixels)
+            answer = grpc_client.infer("photo", [tensor], client_timeout=120)
+            assert np.array_equal(answer.as_numpy("output")[0], expected)
+            tensor = triton_grpc.InferInput("image", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([encoded], dtype=np.object_))
+            answer = grpc_client.infer("photo", [tensor], outputs=[triton_grpc.InferRequestedOutput("png")], client_timeout=120)
+            assert np.array_equal(decode_png(answer.as_numpy("png")[0]), expected)
+
+
+def test_json_integer_tensors_take_integral_numbers_and_refuse_fractions(live, models, inputs):
+    """Generated OIP clients write numbers as floats: 3.0 is 3 for UINT8; 3.5 is refused, naming the input and element."""
+    images = inputs[:2].numpy()
+    as_floats = [float(v) for v in images.reshape(-1)]
+    response = httpx.post(f"{live.url}/v2/models/conv/versions/1/infer",
+                          json={"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "UINT8", "data": as_floats}]})
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    pixels = np.array(output["data"], dtype=np.uint8).reshape(output["shape"])
+    assert_close_to(torch_of(pixels), expected_outputs(models[1], inputs[:2]))
+    as_floats[7] = 3.5
+    response = httpx.post(f"{live.url}/v2/models/conv/versions/1/infer",
+                          json={"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "UINT8", "data": as_floats}]})
+    assert response.status_code == 400
+    assert response.json() == {"error": "input 'input': UINT8 data must be integers; element 7 is 3.5"}
