@@ -43,12 +43,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_store import LATEST, ModelStore, StoreError
-from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
+from model_store import ModelStore, StoreError
+from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trainer.engine import (TrainingClock, add_checkpoint_arguments, add_device_arguments, add_store_arguments,
+                            base_manifest, check_common_args, check_resumable, json_object, load_published, logfmt,
+                            pick_device, publish_version, wants_bf16)
 from trainer.natural import NaturalData, load_natural_data
 from trainer.recipe import EMA, dihedral_augment
 from upgrader.architectures import build_model, parameter_count
-from upgrader.cpus import native_bf16_cpu
 from upgrader.degradations import DegradationConfig, degrade_batch
 from upgrader.imaging import bicubic_degrade, imresize_bicubic, psnr_y, to_8bit, to_float
 
@@ -63,8 +65,6 @@ EVALUATION = ("PSNR-Y (BT.601 luma, 8-bit output) with a 4-pixel border cropped,
               "each cropped to a multiple of 4, reduced by bicubic_degrade and upscaled whole in one forward")
 # Entries of the run's setup a resumed run may change: how long it runs, not what it trains.
 RESUMABLE_CHANGES = {"max_minutes"}
-# A step that takes this many times the usual is a stall (the process stopped or starved), not training time.
-STALL_FACTOR = 20.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,15 +73,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     where = p.add_argument_group("data and store")
     where.add_argument("--natural", type=Path, default=os.environ.get("UPGRADER_NATURAL_DATA") or None, metavar="DIR",
                        help="sr-natural photographs (bsd200/, yang91/) (default: $UPGRADER_NATURAL_DATA)")
-    where.add_argument("--cache-dir", type=Path, default=None, help="decoded-photo cache (default: $UPGRADER_CACHE or ./.cache/datasets)")
-    where.add_argument("--store", default=None, help="model store to publish to (default: $UPGRADER_STORE or ./store)")
+    add_store_arguments(where, cache_what="decoded-photo")
     where.add_argument("--publish-as", default="photo", metavar="NAME", help="store name to publish under")
     where.add_argument("--init-from", default=None, metavar="NAME[:VERSION]",
                        help="start from a published subpixel_residual / photo_residual of the same width and depth")
     where.add_argument("--init-store", default=None, help="store --init-from reads (default: --store)")
 
     recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--arch-params", type=json.loads, default={"width": 64, "depth": 8}, metavar="JSON",
+    recipe.add_argument("--arch-params", type=json_object, default={"width": 64, "depth": 8}, metavar="JSON",
                         help="photo_residual's keyword arguments")
     recipe.add_argument("--crop", type=int, default=48, help="LR crop side; the HR crop is 4x that")
     recipe.add_argument("--batch-size", type=int, default=16, help="crops per optimizer step")
@@ -96,17 +95,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "bicubic share (photos as people have them)")
 
     run = p.add_argument_group("how it runs")
-    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
-    run.add_argument("--amp", choices=["none", "bf16", "auto"], default="auto",
-                     help="bf16 autocast of the training forward; auto: where the device computes bf16 natively "
-                          "(evaluation is always float32)")
+    add_device_arguments(run, amp_default="auto", amp_help="bf16 autocast of the training forward; auto: where the device "
+                                                             "computes bf16 natively (evaluation is always float32)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--max-minutes", type=float, default=None,
                      help="training-time budget over resumed runs too; the cosine schedule ends at it when it comes first")
     run.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    run.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoints go in <dir>/<publish-as>/")
+    add_checkpoint_arguments(run, when="every --checkpoint-minutes and at the end, in <dir>/<publish-as>/,",
+                             resume_help="continue from the checkpoint in --checkpoint-dir (fresh if none)")
     run.add_argument("--checkpoint-minutes", type=float, default=3.0, help="minutes between checkpoints")
-    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir (fresh if none)")
     run.add_argument("--publish-only", action="store_true",
                      help="publish the checkpoint's EMA weights without training (a snapshot: safe while a run still trains there)")
     run.add_argument("--no-publish", action="store_true", help="train and checkpoint, publish nothing")
@@ -119,15 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.natural is None:
         parser.error("--natural is required (or set UPGRADER_NATURAL_DATA)")
-    if (args.resume or args.publish_only) and args.checkpoint_dir is None:
-        parser.error("--resume and --publish-only need --checkpoint-dir")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for but torch sees no CUDA device")
-    for flag, ok in [("--crop", args.crop >= 8), ("--batch-size", args.batch_size >= 1), ("--steps", args.steps >= 1),
-                     ("--lr", args.lr > 0), ("--ema", 0 <= args.ema < 1), ("--eval-every", args.eval_every >= 1),
-                     ("--max-minutes", args.max_minutes is None or args.max_minutes > 0)]:
-        if not ok:
-            parser.error(f"{flag} is out of range")
+    if args.publish_only and args.checkpoint_dir is None:
+        parser.error("--publish-only needs --checkpoint-dir")
+    check_common_args(parser, args, [
+        ("--crop", args.crop, args.crop >= 8), ("--batch-size", args.batch_size, args.batch_size >= 1),
+        ("--steps", args.steps, args.steps >= 1), ("--lr", args.lr, args.lr > 0), ("--ema", args.ema, 0 <= args.ema < 1),
+        ("--eval-every", args.eval_every, args.eval_every >= 1),
+        ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
+    ])
     return args
 
 
@@ -221,11 +217,7 @@ def evaluate(model: nn.Module, photos: list[torch.Tensor], device: torch.device,
 
 def load_initial_weights(model: nn.Module, spec: str, store: ModelStore) -> dict:
     """Load a published version's verified head, body and tail into `model`; what to record in the manifest."""
-    name, _, version = spec.partition(":")
-    try:
-        state_dict, manifest = store.load_state_dict(name, version or LATEST)
-    except StoreError as exc:
-        raise ValueError(f"--init-from {spec}: {exc}") from None
+    name, state_dict, manifest = load_published("--init-from", spec, store)
     ours = model.state_dict()
     kept = {k: v for k, v in state_dict.items() if k in ours and ours[k].shape == v.shape}
     dropped = sorted(k for k in state_dict if k not in kept)
@@ -260,17 +252,6 @@ def run_setup(args: argparse.Namespace, natural: NaturalData, amp: bool) -> dict
         setup["recipe"]["inputs"] = "8-bit (upgrader.degradations.degrade_batch, each crop's chain seeded by (seed, step, index))"
         setup["recipe"]["degradation_chain"] = REALISTIC_CHAIN.describe()
     return setup
-
-
-def check_resumable(saved: dict, wanted: dict, where: Path) -> None:
-    def setup(run: dict) -> dict:
-        return {**run, "recipe": {k: v for k, v in run["recipe"].items() if k not in RESUMABLE_CHANGES}}
-
-    saved, wanted = setup(saved), setup(wanted)
-    if saved != wanted:
-        changed = sorted(k for k in saved["recipe"].keys() | wanted["recipe"].keys() if saved["recipe"].get(k) != wanted["recipe"].get(k))
-        changed += [k for k in ("architecture", "degradation", "scale", "dataset") if saved.get(k) != wanted.get(k)]
-        raise ValueError(f"cannot resume from {where}: the run there used a different setup ({', '.join(changed)})")
 
 
 def curve_png(history: list[dict], bicubic_psnr_y: float, title: str) -> bytes:
@@ -326,37 +307,28 @@ def samples_png(model: nn.Module, photos: list[torch.Tensor], device: torch.devi
 
 
 def publish(model: nn.Module, run: dict, history: list[dict], photos: list[torch.Tensor], args: argparse.Namespace,
-            device: torch.device, step: int, spent_s: float) -> int:
-    """Evaluate the EMA weights on the held-out photographs (bicubic beside them) and publish a new version."""
+            device: torch.device, step: int, spent_s: float, checkpoint_dir: Path | None) -> int:
+    """Evaluate the EMA weights on the held-out photographs (bicubic beside them) and publish a new version; with
+    `checkpoint_dir`, mark its checkpoint published."""
     metrics = evaluate(model, photos, device, baseline=True)
     gain = metrics["model"]["psnr_y"] - metrics["bicubic"]["psnr_y"]
     log.info("event=evaluated model=%s photos=%d psnr_y=%.4f bicubic_psnr_y=%.4f gain=%+.3f", args.publish_as,
              metrics["images"], metrics["model"]["psnr_y"], metrics["bicubic"]["psnr_y"], gain)
     manifest = {
-        **run,
-        "parameter_count": parameter_count(model),
+        # The metrics under their own key, not the top-level "model"/"bicubic" of the 8x8 models: these are whole
+        # photographs at x4, a different measurement, and the service ranks its default model by the top-level ones.
+        **base_manifest(run, model, args, device, history=history, metrics={"heldout_photos_x4": metrics},
+                        evaluation=EVALUATION, wall_time_s=spent_s),
         "input_shape": [3, None, None],  # any H x W
         "output_shape": [3, None, None],  # 4H x 4W
         "weights": "ema",
-        "history": history,
-        # Under their own key, not the top-level "model"/"bicubic" of the 8x8 models: these are whole photographs at x4,
-        # a different measurement, and the service ranks its default model by the top-level ones.
-        "metrics": {"heldout_photos_x4": metrics},
-        "evaluation": EVALUATION,
         "steps": step,
-        "wall_time_s": spent_s,
-        "device": device.type,
-        "torch_version": torch.__version__,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     title = (f"{args.publish_as} (photo_residual {json.dumps(args.arch_params)}): {step} steps, {spent_s / 60:.0f} min\n"
              f"held-out photos x4: PSNR-Y {metrics['model']['psnr_y']:.2f} dB (bicubic {metrics['bicubic']['psnr_y']:.2f})")
     files = {"learning_curve.png": curve_png(history, metrics["bicubic"]["psnr_y"], title),
              "samples.png": samples_png(model, photos, device, title)}
-    store = ModelStore(args.store)
-    version = store.publish(args.publish_as, model.state_dict(), manifest, files=files)
-    log.info("event=published model=%s version=%d store=%s", args.publish_as, version, store.url)
-    return version
+    return publish_version(args.store, args.publish_as, model, manifest, files, checkpoint_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
-    amp = args.amp == "bf16" or (args.amp == "auto" and (torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16_cpu()))
+    device = pick_device(args.device)
+    amp = wants_bf16(args.amp, device)
     try:
         natural = load_natural_data(args.natural, cache_dir=args.cache_dir, progress=False)
         photos = validation_photos(args.natural, natural)
@@ -381,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         step, spent_s, saves, published = 0, 0.0, 0, None
         checkpoint = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None and (args.resume or args.publish_only) else None
         if checkpoint is not None:
-            check_resumable(checkpoint.run, run, checkpoint_dir)
+            check_resumable(checkpoint.run, run, RESUMABLE_CHANGES, checkpoint_dir)
             model.load_state_dict(checkpoint.model)
             optimizer.load_state_dict(checkpoint.optimizer)
             ema.averaged.load_state_dict(checkpoint.ema)
@@ -408,9 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.publish_only and not history:  # where it starts: the initial weights' held-out score
             history.append({"step": step, "train_seconds": 0.0, "loss": None, "lr": 0.0, **flatten(evaluate(ema.averaged, photos, device, baseline=True))})
             log.info("event=eval %s", logfmt(history[-1]))
-        last_save, loss_sum, loss_count, typical_s = time.monotonic(), 0.0, 0, None
+        # Training time: a stall (SIGSTOP, a suspended VM, a starved process) trained nothing, so it does not count
+        # against --max-minutes or move the time-based schedule on.
+        clock = TrainingClock(spent_s)
+        last_save, loss_sum, loss_count = time.monotonic(), 0.0, 0
         while not args.publish_only and budget_left():
-            started = time.perf_counter()
+            clock.start()
             lr = learning_rate(step, args, spent_s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -418,14 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             loss_count += 1
             step += 1
             ema.update(step)
-            step_s = time.perf_counter() - started
-            if typical_s is not None and step_s > STALL_FACTOR * typical_s:
-                # The process was stopped (SIGSTOP, a suspended VM) or starved: that wall time trained nothing, so it
-                # does not count against --max-minutes or move the time-based schedule on.
-                log.warning("event=stall step=%d seconds=%.1f counted=%.2f", step, step_s, typical_s)
-                step_s = typical_s
-            typical_s = step_s if typical_s is None else 0.9 * typical_s + 0.1 * step_s
-            spent_s += step_s
+            clock.stop(step)
+            spent_s = clock.spent_s
             if step % args.log_every == 0:
                 log.info("event=progress step=%d/%d loss=%.5f lr=%.3g train_minutes=%.1f s_per_step=%.2f", step, args.steps,
                          loss_sum / loss_count, lr, spent_s / 60, spent_s / max(step - (history[0]["step"] if history else 0), 1))
@@ -444,10 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         if published is not None and not args.publish_only:
             log.info("event=skip reason=already_published version=%d", published)
             return 0
-        version = publish(ema.averaged, run, [h for h in history if "val_psnr_y" in h], photos, args, device, step, spent_s)
         # A --publish-only snapshot leaves the checkpoint alone: a run may still be training (and writing) there.
-        if not args.publish_only and checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
-            mark_published(checkpoint_dir, version)
+        publish(ema.averaged, run, [h for h in history if "val_psnr_y" in h], photos, args, device, step, spent_s,
+                None if args.publish_only else checkpoint_dir)
     except (FileNotFoundError, ValueError, StoreError) as exc:
         log.error("event=failed error=%s", exc)
         return 1
@@ -459,10 +427,6 @@ def flatten(metrics: dict) -> dict:
     if "bicubic" in metrics:
         flat["val_bicubic_psnr_y"] = metrics["bicubic"]["psnr_y"]
     return flat
-
-
-def logfmt(fields: dict) -> str:
-    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
 
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model_store import LATEST, ModelStore, StoreError
+from model_store import ModelStore, StoreError
 from trainer import distributed
-from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published, save_checkpoint
+from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
+from trainer.engine import (add_checkpoint_arguments, add_device_arguments, add_store_arguments, base_manifest,
+                            check_common_args, check_resumable, json_object, load_published, logfmt, native_bf16,
+                            publish_version)
 from trainer.natural import NaturalData, epoch_images, load_natural_data
 from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, dihedral_augment, learning_rate
 from trainer.report import loss_curve_png, samples_png
@@ -49,27 +52,12 @@ SAMPLE_IMAGES = 8
 RESUMABLE_CHANGES = {"epochs"}
 
 
-def logfmt(fields: dict, prefix: str = "") -> str:
-    """`key=value ...` for one structured log line."""
-    return " ".join(f"{prefix}{k}={v:.6g}" if isinstance(v, float) else f"{prefix}{k}={v}" for k, v in fields.items())
-
-
 def model_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ARCHITECTURES]
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     return names
-
-
-def json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"width\": 64}}', got {text!r}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,11 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="evaluate each epoch's history on an evenly spread N of the validation images (and the same share of "
                             "the natural ones); the published metrics always use all of them (default: all)")
     where.add_argument("--download", action="store_true", help="fetch CIFAR-10 through torchvision into --data if it is not there")
-    where.add_argument("--cache-dir", type=Path, default=None, help="decoded-tensor cache (default: $UPGRADER_CACHE or ./.cache/datasets)")
+    add_store_arguments(where, cache_what="decoded-tensor")
     where.add_argument("--limit-train", type=int, default=None, metavar="N", help="train on a fixed, seeded random subset of N images")
     where.add_argument("--limit-val", type=int, default=None, metavar="N", help="validate on a fixed, seeded random subset of N images")
-    where.add_argument("--store", default=None,
-                       help="model store: a directory or s3://bucket/prefix (default: $UPGRADER_STORE or ./store; S3 credentials from AWS_*)")
     where.add_argument("--publish-as", default=None, metavar="NAME",
                        help="store name to publish under (default: the architecture name; only with a single model)")
 
@@ -127,19 +113,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the batch order and augmentation")
 
     run = p.add_argument_group("how it runs")
-    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
-    run.add_argument("--amp", choices=["none", "bf16", "auto"], default="none",
-                     help="bf16 autocast of the forward pass, on CUDA and on the CPU (there 1.55-1.65x faster a step for "
-                          "subpixel_residual where the CPU computes bf16 natively, AVX512-BF16 or AMX, at the same PSNR; "
-                          "slower than float32 where it does not, said at start). auto: bf16 where the device has it natively. "
-                          "The manifest records what ran")
+    add_device_arguments(run, amp_default="none",
+                         amp_help="bf16 autocast of the forward pass, on CUDA and on the CPU (there 1.55-1.65x faster a step for "
+                                  "subpixel_residual where the CPU computes bf16 natively, AVX512-BF16 or AMX, at the same PSNR; "
+                                  "slower than float32 where it does not, said at start). auto: bf16 where the device has it "
+                                  "natively. The manifest records what ran")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     run.add_argument("--max-minutes", type=float, default=None,
                      help="training-time budget per model, over resumed runs too: no epoch is started that would end "
                           "past it (judged by the last epoch's time; the first epoch always runs)")
-    run.add_argument("--checkpoint-dir", type=Path, default=None, help="write a checkpoint after every epoch here")
-    run.add_argument("--resume", action="store_true",
-                     help="continue each model from its last finished epoch in --checkpoint-dir (fresh if there is none)")
+    add_checkpoint_arguments(run, when="after every epoch",
+                             resume_help="continue each model from its last finished epoch in --checkpoint-dir (fresh if there is none)")
     run.add_argument("--no-ensemble-metrics", action="store_true",
                      help="do not measure the 8-view self-ensemble when publishing (it costs 8 forward passes per validation image)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
@@ -151,17 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("--data is required (or set UPGRADER_DATA)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for but torch sees no CUDA device")
-    if args.resume and args.checkpoint_dir is None:
-        parser.error("--resume needs --checkpoint-dir")
     if args.schedule_over == "time" and args.max_minutes is None:
         parser.error("--schedule-over time needs --max-minutes (the time the schedule spans)")
     if args.natural_share > 0 and args.natural is None:
         parser.error("--natural-share needs --natural DIR (or UPGRADER_NATURAL_DATA)")
     if args.publish_as is not None and len(args.models) != 1:
         parser.error("--publish-as names one model; train one model per run with it")
-    for flag, value, ok in [
+    check_common_args(parser, args, [
         ("--epochs", args.epochs, args.epochs >= 1),
         ("--batch-size", args.batch_size, args.batch_size >= 1),
         ("--lr", args.lr, args.lr > 0),
@@ -170,9 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--epoch-size", args.epoch_size, args.epoch_size is None or args.epoch_size >= 1),
         ("--epoch-val", args.epoch_val, args.epoch_val is None or args.epoch_val >= 1),
         ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
-    ]:
-        if not ok:
-            parser.error(f"{flag} {value} is out of range")
+    ])
     return args
 
 
@@ -314,19 +292,9 @@ def dataset_of(data: ImageData, natural: NaturalData | None = None, natural_shar
     return dataset
 
 
-def from_store(flag: str, spec: str, load):
-    """`load(name, version)` for a NAME[:VERSION] flag (latest without a version): (name, what it returns). An unknown
-    model or version, or weights that fail their checksum, become a ValueError that names the flag."""
-    name, _, version = spec.partition(":")
-    try:
-        return name, load(name, version or LATEST)
-    except StoreError as exc:
-        raise ValueError(f"{flag} {spec}: {exc}") from None
-
-
 def load_initial_weights(model: nn.Module, init_from: str, store_location: str | None, architecture: dict) -> dict:
     """Load a published version's verified weights into `model` (--init-from); what to record in the recipe."""
-    name, (state_dict, manifest) = from_store("--init-from", init_from, ModelStore(store_location).load_state_dict)
+    name, state_dict, manifest = load_published("--init-from", init_from, ModelStore(store_location))
     source = {"name": manifest["architecture"]["name"], "params": manifest["architecture"].get("params", {})}
     device = next(model.parameters()).device
     state_dict = {k: v.to(device) for k, v in state_dict.items()}
@@ -382,17 +350,10 @@ def resume_point(args: argparse.Namespace, checkpoint_dir: Path | None, run: dic
         log.info("event=resume checkpoint_dir=%s found=none starting=fresh", checkpoint_dir)
         return None
 
-    def setup(run: dict) -> dict:
-        recipe = {k: v for k, v in run["recipe"].items() if k not in RESUMABLE_CHANGES}
-        if not recipe.get("coarse_to_fine"):  # checkpoints from when the trainer had a coarse phase record it as off
-            recipe.pop("coarse_to_fine", None), recipe.pop("fine_lr_scale", None)
-        return {"architecture": run["architecture"], "dataset": run["dataset"], **recipe}
-
-    saved, wanted = setup(checkpoint.run), setup(run)
-    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume from {checkpoint_dir}: the run there used a different setup ({details})")
+    saved = {**checkpoint.run, "recipe": dict(checkpoint.run["recipe"])}
+    if not saved["recipe"].get("coarse_to_fine"):  # checkpoints from when the trainer had a coarse phase record it as off
+        saved["recipe"].pop("coarse_to_fine", None), saved["recipe"].pop("fine_lr_scale", None)
+    check_resumable(saved, run, RESUMABLE_CHANGES, checkpoint_dir)
     log.info("event=resume checkpoint_dir=%s epoch=%d step=%d", checkpoint_dir, checkpoint.epoch, checkpoint.step)
     return checkpoint
 
@@ -517,27 +478,15 @@ def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: I
         "samples.png": draw_samples(model, data.val, runtime.device, title),
     }
     manifest = {
-        **run,  # architecture, recipe, dataset
-        "parameter_count": parameter_count(model),
+        **base_manifest(run, model, args, runtime.device, history=history, metrics=metrics, evaluation=EVALUATION,
+                        wall_time_s=sum(h["seconds"] for h in history)),
         "input_shape": list(INPUT_SHAPE),
         "output_shape": list(OUTPUT_SHAPE),
         "weights": "ema" if args.ema > 0 else "last",  # which weights were evaluated and published
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "history": history,
-        "metrics": metrics,
-        "evaluation": EVALUATION,
-        "device": runtime.device.type,
         "device_name": distributed.describe(runtime.device),
-        "wall_time_s": sum(h["seconds"] for h in history),  # training time, over resumed runs too
-        "torch_version": torch.__version__,
         "epochs_completed": history[-1]["epoch"] if history else 0,
     }
-    store = ModelStore(args.store)
-    version = store.publish(name, model.state_dict(), manifest, files=files)
-    if checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
-        mark_published(checkpoint_dir, version)
-    log.info("event=published model=%s version=%d store=%s", name, version, store.url)
-    return version
+    return publish_version(args.store, name, model, manifest, files, checkpoint_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,8 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown()
         return 2
     if args.amp == "auto":
-        native = torch.cuda.is_bf16_supported() if runtime.device.type == "cuda" else native_bf16_cpu()
-        args.amp = "bf16" if native else "none"
+        args.amp = "bf16" if native_bf16(runtime.device) else "none"
     if args.amp == "bf16" and runtime.device.type == "cpu" and not native_bf16_cpu():
         log.warning("event=amp_slow reason='this CPU has no native bf16 (AVX512-BF16 or AMX): --amp bf16 is emulated, "
                     "slower than float32'")
