@@ -24,7 +24,11 @@ loop is queued on that CPU answers its half of the herd 40-60 ms late, while the
 that says more about this generator than about the server; `--settle-s 0` still measures it.
 
 Every client is a keep-alive HTTP/1.1 connection posting one multipart body of `--images` (64) real
-8x8 PNGs (CIFAR-10 test images) and waiting for the answer before the next (closed loop). A 503 is
+8x8 PNGs (CIFAR-10 test images) to `/upscale` and waiting for the answer before the next (closed loop).
+`--transport v2` posts the same images as one binary UINT8 tensor to `/v2/models/conv/infer` (as tritonclient
+and perf_analyzer send them); `--transport grpc` sends them as a gRPC ModelInfer (raw_input_contents) over
+grpc.aio, the clients spread over one HTTP/2 connection per 16 clients, and a refusal is UNAVAILABLE with
+`retry-after` trailing metadata. A 503 is
 answered as a well-behaved client does: it waits Retry-After, then retries (`--on-503 immediate`
 retries at once instead: a client that ignores the header). A connection the server closes (or
 resets) is reopened. Goodput = 200 answers per second (each carries 64 images).
@@ -52,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import os
 import resource
@@ -87,12 +92,13 @@ class Server:
                  cpus: set[int] | None = None) -> None:
         self.name, self.tree, self.store, self.log_path, self.autogroup_nice = name, tree, store, log_path, autogroup_nice
         self.cpus = cpus  # the CPUs the server (and the workers it starts) may run on; None: all
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         # The tree first; other PYTHONPATH entries (packages installed into a folder, as bench/gpu_train.sh does on a
         # leased machine) stay, but not this project's own root, which would shadow a baseline tree.
         extra = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and Path(entry).resolve() != PROJECT_ROOT]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *extra]), "PYTHONUNBUFFERED": "1", "UPGRADER_STORE": str(store),
-                    "UPGRADER_DEFAULT_MODEL": MODEL, "UPGRADER_LOG_LEVEL": "WARNING", "UPGRADER_POLL_INTERVAL_S": "60"}
+                    "UPGRADER_DEFAULT_MODEL": MODEL, "UPGRADER_LOG_LEVEL": "WARNING", "UPGRADER_POLL_INTERVAL_S": "60",
+                    "UPGRADER_GRPC_PORT": str(self.grpc_port)}
         self.env.pop("UPGRADER_WORKERS", None)  # the default for this machine, in both
 
     def __enter__(self) -> Server:
@@ -287,6 +293,119 @@ async def drive(port: int, payload: bytes, clients: int, seconds: float, phase: 
     phase.client_cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
 
 
+def v2_request(port: int, pngs: list[bytes]) -> bytes:
+    """The PNGs' pixels as one binary UINT8 tensor, the way tritonclient posts it."""
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).transpose(2, 0, 1) for png in pngs])
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(pixels.shape),
+                                     "parameters": {"binary_data_size": pixels.nbytes}}],
+                         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
+    body = header + pixels.tobytes()
+    head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def grpc_request(pngs: list[bytes]) -> bytes:
+    """A serialized ModelInferRequest carrying the PNGs' pixels in raw_input_contents."""
+    from PIL import Image
+
+    from service.grpc import messages
+
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).transpose(2, 0, 1) for png in pngs])
+    request = messages.METHODS["ModelInfer"][0](model_name=MODEL)
+    request.inputs.add(name="input", datatype="UINT8", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
+    return request.SerializeToString()
+
+
+GRPC_CLIENTS_PER_CONNECTION = 16
+
+
+def grpc_channels(port: int, clients: int) -> list:
+    import grpc
+
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]  # a connection of its own each
+    return [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+            for _ in range(max(1, -(-clients // GRPC_CLIENTS_PER_CONNECTION)))]
+
+
+async def grpc_exchange(channel, payload: bytes, timeout: float) -> tuple[int, dict[str, str]]:
+    """One ModelInfer -> (HTTP-like status, {'retry-after': ...}): 200, 503 for UNAVAILABLE, else 500 + the code."""
+    import grpc
+
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None)
+    try:
+        await call(payload, timeout=timeout)
+        return 200, {}
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            trailing = {k: v for k, v in (exc.trailing_metadata() or ())}
+            return 503, {"retry-after": trailing.get("retry-after", "1")}
+        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            raise TimeoutError(exc.code().name) from None
+        return 500, {"code": exc.code().name}
+
+
+async def drive_grpc(port: int, payload: bytes, clients: int, seconds: float, phase: Phase, on_503: str, server: Server) -> None:
+    """`drive`'s closed loop over gRPC: the same phases, counts and latencies."""
+    channels = grpc_channels(port, clients)
+    start = time.perf_counter()
+    stop = start + seconds
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+
+    async def client(index: int) -> None:
+        channel = channels[index % len(channels)]
+        while time.perf_counter() < stop:
+            began = time.perf_counter()
+            try:
+                status, headers = await grpc_exchange(channel, payload, 60)
+            except (OSError, TimeoutError):
+                if time.perf_counter() < stop:
+                    phase.errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            done = time.perf_counter()
+            if done <= stop:
+                ms = (done - began) * 1000
+                if status == 200:
+                    phase.ok += 1
+                    phase.ok_ms.append(ms)
+                elif status == 503:
+                    phase.refused += 1
+                    phase.refused_ms.append(ms)
+                    phase.refused_at_s.append(began - start)
+                else:
+                    phase.other[headers["code"]] = phase.other.get(headers["code"], 0) + 1
+            if status == 503 and on_503 == "retry-after":
+                await asyncio.sleep(float(headers.get("retry-after", "1")))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients)), return_exceptions=True), seconds + 90)
+    finally:
+        for channel in channels:
+            await channel.close()
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        phase.client_cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        phase.rss_mb = {str(pid): mb for pid, mb in server.rss_mb().items()}
+
+
+async def recovery_grpc(port: int, payload: bytes, limit_s: float = 30.0) -> float | None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        channel = grpc_channels(port, 1)[0]
+        try:
+            if (await grpc_exchange(channel, payload, 10))[0] == 200:
+                return time.perf_counter() - start
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            await channel.close()
+        await asyncio.sleep(0.02)
+    return None
+
+
 async def recovery(port: int, payload: bytes, limit_s: float = 30.0) -> float | None:
     """Seconds from now until one client gets a 200 for the same request."""
     start = time.perf_counter()
@@ -319,6 +438,16 @@ def generator_priority(kind: str):
 
 
 async def measure(server: Server, payload: bytes, args) -> list[Phase]:
+    if args.transport == "grpc":  # the same phases against the server's gRPC port
+        port = server.grpc_port
+
+        async def drive(_, payload, clients, seconds, phase, on_503, server, connect_first=False):  # noqa: ARG001
+            await drive_grpc(port, payload, clients, seconds, phase, on_503, server)
+
+        async def recovery(_, payload):
+            return await recovery_grpc(port, payload)
+    else:
+        drive, recovery = globals()["drive"], globals()["recovery"]
     phases = []
     await drive(server.port, payload, 4, 3.0, Phase(server.name, "warmup", 4, 3.0), args.on_503, server)
     for clients in args.healthy:
@@ -397,7 +526,7 @@ def report(results: dict[str, list[Phase]], args, load: tuple[float, float, floa
         lambda n, r: f"{max(p.client_gc_max_ms for p in r['over']):.1f} / {max([ms for p in r['over'] for _, ms in p.client_stalls], default=0):.1f}")
     cpus = "" if not (args.server_cpus or args.generator_cpus) else (
         f"servers on CPUs {sorted(args.server_cpus) if args.server_cpus else 'all'}, generator on {sorted(args.generator_cpus) if args.generator_cpus else 'all'}; ")
-    header = (f"{cpus}generator priority {args.generator_priority}; {'autogroup nice ' + str(args.autogroup_nice) + '; ' if args.autogroup_nice is not None else ''}{args.clients} clients{' (connected first)' if args.connect_first else ''} x {args.images}-image multipart bodies for {args.overload_s:g} s after {args.settle_s:g} s idle, 503s answered by "
+    header = (f"{cpus}generator priority {args.generator_priority}; {'autogroup nice ' + str(args.autogroup_nice) + '; ' if args.autogroup_nice is not None else ''}{args.clients} clients{' (connected first)' if args.connect_first else ''} x {args.images}-image {dict(upscale='multipart bodies to /upscale', v2='binary tensors to /v2 infer', grpc='gRPC ModelInfer calls')[args.transport]} for {args.overload_s:g} s after {args.settle_s:g} s idle, 503s answered by "
               f"{'waiting Retry-After' if args.on_503 == 'retry-after' else 'retrying at once'}; {os.cpu_count()} CPUs, "
               f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (before) -> {' '.join(f'{x:.2f}' for x in os.getloadavg())} (after)")
     return header + "\n\n" + "\n".join(rows)
@@ -418,6 +547,8 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     p.add_argument("--clients", type=int, default=512)
     p.add_argument("--images", type=int, default=64, help="images per request")
+    p.add_argument("--transport", choices=["upscale", "v2", "grpc"], default="upscale",
+                   help="POST /upscale (multipart PNGs), POST /v2/models/conv/infer (a binary UINT8 tensor) or gRPC ModelInfer")
     p.add_argument("--overload-s", type=float, default=30.0)
     p.add_argument("--healthy", type=int, nargs="+", default=[8, 16], help="healthy concurrencies (the peak is the best of them)")
     p.add_argument("--healthy-s", type=float, default=8.0)
@@ -471,7 +602,9 @@ def main() -> None:
                     with Server(name, trees[name], tmp / "store", tmp / f"{name.split()[0]}-{round_}.log", args.autogroup_nice,
                                 args.server_cpus) as server:
                         with generator_priority(args.generator_priority):
-                            results[name] += asyncio.run(measure(server, multipart_request(server.port, pngs[: args.images]), args))
+                            request = {"upscale": multipart_request, "v2": v2_request,
+                                       "grpc": lambda _, images: grpc_request(images)}[args.transport](server.port, pngs[: args.images])
+                            results[name] += asyncio.run(measure(server, request, args))
         finally:
             if not args.no_baseline:
                 subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", str(tmp / "baseline")], check=False)
