@@ -383,7 +383,7 @@ async def local_client(store: str | None, retry: RetryPolicy, timeout: float) ->
             copy = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="upgrader-local-"))) / "store"
             shutil.copytree(PRETRAINED, copy)
             store = str(copy)
-        app = create_app(Settings(store=store, grpc_port=0))
+        app = create_app(Settings(store=store, grpc_port=0, api_keys=()))  # no gRPC port, no keys: nothing outside this process reaches it
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with AsyncClient("http://upgrader.local", transport=transport, retry=retry, timeout=timeout) as client:
@@ -395,7 +395,7 @@ async def run(args: argparse.Namespace, jobs: list[Job], report) -> None:
     if args.local:
         opened = local_client(args.store, retry, args.timeout)
     else:
-        opened = AsyncClient(args.url or default_url(), api_key=args.api_key or os.environ.get("UPGRADER_API_KEY") or None,
+        opened = AsyncClient(args.url or default_url(), api_key=args.api_key,  # None: UPGRADER_API_KEY
                              retry=retry, timeout=args.timeout, max_connections=args.jobs)
     async with opened as client:
         await check_model(client, args.model)

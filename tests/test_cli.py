@@ -5,9 +5,9 @@ server's pixels."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
-import shutil
 import signal
 import subprocess
 import sys
@@ -267,3 +267,36 @@ def test_the_upgrader_console_script_is_installed():
     assert script.is_file(), f"{script} missing: pip install -e . installs it ([project.scripts] in pyproject.toml)"
     shown = subprocess.run([str(script), "upscale", "--help"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "--local" in shown.stdout and "OUTDIR" in shown.stdout
+
+
+def test_every_command_example_in_the_client_page_runs(tmp_path, env):
+    """docs/client.md's `upgrader` lines, in order, with bash, in a folder holding photos/ (and photos/sub/) and photo.jpg;
+    its JSON lines have the fields the command writes."""
+    page = PROJECT_ROOT / "docs" / "client.md"
+    photos = photo_arrays(3)
+    write_photos(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "sub").mkdir()
+    (tmp_path / "photos" / "sub" / "deep.jpg").write_bytes(encode(photos[2], "JPEG", quality=95))
+    (tmp_path / "photo.jpg").write_bytes(encode(photos[0], "JPEG", quality=95))
+    lines = [line for block in code_blocks(page, "bash") for line in block.splitlines() if line.startswith("upgrader ")]
+    assert len(lines) == 5
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    for line in lines:
+        run = subprocess.run(["bash", "-c", line], cwd=tmp_path, env={**os.environ, **env, "PATH": path}, capture_output=True,
+                             text=True, timeout=180)
+        assert run.returncode == 0, f"{line}\n{run.stderr}"
+    big = sorted(str(p.relative_to(tmp_path / "big")) for p in (tmp_path / "big").rglob("*") if p.is_file())
+    assert big == ["photo.png", "photo00.png", "photo00.webp", "photo01.png", "photo01.webp", "sub/deep.jpg", "sub/deep.webp"]
+    written = json_lines((tmp_path / "upscaled.jsonl").read_text())
+    assert [r.get("status") for r in written] == ["done", "done", None] and written[-1]["event"] == "summary"
+    documented = [json.loads(line) for block in code_blocks(page, "json") for line in block.splitlines()]
+    real = {"done": written[0], "summary": written[-1]}
+    for record in documented:
+        key = "summary" if record["event"] == "summary" else record["status"]
+        if key in real:
+            assert record.keys() == real[key].keys(), key
+        elif key == "skipped":
+            assert record.keys() == {"event", "input", "output", "status"}
+        else:
+            assert key == "failed" and record.keys() == {"event", "input", "output", "status", "error"}
+            assert record["error"].keys() == {"code", "message", "item", "status"}

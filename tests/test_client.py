@@ -5,12 +5,15 @@ service's words."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-from client_support import API_KEY, encode, photo_arrays, pixels, seeded_store, service
+from client_support import API_KEY, PROJECT_ROOT, code_blocks, encode, photo_arrays, pixels, seeded_store, service
 from PIL import Image
 from test_service_support import publish_corrupt_copy
 
@@ -160,3 +163,25 @@ def test_the_base_url_and_key_come_from_arguments_or_upgrader_url(live, monkeypa
     monkeypatch.setenv("UPGRADER_URL", live.url + "/")
     with Client(api_key=API_KEY) as from_env:
         assert from_env.base_url == live.url and "photo" in from_env.models().names()
+
+
+def test_every_python_example_in_the_client_page_runs(live, tmp_path, photos):
+    """docs/client.md's Python blocks, each as its own program, in a folder holding photo.jpg and photos/."""
+    (tmp_path / "photo.jpg").write_bytes(encode(photos[0], "JPEG", quality=95))
+    (tmp_path / "photos").mkdir()
+    for k, array in enumerate(photos[1:3]):
+        (tmp_path / "photos" / f"p{k}.png").write_bytes(encode(array))
+    blocks = code_blocks(PROJECT_ROOT / "docs" / "client.md", "python")
+    assert len(blocks) == 6
+    env = {**os.environ, "UPGRADER_URL": live.url, "UPGRADER_API_KEY": API_KEY}
+    outputs = []
+    for block in blocks:
+        run = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, f"{block}\n{run.stderr}"
+        outputs.append(run.stdout)
+    assert Image.open(tmp_path / "photo-x4.webp").size == (4 * photos[0].shape[1], 4 * photos[0].shape[0])
+    assert outputs[0].startswith("photo 2 ")
+    assert "photo any 2 [1, 2]" in outputs[2] and "upgrader 8x8 2 [1, 2, 3]" in outputs[2]
+    assert "'photo'" in outputs[3] and str((4 * photos[1].shape[1], 4 * photos[1].shape[0])) in outputs[3]
+    assert outputs[4].startswith("400 corrupt_image image 0 has a truncated or corrupt header")
+    assert outputs[5].startswith("unreachable GET http://127.0.0.1:9/models: no answer after 3 tries (ConnectError")

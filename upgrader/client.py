@@ -247,8 +247,12 @@ _SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", "
              ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff", ".avif": "image/avif"}
 
 
+UNKNOWN_IMAGE = "image/x-unknown"  # bytes of no known type: sent as an image all the same, for the service to say what it reads
+
+
 def sniff_media_type(data: bytes, name: str | None = None) -> str:
-    """The image type from the first bytes, else from the file name's suffix, else application/octet-stream."""
+    """The image type from the first bytes, else from the file name's suffix, else image/x-unknown (the service then
+    answers 415 `unsupported_image` or 400 `empty_image` for what it cannot read)."""
     for magic, media in _MAGIC:
         if data.startswith(magic):
             return media
@@ -257,8 +261,8 @@ def sniff_media_type(data: bytes, name: str | None = None) -> str:
     if data[4:12] in (b"ftypavif", b"ftypavis"):
         return "image/avif"
     if name is not None:
-        return _SUFFIXES.get(Path(name).suffix.lower(), "application/octet-stream")
-    return "application/octet-stream"
+        return _SUFFIXES.get(Path(name).suffix.lower(), UNKNOWN_IMAGE)
+    return UNKNOWN_IMAGE
 
 
 def read_image(image: ImageInput) -> tuple[bytes, str]:
@@ -322,14 +326,16 @@ class _Base:
         self.base_url = (base_url or default_url()).rstrip("/")
         self.retry = retry or RetryPolicy()
         self._headers = {"user-agent": "upgrader-client/0.1"}
+        api_key = api_key if api_key is not None else os.environ.get("UPGRADER_API_KEY")
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=min(10.0, timeout))
 
 
 class Client(_Base):
-    """Blocking client. `base_url` defaults to `UPGRADER_URL` or http://127.0.0.1:8000; `api_key` is sent as
-    `Authorization: Bearer`; `timeout` (seconds) bounds each try; `retry` says what is retried (`RetryPolicy`)."""
+    """Blocking client. `base_url` defaults to `UPGRADER_URL` or http://127.0.0.1:8000; `api_key` (default
+    `UPGRADER_API_KEY`; "" sends none) is sent as `Authorization: Bearer`; `timeout` (seconds) bounds each try;
+    `retry` says what is retried (`RetryPolicy`)."""
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None, timeout: float | httpx.Timeout = 120.0,
                  retry: RetryPolicy | None = None, transport: httpx.BaseTransport | None = None) -> None:
