@@ -99,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admission = Admission(settings.max_active_images, settings.max_waiting_requests, settings.retry_after_s)
     install_error_handlers(app)
     add_middleware(app, settings)
+    # The inference routes first: a request is matched against the routes in order, and these carry the load.
+    app.include_router(inference.infer_router)
     app.include_router(upscale.router)
     app.include_router(baseline.router)
     app.include_router(models.router)
@@ -107,7 +109,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", page.static_files(), name="static")
     add_docs(app)
     app.include_router(inference.router)
-    app.include_router(inference.infer_router)
     return app
 
 
