@@ -1,6 +1,8 @@
 """Upgrader vs NVIDIA Triton Inference Server, both driven by Triton's own perf_analyzer over the V2 protocol.
 
-    .venv/bin/python bench/bench_triton.py --store STORE --triton-python /tmp/tv/bin/python --perf-analyzer /tmp/tv/bin/perf_analyzer
+    PA=$(tests/tools/perf_analyzer.sh)   # perf_analyzer 2.41.0 and the libcudart it links
+    .venv/bin/python bench/bench_triton.py --store STORE --triton-python /tmp/tv/bin/python \
+        --perf-analyzer $PA/bin/perf_analyzer --perf-lib-path $PA/nvidia/cuda_runtime/lib
     .venv/bin/python bench/bench_triton.py --store STORE ... --models conv --concurrency 32 --rounds 3
     .venv/bin/python bench/bench_triton.py --store STORE ... --baseline-ref HEAD~3   # also this tree vs an earlier one
     .venv/bin/python bench/bench_triton.py --store STORE ... --protocol grpc         # the same, over gRPC on both servers
