@@ -13,13 +13,15 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from model_store import LATEST, ModelStore, StoreError
-from trainer.checkpoint import mark_published
+from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published
+from trainer.recipe import EMA
 from upgrader.architectures import parameter_count
 from upgrader.cpus import native_bf16_cpu
 
@@ -130,6 +132,40 @@ def check_resumable(saved: dict, wanted: dict, resumable: set[str], where: Path)
     changes = setup_changes(saved, wanted, resumable)
     if changes:
         raise ValueError(f"cannot resume from {where}: the run there used a different setup ({', '.join(changes)})")
+
+
+def resume_from(checkpoint_dir: Path, run: dict, resumable: set[str], model: nn.Module, optimizer: torch.optim.Optimizer,
+                ema: EMA | None, saved_setup: Callable[[dict], dict] = lambda run: run) -> Checkpoint | None:
+    """Continue from the checkpoint in `checkpoint_dir`, if there is one of the same experiment (`run`, up to the
+    `resumable` recipe entries; `saved_setup` reads the checkpoint's setup as today's recipe would write it): its
+    weights, optimizer state and EMA are loaded into `model`, `optimizer` and `ema`; the checkpoint (its history,
+    step, published version) is returned. None where there is no checkpoint."""
+    checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        log.info("event=resume checkpoint_dir=%s found=none starting=fresh", checkpoint_dir)
+        return None
+    check_resumable(saved_setup(checkpoint.run), run, resumable, checkpoint_dir)
+    model.load_state_dict(checkpoint.model)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    if ema is not None:
+        ema.averaged.load_state_dict(checkpoint.ema)
+    log.info("event=resume checkpoint_dir=%s epoch=%d step=%d", checkpoint_dir, checkpoint.epoch, checkpoint.step)
+    return checkpoint
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, inputs: torch.Tensor,
+                   targets: torch.Tensor, loss_fn, amp: bool) -> torch.Tensor:
+    """One training step at learning rate `lr`: the forward (bf16 autocast with `amp`), the loss of the float32
+    outputs against `targets`, the backward and the update. Returns the loss, detached, on the device (no sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(inputs)
+    loss = loss_fn(outputs.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 class TrainingClock:

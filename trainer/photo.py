@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from model_store import ModelStore, StoreError
-from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.engine import (TrainingClock, add_checkpoint_arguments, add_device_arguments, add_store_arguments,
-                            base_manifest, check_common_args, check_resumable, json_object, load_published, logfmt,
-                            pick_device, publish_version, wants_bf16)
+                            base_manifest, check_common_args, json_object, load_published, logfmt, optimizer_step,
+                            pick_device, publish_version, resume_from, wants_bf16)
 from trainer.natural import NaturalData, load_natural_data
 from trainer.recipe import EMA, dihedral_augment
 from upgrader.architectures import build_model, parameter_count
@@ -178,9 +178,9 @@ def learning_rate(step: int, args: argparse.Namespace, spent_s: float) -> float:
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: CropSampler, step: int,
+def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, sampler: CropSampler, step: int,
                    args: argparse.Namespace, device: torch.device, amp: bool) -> float:
-    """One optimizer step on a fresh batch of crops; returns the L1 loss."""
+    """One optimizer step at `lr` on a fresh batch of crops; returns the L1 loss."""
     model.train()
     targets = to_float(sampler.batch(args.batch_size, step)).to(device)
     targets = dihedral_augment(targets, torch.Generator(device).manual_seed(args.seed * 1_000_003 + step))
@@ -188,13 +188,7 @@ def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: 
         inputs = degrade_batch(targets, REALISTIC_CHAIN, seed=f"{args.seed}:{step}").to(device)
     else:
         inputs = bicubic_degrade(targets, SCALE)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        outputs = model(inputs)
-    loss = nn.functional.l1_loss(outputs.float(), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
+    return optimizer_step(model, optimizer, lr, inputs, targets, nn.functional.l1_loss, amp).item()
 
 
 @torch.inference_mode()
@@ -351,15 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_dir = args.checkpoint_dir / args.publish_as if args.checkpoint_dir else None
         history: list[dict] = []
         step, spent_s, saves, published = 0, 0.0, 0, None
-        checkpoint = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None and (args.resume or args.publish_only) else None
-        if checkpoint is not None:
-            check_resumable(checkpoint.run, run, RESUMABLE_CHANGES, checkpoint_dir)
-            model.load_state_dict(checkpoint.model)
-            optimizer.load_state_dict(checkpoint.optimizer)
-            ema.averaged.load_state_dict(checkpoint.ema)
+        checkpoint = None
+        if checkpoint_dir is not None and (args.resume or args.publish_only):
+            checkpoint = resume_from(checkpoint_dir, run, RESUMABLE_CHANGES, model, optimizer, ema)
+        if checkpoint is not None:  # its epoch counts the checkpoints saved
             history, step, saves, published = checkpoint.history, checkpoint.step, checkpoint.epoch, checkpoint.published_version
             spent_s = history[-1]["train_seconds"] if history else 0.0
-            log.info("event=resume checkpoint_dir=%s step=%d train_minutes=%.1f", checkpoint_dir, step, spent_s / 60)
         elif args.publish_only:
             raise ValueError(f"--publish-only: no checkpoint in {checkpoint_dir}")
         sampler = CropSampler(natural, args.crop * SCALE, args.seed)
@@ -387,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         while not args.publish_only and budget_left():
             clock.start()
             lr = learning_rate(step, args, spent_s)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum += train_one_step(model, optimizer, sampler, step, args, device, amp)
+            loss_sum += train_one_step(model, optimizer, lr, sampler, step, args, device, amp)
             loss_count += 1
             step += 1
             ema.update(step)

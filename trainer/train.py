@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from model_store import ModelStore, StoreError
 from trainer import distributed
-from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
 from trainer.engine import (add_checkpoint_arguments, add_device_arguments, add_store_arguments, base_manifest,
-                            check_common_args, check_resumable, json_object, load_published, logfmt, native_bf16,
-                            publish_version)
+                            check_common_args, json_object, load_published, logfmt, native_bf16,
+                            optimizer_step, publish_version, resume_from)
 from trainer.natural import NaturalData, epoch_images, load_natural_data
 from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, dihedral_augment, learning_rate
 from trainer.report import loss_curve_png, samples_png
@@ -194,23 +194,16 @@ def train_one_epoch(
         if budget_s is not None:  # the schedule's position is the larger of steps done and time spent
             at = max(step, int(total_steps * min((spent_s + time.perf_counter() - started) / budget_s, 1.0)))
         lr = learning_rate(at, total_steps, base_lr=args.lr, schedule=args.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         if args.augment == "dihedral":
             targets = dihedral_augment(targets, augment_rng)
         inputs = downsample(targets)
         if args.quantize_inputs:
             inputs = to_8bit(inputs)
-        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(inputs)
-        loss = loss_fn(outputs.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = optimizer_step(model, optimizer, lr, inputs, targets, loss_fn, amp)
         step += 1
         if ema is not None:
             ema.update(step)
-        loss_sum += loss.detach() * len(targets)  # stays on the device: no sync per step
+        loss_sum += loss * len(targets)  # stays on the device: no sync per step
         seen += len(targets)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.5f}", lr=f"{lr:.2e}")
@@ -341,21 +334,12 @@ def grow(model: nn.Module, state_dict: dict, source: dict, architecture: dict, i
     return {"from_params": source["params"], "new_modules": sorted({k.rsplit(".", 2)[0] for k in missing})}
 
 
-def resume_point(args: argparse.Namespace, checkpoint_dir: Path | None, run: dict) -> Checkpoint | None:
-    """The checkpoint to continue from, after checking it belongs to the same experiment (`run`)."""
-    if checkpoint_dir is None or not args.resume:
-        return None
-    checkpoint = load_checkpoint(checkpoint_dir)
-    if checkpoint is None:
-        log.info("event=resume checkpoint_dir=%s found=none starting=fresh", checkpoint_dir)
-        return None
-
-    saved = {**checkpoint.run, "recipe": dict(checkpoint.run["recipe"])}
-    if not saved["recipe"].get("coarse_to_fine"):  # checkpoints from when the trainer had a coarse phase record it as off
-        saved["recipe"].pop("coarse_to_fine", None), saved["recipe"].pop("fine_lr_scale", None)
-    check_resumable(saved, run, RESUMABLE_CHANGES, checkpoint_dir)
-    log.info("event=resume checkpoint_dir=%s epoch=%d step=%d", checkpoint_dir, checkpoint.epoch, checkpoint.step)
-    return checkpoint
+def without_retired_phase(run: dict) -> dict:
+    """A checkpoint's setup without the retired coarse-to-fine phase where it records it as off: the same experiment."""
+    recipe = dict(run["recipe"])
+    if not recipe.get("coarse_to_fine"):
+        recipe.pop("coarse_to_fine", None), recipe.pop("fine_lr_scale", None)
+    return {**run, "recipe": recipe}
 
 
 def next_epoch_fits(history: list[dict], max_minutes: float | None) -> bool:
@@ -391,12 +375,10 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
 
     history: list[dict] = []
     step, first_epoch, published = 0, 1, None
-    checkpoint = resume_point(args, checkpoint_dir, run)
+    checkpoint = None
+    if args.resume and checkpoint_dir is not None:
+        checkpoint = resume_from(checkpoint_dir, run, RESUMABLE_CHANGES, model, optimizer, ema, saved_setup=without_retired_phase)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        if ema is not None:
-            ema.averaged.load_state_dict(checkpoint.ema)
         history, step, first_epoch, published = checkpoint.history, checkpoint.step, checkpoint.epoch + 1, checkpoint.published_version
 
     trained: nn.Module = model
