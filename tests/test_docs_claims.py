@@ -276,3 +276,29 @@ def test_every_upgrader_variable_the_docs_name_is_read_somewhere():
             if variable not in settings and variable not in elsewhere:
                 wrong.append(f"{document}: {variable}")
     assert wrong == []
+
+
+# ---- paths ---------------------------------------------------------------------------------------
+
+
+CREATED_BY_THE_READER = {"deploy/kubernetes/base/s3-credentials.env"}  # `cp ...example ...`, git-ignored
+
+
+def missing_paths(texts: dict[str, str]) -> list[str]:
+    top = "|".join(sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    pattern = re.compile(rf"`((?:{top})/[A-Za-z0-9_./-]*[A-Za-z0-9_/])`")
+    missing = []
+    for document, text in texts.items():
+        for path in sorted(set(pattern.findall(text))):
+            if "*" not in path and path not in CREATED_BY_THE_READER and not (ROOT / path).exists():
+                missing.append(f"{document}: {path}")
+    return missing
+
+
+def test_every_repository_path_the_docs_name_exists():
+    assert missing_paths(doc_texts()) == []
+
+
+def test_the_path_check_catches_a_moved_file():
+    page = "`service/oip/tensors.py` (here) and `service/runtime/tensors.py` (gone)"
+    assert missing_paths({"page.md": page}) == ["page.md: service/runtime/tensors.py"]
