@@ -302,3 +302,21 @@ def test_every_repository_path_the_docs_name_exists():
 def test_the_path_check_catches_a_moved_file():
     page = "`service/oip/tensors.py` (here) and `service/runtime/tensors.py` (gone)"
     assert missing_paths({"page.md": page}) == ["page.md: service/runtime/tensors.py"]
+
+
+def test_the_security_checklist_names_settings_the_service_reads():
+    """SECURITY.md's hardening table: every variable not marked *compose* is a field of service/settings.py, and the
+    *compose* ones are read by docker-compose.yml."""
+    from service.settings import Settings
+
+    settings = {f"UPGRADER_{name.upper()}" for name in Settings.model_fields}
+    compose = (ROOT / "docker-compose.yml").read_text()
+    rows = [line for line in (ROOT / "SECURITY.md").read_text().splitlines() if line.startswith("| `UPGRADER_")]
+    assert len(rows) >= 10
+    for row in rows:
+        first = row.split("|")[1]
+        for variable in re.findall(r"UPGRADER_[A-Z0-9_]+", first):
+            if "*compose*" in first:
+                assert f"${{{variable}" in compose, f"{variable} is not read by docker-compose.yml"
+            else:
+                assert variable in settings, f"{variable} is not a setting of service/settings.py"

@@ -46,8 +46,8 @@ def test_the_shipped_model_scores_what_its_manifest_says_on_both_validation_sets
 
 
 def test_a_store_seeded_with_the_shipped_model_serves_it_by_default(tmp_path):
-    """`make models` copies it into an empty store beside the quick profile's models: the service picks it, the model
-    that gains most over bicubic, when a request names none."""
+    """`make models` copies it into an empty store, and `make train` adds the quick profile's models beside it: the
+    service picks it, the model that gains most over bicubic, when a request names none."""
     store = ModelStore(tmp_path / "store")
     publish(store, "conv", "conv", psnr=20.0)  # a quick-profile model, below bicubic
     copied, _ = store.copy_from(PRETRAINED, SHIPPED)
