@@ -187,7 +187,8 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, rng: random.Random) -> 
     image = hr
     if rng.random() < config.blur_prob:
         kernel, words = _random_kernel(rng, config.blur_sigma, config.anisotropic_prob)
-        image, _ = blur(image, kernel), steps.append(words)
+        image = blur(image, kernel)
+        steps.append(words)
     methods, weights = zip(*config.downsampling)
     method = rng.choices(methods, weights)[0]
     steps.append(method)
@@ -196,17 +197,21 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, rng: random.Random) -> 
         image = _noise(image, rng, config, generator, steps)
     if rng.random() < config.jpeg_prob:
         quality = rng.randint(*config.jpeg_quality)
-        image, _ = jpeg(image, quality), steps.append(f"jpeg({quality})")
+        image = jpeg(image, quality)
+        steps.append(f"jpeg({quality})")
     if rng.random() < config.second_pass_prob:
         steps.append("second:")
         if rng.random() < config.blur_prob:
             kernel, words = _random_kernel(rng, config.second_blur_sigma, config.anisotropic_prob)
-            image, _ = blur(image, kernel), steps.append(words)
+            image = blur(image, kernel)
+            steps.append(words)
         if rng.random() < config.noise_prob:
             sigma = rng.uniform(*config.second_noise_sigma)
-            image, _ = gaussian_noise(image, sigma / 255, generator), steps.append(f"gaussian(sigma={sigma:.2f})")
+            image = gaussian_noise(image, sigma / 255, generator)
+            steps.append(f"gaussian(sigma={sigma:.2f})")
         quality = rng.randint(*config.second_jpeg_quality)
-        image, _ = jpeg(image, quality), steps.append(f"jpeg({quality})")
+        image = jpeg(image, quality)
+        steps.append(f"jpeg({quality})")
     return to_8bit(image), " ".join(steps)
 
 
