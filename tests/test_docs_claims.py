@@ -1,4 +1,4 @@
-"""What the docs tell a reader to type works on today's tree: every store route they name answers on a store seeded
+"""What the docs tell a reader to type works on this tree: every store route they name answers on a store seeded
 the way `make run` seeds it, every port they curl is published by the compose profile they start, every model they
 name ships in pretrained/ or is one the trainer builds, and every `make` target they name exists.
 
