@@ -10,6 +10,10 @@ Inputs (columns), each made from the published LR_bicubic_x4 image:
 * `noise5`: Gaussian noise of sigma 5 levels (of 255) added to every channel, rounded to 8 bits; the noise is seeded
   by `--seed` and the image's set and name, so every model and every run sees the same noisy images.
 
+`--sets heldout` measures the same on the 30 held-out sr-natural photographs instead (`trainer.natural`'s validation
+split, never trained on; LR by `bicubic_degrade`): the set to compare degradation recipes on, since Set5 and Set14
+must not be tuned on.
+
 Each cell is the mean over the set of (model PSNR-Y - bicubic PSNR-Y) on the same input: how much the model adds over
 MATLAB-style bicubic upscaling of what it was given. The bicubic rows give the absolute PSNR-Y. Scoring (BT.601 luma,
 4-pixel border, 8-bit outputs, grayscale images on their one channel) and model loading are bench_photo_x4.py's.
@@ -22,6 +26,7 @@ import argparse
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench_photo_x4 import BENCHMARK, SCALE, load, read, score  # noqa: E402  (a sibling script: bench/ is on sys.path)
 from model_store import ModelStore  # noqa: E402
 from upgrader.degradations import gaussian_noise, jpeg  # noqa: E402
-from upgrader.imaging import imresize_bicubic, to_8bit  # noqa: E402
+from upgrader.imaging import bicubic_degrade, imresize_bicubic, to_8bit  # noqa: E402
 
 INPUTS = ("clean", "jpeg90", "jpeg75", "noise5")
 
@@ -50,6 +55,24 @@ def degraded_input(lr: torch.Tensor, kind: str, seed: int, key: str) -> torch.Te
     raise ValueError(f"unknown input {kind!r}: use clean, jpeg<quality> or noise<sigma>")
 
 
+def image_pairs(set_name: str, benchmark: Path, natural: Path) -> Iterator[tuple[str, torch.Tensor, bool, torch.Tensor]]:
+    """(name, HR cropped to a multiple of 4, grayscale?, published LR) of every image of a benchmark set, or of the
+    held-out sr-natural photographs for `heldout` (their LR: bicubic_degrade, what the published LR images are)."""
+    if set_name == "heldout":
+        from trainer.natural import load_natural_data
+        from trainer.photo import validation_photos
+
+        data = load_natural_data(natural, progress=False)
+        for name, photo in zip(data.val_files, validation_photos(natural, data)):
+            hr = photo[None].float() / 255
+            yield name, hr, False, bicubic_degrade(hr, SCALE)
+        return
+    for hr_path in sorted((benchmark / set_name / "HR").glob("*.png")):
+        hr, gray = read(hr_path)
+        hr = hr[..., : hr.shape[-2] // SCALE * SCALE, : hr.shape[-1] // SCALE * SCALE]
+        yield hr_path.name, hr, gray, read(benchmark / set_name / "LR_bicubic_x4" / hr_path.name)[0]
+
+
 def parse_model(spec: str, default_store: str) -> tuple[str, str]:
     """`[STORE=]NAME[:VERSION]` -> (store, NAME[:VERSION])."""
     store, _, name = spec.rpartition("=")
@@ -61,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", default=[], metavar="[STORE=]NAME[:VERSION]",
                    help="a whole-image model, from STORE (default: --store) (repeatable; default: photo)")
     p.add_argument("--store", default=str(ROOT / "pretrained"), help="store of the --model versions that name none")
-    p.add_argument("--sets", default="Set5,Set14")
+    p.add_argument("--sets", default="Set5,Set14", help="benchmark sets, or heldout: the held-out sr-natural photographs")
+    p.add_argument("--natural", type=Path, default=ROOT.parent / "shared" / "datasets" / "sr-natural",
+                   help="sr-natural, for --sets heldout")
     p.add_argument("--inputs", default=",".join(INPUTS), help="clean, jpeg<quality>, noise<sigma in levels>, comma-separated")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise")
     p.add_argument("--threads", type=int, default=None)
@@ -80,12 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with torch.inference_mode():
         for set_name in sets:
-            for hr_path in sorted((args.benchmark / set_name / "HR").glob("*.png")):
-                hr, gray = read(hr_path)
-                hr = hr[..., : hr.shape[-2] // SCALE * SCALE, : hr.shape[-1] // SCALE * SCALE]
-                published = read(args.benchmark / set_name / "LR_bicubic_x4" / hr_path.name)[0]
+            for name, hr, gray, published in image_pairs(set_name, args.benchmark, args.natural):
                 for kind in inputs:
-                    lr = degraded_input(published, kind, args.seed, f"{set_name}/{hr_path.name}")
+                    lr = degraded_input(published, kind, args.seed, f"{set_name}/{name}")
                     baseline = score(imresize_bicubic(lr, SCALE, quantize=True), hr, gray)
                     bicubic.setdefault((set_name, kind), []).append(baseline)
                     for label, model in models:
