@@ -150,11 +150,11 @@ def test_one_admission_refuses_v2_infer_from_its_headers_and_grpc_before_its_mes
         a = connect(live.url)  # the only slot, its body stalled halfway
         a.sendall(multipart_head(live.url, body) + body[: len(body) // 2])
         time.sleep(0.3)
-        b = connect(live.url)  # the one place in line
-        b.sendall(multipart_head(live.url, body) + body)
-        time.sleep(0.3)
         images = inputs[:2].numpy()
         v2 = v2_request("/v2/models/conv/infer", images)
+        b = connect(live.url)  # the one place in line: a /v2 request, its body sent whole and read once it is let in
+        b.sendall(v2)
+        time.sleep(0.3)
         c = connect(live.url)
         c.sendall(v2[: v2.index(b"\r\n\r\n") + 4])  # its headers alone: the refusal needs no body
         status, headers, answer = read_response(c)

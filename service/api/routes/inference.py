@@ -159,7 +159,8 @@ async def infer(request: Request, name: str, version: str) -> Response:
                             request.headers.get(HEADER_LENGTH))
 
     def admit():
-        return admission.slot(state.admission, request.scope, settings.max_images_per_request, settings.request_timeout_s, gone)
+        # No `gone` here: its watcher reads `receive()`, which must stay the body's until the body is read.
+        return admission.slot(state.admission, request.scope, settings.max_images_per_request, settings.request_timeout_s)
 
     try:
         with protocol.Tally(state.metrics) as tally:
