@@ -464,7 +464,8 @@ def test_perf_analyzer_over_grpc_measures_a_python_m_service(perf_analyzer, tmp_
 
 
 def test_every_call_has_a_request_id_and_an_access_log_line(live, channel, inputs):
-    """The x-request-id metadata is kept (or one is made) and sent back; each call logs one access line carrying it."""
+    """The x-request-id metadata is kept (or one is made) and sent back with the status; each call logs one access line
+    carrying it."""
     images = inputs[:2].numpy()
     request = ModelInferRequest(model_name="conv")
     request.inputs.add(name="input", datatype="UINT8", shape=list(images.shape))
@@ -497,10 +498,11 @@ def test_every_call_has_a_request_id_and_an_access_log_line(live, channel, input
     finally:
         access.removeHandler(handler)
         access.setLevel(level)
-    assert dict(given.initial_metadata())["x-request-id"] == "grpc-call-1"
-    generated = dict(made.initial_metadata())["x-request-id"]
+    assert dict(given.trailing_metadata())["x-request-id"] == "grpc-call-1"
+    generated = dict(made.trailing_metadata())["x-request-id"]
     assert generated and generated != "grpc-call-1"
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(refused.value.trailing_metadata())["x-request-id"] == "grpc-call-2"
     lines = handler.lines
     assert lines["grpc-call-1"].path == "/inference.GRPCInferenceService/ModelInfer" and lines["grpc-call-1"].status == 0
     assert lines[generated].status == 0

@@ -2,8 +2,8 @@
 
 In order, for every RPC of the OIP and of grpc.health.v1:
 
-* a request id, from the `x-request-id` metadata (if sane) or made, sent back in the initial metadata and
-  carried by every log line of the call;
+* a request id, from the `x-request-id` metadata (if sane) or made, sent back in the trailing metadata (with the
+  status, so it costs no extra send) and carried by every log line of the call;
 * an OTel server span (when tracing is on), continuing the trace the client's `traceparent` metadata names; the
   batch spans link to it as they link to HTTP requests' spans;
 * the API key (`authorization: Bearer <key>` or `x-api-key` metadata), for every RPC but the health checks an
@@ -95,13 +95,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             span = tracing.start_server_span(self.tracer, method, metadata) if self.tracer is not None else None
             try:
-                await context.send_initial_metadata((("x-request-id", rid),))
                 if refusal is not None:
                     raise refusal
+                context.set_trailing_metadata((("x-request-id", rid),))
                 return await behaviour(request, context)
             except ApiError as exc:
                 code = CODES.get(exc.status, grpc.StatusCode.INTERNAL)
-                await context.abort(code, exc.message, trailing_metadata=trailers(exc))
+                await context.abort(code, exc.message, trailing_metadata=(("x-request-id", rid), *trailers(exc)))
             except (ClientLeft, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
                 raise asyncio.CancelledError() from None  # the client left: nobody reads an answer
@@ -111,7 +111,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.error("unhandled error in %s", method, exc_info=exc)
-                await context.abort(code, f"internal error ({type(exc).__name__}); see the service log")
+                await context.abort(code, f"internal error ({type(exc).__name__}); see the service log",
+                                    trailing_metadata=(("x-request-id", rid),))
             finally:
                 if span is not None:
                     tracing.end_server_span(span, code.name)
