@@ -6,15 +6,12 @@ refusals, and each one's cost is taken from the requests being served (service.r
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import error_response
 from service.observability.metrics import UNKNOWN_MODEL, Metrics
-from service.runtime.admission import Admission
+from service.runtime.admission import Admission, Slot
 from service.runtime.cancellation import ClientGone
 
 ARRIVAL = "upgrader.arrival"  # ASGI scope key: the weight a request was let in with, until its route takes it over
@@ -28,15 +25,12 @@ def admitted(scope: Scope) -> bool:
     return path == "/upscale" or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
-@contextlib.asynccontextmanager
-async def slot(admission: Admission, scope: Scope, max_images: int, wait_s: float,
-               gone: ClientGone | None = None) -> AsyncIterator[None]:
-    """The request's slot: the weight it was let in with from its headers (AdmissionMiddleware), or estimated now
-    from its Content-Length."""
+def slot(admission: Admission, scope: Scope, max_images: int, wait_s: float, gone: ClientGone | None = None) -> Slot:
+    """The request's slot (`async with` it): the weight it was let in with from its headers (AdmissionMiddleware), or
+    estimated now from its Content-Length."""
     arrival = scope.pop(ARRIVAL, None)
     weight = arrival[0] if arrival is not None else admission.weight(Headers(scope=scope).get("content-length"), max_images)
-    async with admission.slot(weight, wait_s, gone, arrival):
-        yield
+    return admission.slot(weight, wait_s, gone, arrival)
 
 
 class AdmissionMiddleware:

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 
 from service.errors import ApiError, unavailable
 from service.runtime.cancellation import ClientGone, ClientLeft
@@ -107,53 +106,71 @@ class Admission:
                 self.in_use += weight
                 granted.set_result(None)
 
-    @contextlib.asynccontextmanager
-    async def slot(self, weight: int, wait_s: float, gone: ClientGone | None = None,
-                   arrival: tuple[int, bool] | None = None) -> AsyncIterator[None]:
-        """Hold `weight` images of the budget for the block; wait in line at most `wait_s` (then 503), or 503 at once if the line is full.
+    def slot(self, weight: int, wait_s: float, gone: ClientGone | None = None, arrival: tuple[int, bool] | None = None) -> Slot:
+        """`async with` it to hold `weight` images of the budget for the block; wait in line at most `wait_s` (then 503),
+        or 503 at once if the line is full.
 
         A request let in from its headers (`arrive`) passes its `arrival`, which stops counting as arriving
         here and gives its weight. A request whose client leaves while it waits (`gone` fires) leaves the
         line with ClientLeft."""
-        if arrival is not None:
-            self.arrived(arrival)
-            weight = arrival[0]
+        return Slot(self, weight, wait_s, gone, arrival)
+
+    async def take(self, weight: int, wait_s: float, gone: ClientGone | None) -> None:
+        """Take `weight` of the budget: at once when there is room and nobody waits, else in line (Slot's entry)."""
         if not self._line and self.in_use + weight <= self.budget:
             self.in_use += weight
-        else:
-            if len(self._line) >= self.max_waiting:
-                raise self.refuse(self.busy())
-            granted = asyncio.get_running_loop().create_future()
-            entry = (weight, granted)
-            self._line.append(entry)
-            left = granted.cancel  # the client left: `await granted` raises CancelledError, turned into ClientLeft below
-            if gone is not None:
-                gone.add(left)
-            try:
-                async with asyncio.timeout(wait_s):
-                    await granted
-            except BaseException as exc:  # timed out, cancelled or the client left: leave the line, or give back what was granted meanwhile
-                if gone is not None and gone.fired and isinstance(exc, asyncio.CancelledError) and granted.cancelled():
-                    with contextlib.suppress(ValueError):
-                        self._line.remove(entry)
-                    self._wake()
-                    raise ClientLeft() from None
-                if granted.done() and not granted.cancelled():
-                    self.in_use -= weight
-                    self._wake()
-                else:
-                    granted.cancel()
-                    with contextlib.suppress(ValueError):
-                        self._line.remove(entry)
-                    self._wake()
-                if isinstance(exc, TimeoutError):
-                    raise self.refuse(f"no room within {wait_s:.3g}s ({self.busy()})") from None
-                raise
-            finally:
-                if gone is not None:
-                    gone.discard(left)
+            return
+        if len(self._line) >= self.max_waiting:
+            raise self.refuse(self.busy())
+        granted = asyncio.get_running_loop().create_future()
+        entry = (weight, granted)
+        self._line.append(entry)
+        left = granted.cancel  # the client left: `await granted` raises CancelledError, turned into ClientLeft below
+        if gone is not None:
+            gone.add(left)
         try:
-            yield
+            async with asyncio.timeout(wait_s):
+                await granted
+        except BaseException as exc:  # timed out, cancelled or the client left: leave the line, or give back what was granted meanwhile
+            if gone is not None and gone.fired and isinstance(exc, asyncio.CancelledError) and granted.cancelled():
+                with contextlib.suppress(ValueError):
+                    self._line.remove(entry)
+                self._wake()
+                raise ClientLeft() from None
+            if granted.done() and not granted.cancelled():
+                self.in_use -= weight
+                self._wake()
+            else:
+                granted.cancel()
+                with contextlib.suppress(ValueError):
+                    self._line.remove(entry)
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise self.refuse(f"no room within {wait_s:.3g}s ({self.busy()})") from None
+            raise
         finally:
-            self.in_use -= weight
-            self._wake()
+            if gone is not None:
+                gone.discard(left)
+
+    def give_back(self, weight: int) -> None:
+        self.in_use -= weight
+        self._wake()
+
+
+class Slot:
+    """One request's share of an Admission's budget, held for an `async with` block (a plain class: entering and
+    leaving cost what the bookkeeping costs, once per inference request)."""
+
+    __slots__ = ("admission", "weight", "wait_s", "gone", "arrival")
+
+    def __init__(self, admission: Admission, weight: int, wait_s: float, gone: ClientGone | None, arrival: tuple[int, bool] | None):
+        self.admission, self.weight, self.wait_s, self.gone, self.arrival = admission, weight, wait_s, gone, arrival
+
+    async def __aenter__(self) -> None:
+        if self.arrival is not None:
+            self.admission.arrived(self.arrival)
+            self.weight = self.arrival[0]
+        await self.admission.take(self.weight, self.wait_s, self.gone)
+
+    async def __aexit__(self, *exc) -> None:
+        self.admission.give_back(self.weight)
