@@ -495,6 +495,8 @@ def test_every_call_has_a_request_id_and_an_access_log_line(live, channel, input
         bad = ModelInferRequest(model_name="nope")
         with pytest.raises(grpc.RpcError) as refused:
             call(bad, metadata=(("x-request-id", "grpc-call-2"),), timeout=30)
+        # The status reaches the client before the server's handler has finished (and logged): wait for its line.
+        wait_for(lambda: "grpc-call-2" in handler.lines, "the refused call's access line", 10)
     finally:
         access.removeHandler(handler)
         access.setLevel(level)

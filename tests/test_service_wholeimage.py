@@ -33,12 +33,13 @@ def photo_model(seed: int = 0, residual_std: float = 0.05, **params) -> torch.nn
     return model
 
 
-def publish_photo(store: ModelStore, name: str = "photo", seed: int = 0, residual_std: float = 0.05) -> torch.nn.Module:
+def publish_photo(store: ModelStore, name: str = "photo", seed: int = 0, residual_std: float = 0.05,
+                  degradation: str = "bicubic-matlab-x4") -> torch.nn.Module:
     """A photo_residual version with the manifest fields trainer/photo.py writes (any H x W, its degradation)."""
     model = photo_model(seed, residual_std)
     manifest = {
         "architecture": {"name": "photo_residual", "params": PARAMS}, "parameter_count": parameter_count(model),
-        "input_shape": [3, None, None], "output_shape": [3, None, None], "degradation": "bicubic-matlab-x4", "scale": 4,
+        "input_shape": [3, None, None], "output_shape": [3, None, None], "degradation": degradation, "scale": 4,
         "recipe": {"recipe": "trainer.photo"}, "dataset": {"name": "sr-natural"},
         "metrics": {"heldout_photos_x4": {"model": {"psnr_y": 27.0}, "bicubic": {"psnr_y": 26.0}, "images": 1}},
         "device": "cpu", "wall_time_s": 0.0, "torch_version": torch.__version__,

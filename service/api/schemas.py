@@ -129,6 +129,8 @@ class ModelInfo(BaseModel):
                              "bicubic-matlab-x4 (MATLAB's imresize bicubic, upgrader.imaging.bicubic_degrade: photo_residual). "
                              "A model does best on inputs made that way.")
     parameter_count: int | None = None
+    input_routing: str | None = Field(None, description="For a photo model trained on realistic inputs with a `clean` alias: which "
+                                      "version answers which photos when a request names no version (service.runtime.inputs).")
     is_default: bool
     serving_version: int | None = Field(description="The version answering version=latest.")
     loaded_versions: list[int]

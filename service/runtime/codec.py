@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from service.errors import ApiError
+from service.runtime.inputs import jpeg_quality
 
 log = logging.getLogger("service.runtime.codec")
 
@@ -194,10 +195,12 @@ def decode_any(data: bytes, item: int, what: str = "image", max_pixels: int | No
 
 @dataclass
 class PhotoMeta:
-    """What a photo's RGB pixels leave out, for its answer (service.runtime.formats): its alpha channel and whether it was grey."""
+    """What a photo's RGB pixels leave out, for its answer (service.runtime.formats): its alpha channel and whether it was
+    grey; and, for a JPEG, the quality its quantization tables were scaled from (service.runtime.inputs)."""
 
     alpha: np.ndarray | None  # uint8 H x W, None for an opaque image
     grey: bool  # greyscale in (L, LA, 1, 16-bit grey): greyscale back
+    jpeg_quality: int | None = None
 
     @property
     def plain(self) -> bool:
@@ -245,7 +248,10 @@ def decode_photo(data: bytes, item: int, what: str = "image", max_pixels: int | 
             oriented = ImageOps.exif_transpose(image)
             if size is not None and oriented.size != size:
                 raise ApiError(422, "wrong_size", f"{what} {item} is {oriented.width}x{oriented.height}; it must be {size[0]}x{size[1]}", item)
-            return _split(to_srgb(oriented))
+            pixels, meta = _split(to_srgb(oriented))
+            if image.format == "JPEG":
+                meta.jpeg_quality = jpeg_quality(getattr(image, "quantization", None))
+            return pixels, meta
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
             raise ApiError(400, "corrupt_image", f"{what} {item} is truncated or corrupt ({exc})", item) from None
 

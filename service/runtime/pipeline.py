@@ -14,6 +14,7 @@ Errors are `ApiError`s naming the image (`item`) and what is wrong; a client tha
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from service.errors import ApiError
-from service.runtime import codec, formats, tiling, wholeimage
+from model_store import LATEST
+from service.runtime import codec, formats, inputs, tiling, wholeimage
 from service.runtime.cancellation import ClientGone
 from service.runtime.priority import off_loop
 from service.runtime.registry import Served
@@ -51,6 +53,7 @@ class Upscaled:
     inference_s: float
     tiles: int | None = None
     scores: list[tuple[float, float]] | None = None  # (PSNR, SSIM) of each output against its reference
+    version: int | None = None  # the version that answered, when the pipeline chose it (service.runtime.inputs)
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -58,14 +61,19 @@ class Upscaled:
 
 
 async def upscale(served: Served, body: EncodedImages, *, ensemble: int, tile: bool, deadline: float, settings: Settings,
-                  gone: ClientGone | None, output: formats.Output = PNG) -> Upscaled:
+                  gone: ClientGone | None, output: formats.Output = PNG, manager=None, version: str = LATEST) -> Upscaled:
     """Encoded images -> their upscales through `served`, encoded as `output`, scored against references if given.
 
     A model that takes any size upscales whole images, tile=true or not; an 8x8 model takes 8x8 images, or
-    any size as 8x8 tiles with tile=true."""
+    any size as 8x8 tiles with tile=true. Given the `manager` and the version the request named, clean photos may be
+    handed to the model's clean version (service.runtime.inputs)."""
     if served.any_size:
         check_pixels(body.images, settings.max_whole_image_pixels, settings.max_whole_image_pixels)
-        done = await upscale_whole(served, body, ensemble, deadline, settings, gone, output)
+        choose = None
+        if manager is not None and inputs.routes_inputs(served):
+            def choose(images, metas):
+                return inputs.version_for(manager, served, version, images, [meta.jpeg_quality for meta in metas])
+        done = await upscale_whole(served, body, ensemble, deadline, settings, gone, output, choose)
     elif tile:
         check_pixels(body.images, settings.max_image_pixels, settings.max_request_pixels)
         done = await upscale_tiled(served, body, ensemble, deadline, settings, gone, output)
@@ -128,14 +136,21 @@ async def upscale_tiled(served: Served, body: EncodedImages, ensemble: int, dead
 
 
 async def upscale_whole(served: Served, body: EncodedImages, ensemble: int, deadline: float, settings: Settings,
-                        gone: ClientGone | None, output: formats.Output = PNG) -> Upscaled:
-    """Images of any size through a model that takes any size: whole, or in windows within the pixel budget (service.runtime.wholeimage)."""
+                        gone: ClientGone | None, output: formats.Output = PNG, choose=None) -> Upscaled:
+    """Images of any size through a model that takes any size: whole, or in windows within the pixel budget
+    (service.runtime.wholeimage); `choose(images, metas)`, if given, picks the version once they are decoded."""
     images, references, metas = await decode_with_references(body, settings, settings.max_whole_image_pixels)
-    done = await wholeimage.upscale_whole(served.batcher, images, ensemble, deadline - time.perf_counter(), settings.max_forward_pixels,
-                                          served.halo, gone)
+    async with (choose(images, metas) if choose is not None else as_is(served)) as chosen:
+        done = await wholeimage.upscale_whole(chosen.batcher, images, ensemble, deadline - time.perf_counter(),
+                                              settings.max_forward_pixels, chosen.halo, gone)
     encoded = await encode_all(done.images, metas, output, settings)
     scores = await off_loop(score_each, done.images, references) if references is not None else None
-    return Upscaled(done.images, encoded, done.batch_size, done.queue_s, done.inference_s, done.tiles, scores)
+    return Upscaled(done.images, encoded, done.batch_size, done.queue_s, done.inference_s, done.tiles, scores, chosen.version)
+
+
+@contextlib.asynccontextmanager
+async def as_is(served: Served):
+    yield served
 
 
 # ---- decoding -----------------------------------------------------------------------

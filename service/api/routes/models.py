@@ -12,6 +12,7 @@ from service.runtime.priority import off_loop
 from service.api.deps import ManagerDep, require_admin
 from service.errors import ApiError, validation_message, unavailable
 from service.redact import public, scrub_text
+from service.runtime import inputs
 from service.runtime.upscaler import any_size_model
 from service.runtime.registry import ModelManager, ModelState
 from service.api.schemas import DEFAULT_DEGRADATION, AliasResponse, AliasUpdate, ErrorResponse, ModelInfo, ModelList, VersionDetail, VersionInfo
@@ -53,9 +54,18 @@ def model_info(manager: ModelManager, state: ModelState) -> ModelInfo:
     return ModelInfo(
         name=state.name, architecture=newest.get("architecture"), parameter_count=newest.get("parameter_count"),
         input="any" if any_size_model(newest) else "8x8", degradation=newest.get("degradation") or DEFAULT_DEGRADATION,
+        input_routing=input_routing(state, newest),
         is_default=state.name == manager.default_model, serving_version=state.serving, loaded_versions=sorted(state.loaded),
         aliases=aliases, versions=[version_info(state, v) for v in state.versions],
     )
+
+
+def input_routing(state: ModelState, newest: dict) -> str | None:
+    if newest.get("degradation") != inputs.REALISTIC or inputs.CLEAN_ALIAS not in state.aliases or not any_size_model(newest):
+        return None
+    return (f"JPEGs below quality {inputs.CLEAN_JPEG_QUALITY} and photos with noise above {inputs.CLEAN_NOISE_SIGMA:g} levels: "
+            f"version {state.serving} ({inputs.REALISTIC}); clean photos: version {state.aliases[inputs.CLEAN_ALIAS]} "
+            f"(alias {inputs.CLEAN_ALIAS}); a request naming a version gets that version")
 
 
 @router.get("", summary="Every model in the store, its versions and what is loaded", response_model=ModelList)

@@ -82,17 +82,19 @@ async def upscale(request: Request) -> Response:
                 body = await read_body(request, settings, query.tile or served.any_size)
                 output = formats.negotiate(request.headers.get("accept", ""), query.format, query.quality, len(body.images))
                 done = await pipeline.upscale(served, body, ensemble=query.ensemble, tile=query.tile,
-                                              deadline=started + settings.request_timeout_s, settings=settings, gone=gone, output=output)
+                                              deadline=started + settings.request_timeout_s, settings=settings, gone=gone, output=output,
+                                              manager=state.manager, version=query.version)
         run = UpscaleMetrics(images=len(done.encoded), batch_size=done.batch_size, queue_ms=round(done.queue_s * 1000, 3),
                              tiles=done.tiles, inference_ms=round(done.inference_s * 1000, 3),
                              total_ms=round((time.perf_counter() - started) * 1000, 3), device=str(state.manager.device),
                              precision=state.manager.precision)
-        answer = (request, served.name, served.version, done.encoded, done.scores, run, done.sizes, output)
+        version = done.version or served.version  # a photo model may hand clean photos to its clean version
+        answer = (request, served.name, version, done.encoded, done.scores, run, done.sizes, output)
         small = len(done.encoded) <= pipeline.INLINE_DECODE_LIMIT
         response = make_response(*answer) if small else await off_loop(make_response, *answer)
         images_served, status = len(done.encoded), response.status_code
         if state.tracer_provider is not None:
-            tracing.note_served(served.name, served.version, images_served)
+            tracing.note_served(served.name, version, images_served)
         return response
     except ApiError as exc:
         status = exc.status
