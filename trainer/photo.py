@@ -270,32 +270,40 @@ def curve_png(history: list[dict], bicubic_psnr_y: float, title: str) -> bytes:
     return _png(fig)
 
 
+SAMPLE_JPEG_QUALITY = 75  # the JPEG row of a realistic model's samples.png
+
+
 @torch.inference_mode()
 def samples_png(model: nn.Module, photos: list[torch.Tensor], device: torch.device, title: str, count: int = 4,
-                size: int = 128) -> bytes:
-    """samples.png: a centre crop of a few held-out photos: the LR input (enlarged, nearest), the original, the model, bicubic."""
+                size: int = 128, jpeg_quality: int | None = None) -> bytes:
+    """samples.png: a centre crop of a few held-out photos, 1:1: the LR input (enlarged, nearest), the original, the
+    model, bicubic; with `jpeg_quality`, each photo again with its LR input saved as a JPEG of that quality."""
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
     from trainer.report import _png
+    from upgrader.degradations import jpeg
 
     model.eval()
-    rows = []
+    rows, labels = [], []
     chosen = photos[:: max(len(photos) // count, 1)][:count]
     size = min(size, *(min(photo.shape[1:]) for photo in chosen)) // SCALE * SCALE  # the same crop for every row
     for photo in chosen:
         top, left = (photo.shape[1] - size) // 2 // SCALE * SCALE, (photo.shape[2] - size) // 2 // SCALE * SCALE
         target = to_float(photo[None, :, top : top + size, left : left + size]).to(device)
-        inputs = bicubic_degrade(target, SCALE)
-        rows += [nn.functional.interpolate(inputs, scale_factor=SCALE, mode="nearest"), target,
-                 to_8bit(model(inputs).float()), imresize_bicubic(inputs, SCALE, quantize=True)]
+        clean = bicubic_degrade(target, SCALE)
+        kinds = [("clean", clean)] + ([(f"JPEG q{jpeg_quality}", jpeg(clean[0], jpeg_quality)[None])] if jpeg_quality else [])
+        for label, inputs in kinds:
+            rows += [nn.functional.interpolate(inputs, scale_factor=SCALE, mode="nearest"), target,
+                     to_8bit(model(inputs).float()), imresize_bicubic(inputs, SCALE, quantize=True)]
+            labels.append(label)
     grid = make_grid(torch.cat(rows).float().clamp(0, 1).cpu(), nrow=4, padding=2, pad_value=1.0)
     fig = Figure(figsize=(8, 2.1 * len(rows) // 4 + 0.5), layout="constrained")
     ax = fig.subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([2 + (size + 2) * c + size / 2 for c in range(4)], ["LR input", "original", "model", "bicubic"], fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks([])
+    ax.set_yticks([2 + (size + 2) * r + size / 2 for r in range(len(labels))], labels, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return _png(fig)
 
@@ -321,7 +329,8 @@ def publish(model: nn.Module, run: dict, history: list[dict], photos: list[torch
     title = (f"{args.publish_as} (photo_residual {json.dumps(args.arch_params)}): {step} steps, {spent_s / 60:.0f} min\n"
              f"held-out photos x4: PSNR-Y {metrics['model']['psnr_y']:.2f} dB (bicubic {metrics['bicubic']['psnr_y']:.2f})")
     files = {"learning_curve.png": curve_png(history, metrics["bicubic"]["psnr_y"], title),
-             "samples.png": samples_png(model, photos, device, title)}
+             "samples.png": samples_png(model, photos, device, title,
+                                        jpeg_quality=SAMPLE_JPEG_QUALITY if run.get("degradation") == REALISTIC else None)}
     return publish_version(args.store, args.publish_as, model, manifest, files, checkpoint_dir)
 
 
