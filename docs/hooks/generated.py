@@ -25,6 +25,21 @@ ARCHITECTURES_SOURCE = ROOT / "upgrader" / "architectures.py"
 MARKERS = {"<!-- generated: settings -->": lambda: settings_table(), "<!-- generated: model-cards -->": lambda: model_cards()}
 
 
+def on_files(files, config):  # MkDocs event: each shipped photo model's samples.png, for its card
+    from mkdocs.structure.files import File
+
+    for name, version, manifest in shipped_versions():
+        if "heldout_photos_x4" in manifest.get("metrics", {}) and (PRETRAINED / name / str(version) / "samples.png").is_file():
+            files.append(File.generated(config, sample_picture(name, version),
+                                        abs_src_path=str(PRETRAINED / name / str(version) / "samples.png")))
+    return files
+
+
+def sample_picture(name: str, version: int) -> str:
+    """Where a shipped photo model's samples.png lands in the site (beside models.md)."""
+    return f"model-pictures/{name}-{version}-samples.png"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs event
     for marker, render in MARKERS.items():
         if marker in markdown:
@@ -210,10 +225,14 @@ def photo_model_card(name: str, version: int, manifest: dict) -> str:
     lines = [f"## `{name}:{version}`", ""]
     lines.append(f"- **Architecture:** `{arch['name']}`" + (f" with `{json.dumps(params, sort_keys=True)}`" if params else " (defaults)")
                  + f"; {manifest['parameter_count']:,} parameters; any input size, output {manifest.get('scale', 4)}× as large.")
+    realistic = manifest.get("degradation") == "realistic-x4"
+    degradation = ("a random chain per crop (`upgrader.degradations`): 30% the clean bicubic reduction, the rest blur, "
+                   "a reduction by 4, Gaussian or Poisson noise and JPEG at a quality of 30-95 (docs/training.md)" if realistic else
+                   "MATLAB's antialiased bicubic reduction (`upgrader.imaging.bicubic_degrade`, the LR images of every "
+                   "published x4 table), rounded to 8 bits")
     lines.append(f"- **Training data:** `{dataset.get('name', '?')}` ({dataset.get('train_images', '?')} photographs, "
                  f"{len(dataset.get('val_files', []))} held out); random {recipe.get('hr_crop', '?')}×{recipe.get('hr_crop', '?')} crops. "
-                 f"Degradation: `{manifest.get('degradation')}`, MATLAB's antialiased bicubic reduction "
-                 "(`upgrader.imaging.bicubic_degrade`, the LR images of every published x4 table), rounded to 8 bits.")
+                 f"Degradation: `{manifest.get('degradation')}`, {degradation}.")
     lines.append(f"- **Recipe:** `python -m trainer.photo`: {_recipe_line(recipe)}; {manifest.get('steps', '?')} steps, "
                  f"{manifest.get('wall_time_s', 0) / 60:.1f} minutes on {manifest.get('device_name') or manifest.get('device', '?')}.")
     if "init_from" in recipe:
@@ -223,14 +242,22 @@ def photo_model_card(name: str, version: int, manifest: dict) -> str:
                      f"dropped: {dropped}).")
     lines.append(f"- **Weights:** `weights.safetensors`, sha256 `{manifest['weights_sha256'][:16]}…` "
                  f"({manifest.get('weights', 'last')} weights); evaluation: {manifest.get('evaluation', '?')}.")
-    lines.append("- **Limits:** trained for one degradation, clean bicubic reduction by 4; photos with noise, JPEG artefacts "
-                 "or blur of other kinds are not measured. The service runs it on whole images (large ones in windows "
-                 "that overlap by its receptive field), up to `UPGRADER_MAX_WHOLE_IMAGE_PIXELS` input pixels.")
+    if realistic:
+        lines.append("- **Limits:** for JPEG and noisy photos; on clean ones a model trained on clean inputs does better, so "
+                     "the service hands clean photos to the model's `clean` alias when a request names no version "
+                     "(`service/runtime/inputs.py`, `input_routing` in `GET /models`). The service runs it on whole images "
+                     "(large ones in windows that overlap by its receptive field), up to `UPGRADER_MAX_WHOLE_IMAGE_PIXELS` input pixels.")
+    else:
+        lines.append("- **Limits:** trained for one degradation, clean bicubic reduction by 4; on photos with noise or JPEG "
+                     "artefacts it gains little (docs/training.md). The service runs it on whole images (large ones in windows "
+                     "that overlap by its receptive field), up to `UPGRADER_MAX_WHOLE_IMAGE_PIXELS` input pixels.")
     lines.append(licence_line(manifest))
     lines += ["", "| validation set | images | bicubic PSNR-Y | model PSNR-Y (vs bicubic) |", "|---|---|---|---|",
               f"| held-out photographs | {_count(heldout.get('images'))} | {bicubic:.3f} dB | {model:.3f} dB ({model - bicubic:+.3f}) |", ""]
     lines.append(f"Serve it: `curl -s -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @photo.png "
                  f"'http://127.0.0.1:8000/upscale?tile=true&model={name}&version={version}' -o photo-x4.png`.")
+    if (PRETRAINED / name / str(version) / "samples.png").is_file():
+        lines += ["", f"![{name}:{version} on held-out crops: LR input, original, model, bicubic]({sample_picture(name, version)})"]
     lines.append("")
     return "\n".join(lines)
 
