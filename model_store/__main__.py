@@ -57,20 +57,40 @@ def ls(store: ModelStore, console: Console) -> int:
 
 
 def copy_version(store: ModelStore, source: ModelStore, spec: str, as_name: str | None, alias: str | None, console: Console) -> int:
+    """Copy `name[:version]`. A bare name copies, before its latest version, the versions its aliases point at, with
+    those aliases (a photo model's `clean` version travels with it: service/runtime/inputs.py)."""
     name, _, version = spec.partition(":")
     target = as_name or name
+    aliases = {} if version else {a: v for a, v in source.aliases(name).items() if a != "latest"}
+    newest = None if version else max(source.versions(name), default=None)
+    for alias_name, number in sorted(((a, v) for a, v in aliases.items() if v != newest), key=lambda item: item[1]):
+        copied = copy_one(store, source, f"{name}:{number}", target, console)
+        if copied is None:
+            return 1
+        console.print(f"{target}:{alias_name} -> {store.set_alias(target, alias_name, copied)}")
+    copied = copy_one(store, source, spec, target, console)
+    if copied is None:
+        return 1
+    for alias_name in (a for a, v in aliases.items() if v == newest):
+        console.print(f"{target}:{alias_name} -> {store.set_alias(target, alias_name, copied)}")
+    if alias:
+        console.print(f"{target}:{alias} -> {store.set_alias(target, alias, copied)}")
+    return 0
+
+
+def copy_one(store: ModelStore, source: ModelStore, spec: str, target: str, console: Console) -> int | None:
+    """One version copied (or found already there) -> its number in `store`; None after printing why it failed."""
+    name, _, version = spec.partition(":")
     try:
         number, copied = store.copy_from(source, name, version or "latest", as_name=target)
     except (StoreError, ValueError) as exc:  # either side: say which copy failed and why
         console.print(f"[red]error:[/red] copy {source.url} {spec} -> {store.url} {target}: {exc}")
-        return 1
+        return None
     if copied:
         console.print(f"copied {source.url} {name}:{store.manifest(target, number)['copied_from']['version']} -> {store.url} {target}:{number}")
     else:
         console.print(f"{store.url} {target}:{number} already holds {source.url} {spec} (the same artifacts): nothing copied")
-    if alias:
-        console.print(f"{target}:{alias} -> {store.set_alias(target, alias, number)}")
-    return 0
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:

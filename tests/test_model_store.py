@@ -367,6 +367,22 @@ def test_cli_copy_with_alias_and_a_new_name(tmp_path, capsys):
     assert f"copy {source.url} conv:7 -> {destination.url} conv" in out and "has no version 7" in out
 
 
+def test_cli_copy_of_a_model_carries_the_versions_its_aliases_name(tmp_path, capsys):
+    """A bare name copies the aliased versions first, with their aliases, then the latest (so it stays the latest)."""
+    source, destination = ModelStore(tmp_path / "src"), ModelStore(tmp_path / "dst")
+    for seed in range(3):
+        publish_fresh(source, "conv", seed=seed)
+    source.set_alias("conv", "clean", 2)
+    source.set_alias("conv", "stable", 3)
+    assert store_cli(["--store", str(destination.root), "copy", "--from", str(source.root), "conv"]) == 0
+    assert destination.versions("conv") == [1, 2]
+    assert destination.aliases("conv") == {"latest": 2, "clean": 1, "stable": 2}
+    assert destination.manifest("conv", "clean")["weights_sha256"] == source.manifest("conv", 2)["weights_sha256"]
+    assert destination.manifest("conv", 2)["weights_sha256"] == source.manifest("conv", 3)["weights_sha256"]
+    assert store_cli(["--store", str(destination.root), "copy", "--from", str(source.root), "conv"]) == 0  # again: nothing new
+    assert destination.versions("conv") == [1, 2] and "nothing copied" in capsys.readouterr().out
+
+
 def test_cli_init_seeds_a_store_once_and_refuses_an_empty_seed(tmp_path, capsys):
     seed, store = ModelStore(tmp_path / "seed"), ModelStore(tmp_path / "store")
     publish_fresh(seed, "conv", seed=0)
