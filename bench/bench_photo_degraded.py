@@ -14,6 +14,11 @@ Inputs (columns), each made from the published LR_bicubic_x4 image:
 split, never trained on; LR by `bicubic_degrade`): the set to compare degradation recipes on, since Set5 and Set14
 must not be tuned on.
 
+`--routed` adds a row for what the service answers when a request names no version: each input is judged by
+`service.runtime.inputs` (a JPEG by its quality, anything else by its noise estimate) and upscaled by the first
+`--model` (the clean one) when judged clean, by the second (the realistic one) otherwise; the row says how many
+inputs went to the second.
+
 Each cell is the mean over the set of (model PSNR-Y - bicubic PSNR-Y) on the same input: how much the model adds over
 MATLAB-style bicubic upscaling of what it was given. The bicubic rows give the absolute PSNR-Y. Scoring (BT.601 luma,
 4-pixel border, 8-bit outputs, grayscale images on their one channel) and model loading are bench_photo_x4.py's.
@@ -38,9 +43,11 @@ sys.path.insert(0, str(ROOT))
 from bench_photo_x4 import BENCHMARK, SCALE, load, read, score  # noqa: E402  (a sibling script: bench/ is on sys.path)
 from model_store import ModelStore  # noqa: E402
 from upgrader.degradations import gaussian_noise, jpeg  # noqa: E402
+from service.runtime import inputs as inputs_module  # noqa: E402
 from upgrader.imaging import bicubic_degrade, imresize_bicubic, to_8bit  # noqa: E402
 
 INPUTS = ("clean", "jpeg90", "jpeg75", "noise5")
+ROUTED = "routed (service.runtime.inputs)"
 
 
 def degraded_input(lr: torch.Tensor, kind: str, seed: int, key: str) -> torch.Tensor:
@@ -91,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the noise")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--benchmark", type=Path, default=BENCHMARK)
+    p.add_argument("--routed", action="store_true", help="add the service's choice between the first two --model (clean, realistic)")
     args = p.parse_args(argv)
+    if args.routed and len(args.model) < 2:
+        p.error("--routed needs two --model: the clean one, then the realistic one")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = []
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sets, inputs = args.sets.split(","), args.inputs.split(",")
     bicubic: dict[tuple[str, str], list[float]] = {}
     gains: dict[tuple[str, str, str], list[float]] = {}
+    routed_to: dict[tuple[str, str], list[bool]] = {}
     started = time.perf_counter()
     with torch.inference_mode():
         for set_name in sets:
@@ -112,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                     bicubic.setdefault((set_name, kind), []).append(baseline)
                     for label, model in models:
                         gains.setdefault((label, set_name, kind), []).append(score(model(lr), hr, gray) - baseline)
+                    if args.routed:
+                        quality = int(kind[4:]) if kind.startswith("jpeg") else None  # what jpeg_quality reads from the file
+                        pixels = to_8bit(lr)[0].mul(255).round().to(torch.uint8).numpy()
+                        clean = inputs_module.looks_clean(pixels, quality)
+                        routed_to.setdefault((set_name, kind), []).append(not clean)
+                        model = models[0][1] if clean else models[1][1]
+                        gains.setdefault((ROUTED, set_name, kind), []).append(score(model(lr), hr, gray) - baseline)
     columns = [(s, k) for k in inputs for s in sets]
     width = max(len(label) for label, _ in models) + 2
     print("x4, PSNR-Y gain over bicubic on the same input (dB), 4-px border, 8-bit outputs; inputs from the published "
@@ -120,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'bicubic (PSNR-Y)':<{width}}" + "".join(f"{np.mean(bicubic[c]):>15.2f}" for c in columns))
     for label, _ in models:
         print(f"{label:<{width}}" + "".join(f"{np.mean(gains[(label, s, k)]):>+15.2f}" for s, k in columns))
+    if args.routed:
+        print(f"{ROUTED:<{width}}" + "".join(f"{np.mean(gains[(ROUTED, s, k)]):>+15.2f}" for s, k in columns))
+        print(f"{'  inputs to the second model':<{width}}" + "".join(f"{f'{sum(routed_to[c])}/{len(routed_to[c])}':>15}" for c in columns))
     print(f"({time.perf_counter() - started:.0f} s, {torch.get_num_threads()} threads)")
     return 0
 
