@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from fastapi.concurrency import run_in_threadpool
+from anyio import to_thread
 
 T = TypeVar("T")
 _nice = 0  # set once per worker process by `configure` (the app's lifespan), like its logging
@@ -46,5 +46,6 @@ def _lowered_call(fn: Callable[..., T], *args) -> T:
 
 
 async def off_loop(fn: Callable[..., T], *args) -> T:
-    """`fn(*args)` on the worker's helper thread (run_in_threadpool), which runs at the lower priority."""
-    return await run_in_threadpool(_lowered_call, fn, *args)
+    """`fn(*args)` on the worker's helper thread (anyio's thread pool, whose limiter the app sets to one thread),
+    which runs at the lower priority."""
+    return await to_thread.run_sync(_lowered_call, fn, *args)
