@@ -17,6 +17,7 @@ from client_support import API_KEY, PROJECT_ROOT, code_blocks, encode, photo_arr
 from PIL import Image
 from test_service_support import publish_corrupt_copy
 
+from model_store import ModelStore
 from upgrader.client import (
     NO_RETRIES,
     AsyncClient,
@@ -83,11 +84,16 @@ def test_formats_quality_and_an_8x8_model_on_a_larger_image(client, photos):
         client.upscale(encode(array), format="gif")
 
 
+PRETRAINED_STORE = ModelStore(PROJECT_ROOT / "pretrained")
+
+
 def test_models_lists_every_model_and_version(client):
     models = client.models()
     assert {"photo", "upgrader"} <= set(models.names())
     photo, upgrader = models.get("photo"), models.get("upgrader")
-    assert photo.input == "any" and photo.serving_version == 2 and photo.versions == [1, 2]
+    shipped = PRETRAINED_STORE.versions("photo")
+    assert photo.input == "any" and photo.serving_version == max(shipped) and photo.versions == shipped
+    assert photo.aliases["clean"] == PRETRAINED_STORE.aliases("photo")["clean"]
     assert upgrader.input == "8x8" and upgrader.serving_version == 2 and FAILED_VERSION in upgrader.versions
     assert models.device == "cpu" and models.get("no-such-model") is None
 
@@ -181,7 +187,7 @@ def test_every_python_example_in_the_client_page_runs(live, tmp_path, photos):
         outputs.append(run.stdout)
     assert Image.open(tmp_path / "photo-x4.webp").size == (4 * photos[0].shape[1], 4 * photos[0].shape[0])
     assert outputs[0].startswith("photo 2 ")
-    assert "photo any 2 [1, 2]" in outputs[2] and "upgrader 8x8 2 [1, 2, 3]" in outputs[2]
+    assert "photo any 3 [1, 2, 3]" in outputs[2] and "upgrader 8x8 2 [1, 2, 3]" in outputs[2]
     assert "'photo'" in outputs[3] and str((4 * photos[1].shape[1], 4 * photos[1].shape[0])) in outputs[3]
     assert outputs[4].startswith("400 corrupt_image image 0 has a truncated or corrupt header")
     assert outputs[5].startswith("unreachable GET http://127.0.0.1:9/models: no answer after 3 tries (ConnectError")

@@ -40,7 +40,10 @@ def test_make_models_seeds_an_empty_store_with_both_shipped_models_and_needs_no_
     # again: the store has models, nothing is copied a second time
     again = make("models", STORE=store, DATA=tmp_path / "no-such-data")
     assert again.returncode == 0 and "already has models" in again.stdout
-    assert [seeded.versions(name) for name in ("photo", "upgrader")] == [[1], [1]]
+    # photo's `clean` version came with it (service/runtime/inputs.py): the latest is the realistic one
+    assert [seeded.versions(name) for name in ("photo", "upgrader")] == [[1, 2], [1]]
+    assert seeded.aliases("photo") == {"latest": 2, "clean": 1}
+    assert seeded.manifest("photo", "clean")["weights_sha256"] == PRETRAINED.manifest("photo", "clean")["weights_sha256"]
 
 
 def test_make_train_without_data_says_how_to_get_it_and_fails(tmp_path):
