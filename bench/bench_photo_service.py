@@ -67,7 +67,7 @@ def untrained_photo_store(root: Path) -> None:
 class Server:
     def __init__(self, store: Path, model: str, log: Path) -> None:
         self.port, self.model, self.log = free_port(), model, log
-        env = {**os.environ, "UPGRADER_STORE": str(store), "UPGRADER_DEFAULT_MODEL": model, "UPGRADER_WORKERS": "1",
+        env = {**os.environ, "UPGRADER_STORE": str(store), "UPGRADER_DEFAULT_MODEL": model, "UPGRADER_WORKERS": "1", "UPGRADER_GRPC_PORT": "0",
                "UPGRADER_TORCH_THREADS": "1", "UPGRADER_POLL_INTERVAL_S": "60", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)], cwd=PROJECT_ROOT,
                                      env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

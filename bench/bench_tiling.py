@@ -259,7 +259,7 @@ def fairness(capped_url: str, uncapped_url: str, model: str, rounds: int, second
 # ---- main ------------------------------------------------------------------------------------------
 def server(kind: str, store: Path, model: str, logs: Path) -> tuple[ServerProcess, str]:
     port = free_port()
-    env = {"UPGRADER_STORE": str(store), "UPGRADER_WORKERS": "1", "UPGRADER_TORCH_THREADS": "1", "UPGRADER_DEFAULT_MODEL": model,
+    env = {"UPGRADER_STORE": str(store), "UPGRADER_WORKERS": "1", "UPGRADER_GRPC_PORT": "0", "UPGRADER_TORCH_THREADS": "1", "UPGRADER_DEFAULT_MODEL": model,
            "UPGRADER_REQUEST_TIMEOUT_S": "300", "UPGRADER_MAX_IMAGE_PIXELS": str(1500 * 1500), "UPGRADER_MAX_REQUEST_PIXELS": str(1500 * 1500),
            "UPGRADER_MAX_BODY_BYTES": str(64 * 1024 * 1024), "UPGRADER_LOG_LEVEL": "WARNING"}
     if kind == "uncapped":  # the same service with a large image's share of a batch uncapped

@@ -55,7 +55,7 @@ def loaded_entries(log_path: Path) -> list[dict]:
 
 def one_run(tree: str, root: Path, store: Path, pngs: list[bytes], workdir: Path, round_: int, args) -> dict:
     port = free_port()
-    env = {"UPGRADER_STORE": str(store), "UPGRADER_WORKERS": "2", "PYTHONPATH": str(root), "UPGRADER_LOG_LEVEL": "INFO"}
+    env = {"UPGRADER_STORE": str(store), "UPGRADER_WORKERS": "2", "UPGRADER_GRPC_PORT": "0", "PYTHONPATH": str(root), "UPGRADER_LOG_LEVEL": "INFO"}
     spec = ServerSpec(tree, [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env, "/readyz",
                       "/upscale?model=upgrader", root)
     log_path = workdir / f"{tree}-{round_}.log"

@@ -45,9 +45,9 @@ from upgrader.client import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRETRAINED = PROJECT_ROOT / "pretrained"  # the shipped models: `--local` serves a copy of them unless --store names a store
 DEFAULT_MODEL = "photo"
-# Requests in flight. bench/bench_folder.py times --jobs 1, 2, 4 and 8 on a folder of photos against a server and
-# prints the fastest: 4 keeps both of a default 2-worker server's processes busy with one request queued behind each.
-DEFAULT_JOBS = 4
+# Requests in flight. bench/bench_folder.py times --jobs 1, 2, 4 and 8 on a folder of photos against a server: on
+# 2 cores with the default 2 workers, 2 and 4 were equally fast (22.8 and 22.5 files/s), 1 and 8 slower.
+DEFAULT_JOBS = 2
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"})
 PART_SUFFIX = ".part"  # a file being written; renamed to its name once complete
 
