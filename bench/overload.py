@@ -197,6 +197,21 @@ class Phase:
     client_stalls: list[tuple[float, float]] = field(default_factory=list)  # (at s, ms): the generator's event loop late by > 20 ms
     recovery_s: float | None = None
 
+    def record(self, status: int, label: str, began: float, done: float, start: float, stop: float) -> None:
+        """One answer: counted, with its latency, if it came before the phase's end; `label` names an other status."""
+        if done > stop:
+            return
+        ms = (done - began) * 1000
+        if status == 200:
+            self.ok += 1
+            self.ok_ms.append(ms)
+        elif status == 503:
+            self.refused += 1
+            self.refused_ms.append(ms)
+            self.refused_at_s.append(began - start)
+        else:
+            self.other[label] = self.other.get(label, 0) + 1
+
     @property
     def goodput(self) -> float:
         return self.ok / self.seconds
@@ -236,18 +251,7 @@ async def drive(port: int, payload: bytes, clients: int, seconds: float, phase: 
                     reader = writer = None
                     await asyncio.sleep(0.05)
                     continue
-                done = time.perf_counter()
-                if done <= stop:
-                    ms = (done - began) * 1000
-                    if status == 200:
-                        phase.ok += 1
-                        phase.ok_ms.append(ms)
-                    elif status == 503:
-                        phase.refused += 1
-                        phase.refused_ms.append(ms)
-                        phase.refused_at_s.append(began - start)
-                    else:
-                        phase.other[str(status)] = phase.other.get(str(status), 0) + 1
+                phase.record(status, str(status), began, time.perf_counter(), start, stop)
                 if headers.get("connection", "").lower() == "close":
                     writer.close()
                     reader = writer = None
@@ -366,18 +370,7 @@ async def drive_grpc(port: int, payload: bytes, clients: int, seconds: float, ph
                     phase.errors += 1
                 await asyncio.sleep(0.05)
                 continue
-            done = time.perf_counter()
-            if done <= stop:
-                ms = (done - began) * 1000
-                if status == 200:
-                    phase.ok += 1
-                    phase.ok_ms.append(ms)
-                elif status == 503:
-                    phase.refused += 1
-                    phase.refused_ms.append(ms)
-                    phase.refused_at_s.append(began - start)
-                else:
-                    phase.other[headers["code"]] = phase.other.get(headers["code"], 0) + 1
+            phase.record(status, headers.get("code", str(status)), began, time.perf_counter(), start, stop)
             if status == 503 and on_503 == "retry-after":
                 await asyncio.sleep(float(headers.get("retry-after", "1")))
 
