@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from model_store import LATEST
 from service.errors import ApiError, unavailable
 from service.observability import tracing
 from service.observability.metrics import UNKNOWN_MODEL, Metrics
@@ -166,13 +165,8 @@ class Tally:
         self.metrics.request_done(self.label, self.status, time.perf_counter() - self.started, self.images if exc is None else 0)
 
 
-@contextlib.asynccontextmanager
-async def no_admission() -> AsyncIterator[None]:
-    yield
-
-
 async def infer(state, name: str, version: str, read_request: Callable[[], Awaitable[InferRequest]], *,
-                admit: Callable[[], contextlib.AbstractAsyncContextManager] = no_admission, gone: ClientGone | None = None,
+                admit: Callable[[], contextlib.AbstractAsyncContextManager], gone: ClientGone | None = None,
                 deadline_s: float | None = None, tally: Tally | None = None) -> tuple[InferRequest, Inferred]:
     """One inference: lease the version, take the request's admission slot (`admit()`), read the request, decode its
     images and run them through the version's batcher. A version unknown, or a queue full, is refused before the

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from model_store import LATEST
+
 CLEAN_ALIAS = "clean"
 REALISTIC = "realistic-x4"  # the `degradation` of a version trained on the realistic chain
 CLEAN_JPEG_QUALITY = 95  # a JPEG of at least this quality is judged clean
@@ -104,8 +106,6 @@ def routes_inputs(served) -> bool:
 async def version_for(manager, served, version: str, images: list[np.ndarray], qualities: list[int | None]) -> AsyncIterator:
     """The version that answers these photos: `served`, or its model's `clean` alias when `version` is `latest`, the
     serving version is a realistic one and every photo is judged clean."""
-    from model_store import LATEST
-
     state = manager.models.get(served.name)
     if (version != LATEST or not routes_inputs(served) or state is None or CLEAN_ALIAS not in state.aliases
             or not all(looks_clean(image, quality) for image, quality in zip(images, qualities, strict=True))):
