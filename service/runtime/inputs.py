@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from model_store import LATEST
+from service.runtime.priority import off_loop
 
 CLEAN_ALIAS = "clean"
 REALISTIC = "realistic-x4"  # the `degradation` of a version trained on the realistic chain
@@ -107,8 +108,12 @@ async def version_for(manager, served, version: str, images: list[np.ndarray], q
     """The version that answers these photos: `served`, or its model's `clean` alias when `version` is `latest`, the
     serving version is a realistic one and every photo is judged clean."""
     state = manager.models.get(served.name)
-    if (version != LATEST or not routes_inputs(served) or state is None or CLEAN_ALIAS not in state.aliases
-            or not all(looks_clean(image, quality) for image, quality in zip(images, qualities, strict=True))):
+    if version != LATEST or not routes_inputs(served) or state is None or CLEAN_ALIAS not in state.aliases:
+        yield served
+        return
+    # The noise estimate reads every pixel (tens of milliseconds for a large photo): off the event loop.
+    clean = await off_loop(lambda: all(looks_clean(image, quality) for image, quality in zip(images, qualities, strict=True)))
+    if not clean:
         yield served
         return
     async with manager.lease(served.name, CLEAN_ALIAS) as clean:
