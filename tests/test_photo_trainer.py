@@ -146,3 +146,20 @@ def test_realistic_degradation_trains_on_the_seeded_chain_and_records_it(photos_
     # the chain is part of the setup: a bicubic run does not resume it
     assert run(photos_dir, tmp_path, "--steps", "2", "--resume", "--no-publish") == 1
     assert run(photos_dir, tmp_path, "--steps", "2", "--resume", "--no-publish", "--degradation", "realistic") == 0
+
+
+def test_chain_overrides_reach_the_training_inputs_and_the_manifest(photos_dir, tmp_path, capsys):
+    chain = {"clean_share": 0.0, "jpeg_prob": 1.0, "jpeg_quality": [70, 90], "downsampling": [["area", 1.0]]}
+    assert run(photos_dir, tmp_path, "--steps", "2", "--degradation", "realistic", "--chain", json.dumps(chain)) == 0
+    recorded = ModelStore(tmp_path / "store").manifest("photo", 1)["recipe"]["degradation_chain"]
+    assert recorded == DegradationConfig(scale=4, clean_share=0.0, jpeg_prob=1.0, jpeg_quality=(70, 90),
+                                         downsampling=(("area", 1.0),)).describe()
+    args = photo.parse_args(["--natural", str(photos_dir), "--degradation", "realistic", "--chain", json.dumps(chain)])
+    assert photo.degradation_chain(args).jpeg_quality == (70, 90)
+    # a changed chain is a different recipe: the run does not resume under it
+    assert run(photos_dir, tmp_path, "--steps", "2", "--resume", "--no-publish", "--degradation", "realistic") == 1
+    for bad, says in ((["--chain", '{"jpeg_quality": [70, 90]}'], "--chain needs --degradation realistic"),
+                      (["--degradation", "realistic", "--chain", '{"jpeg_qualty": 1}'], "jpeg_qualty")):
+        with pytest.raises(SystemExit):
+            photo.parse_args(["--natural", str(photos_dir), *bad])
+        assert says in capsys.readouterr().err

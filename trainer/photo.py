@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the LR inputs: bicubic = MATLAB's bicubic x4, 8-bit (the benchmark's); realistic = "
                              "upgrader.degradations' seeded chain of blur, downsampling, noise and JPEG, with a clean "
                              "bicubic share (photos as people have them)")
+    recipe.add_argument("--chain", type=json.loads, default={}, metavar="JSON",
+                        help="with --degradation realistic: DegradationConfig fields that differ from its defaults, e.g. "
+                             "'{\"jpeg_prob\": 0.8, \"jpeg_quality\": [60, 95]}' (recorded in the manifest)")
 
     run = p.add_argument_group("how it runs")
     add_device_arguments(run, amp_default="auto", amp_help="bf16 autocast of the training forward; auto: where the device "
@@ -118,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--natural is required (or set UPGRADER_NATURAL_DATA)")
     if args.publish_only and args.checkpoint_dir is None:
         parser.error("--publish-only needs --checkpoint-dir")
+    if args.chain and args.degradation != "realistic":
+        parser.error("--chain needs --degradation realistic")
+    try:
+        degradation_chain(args)
+    except TypeError as exc:
+        parser.error(f"--chain: {exc} (the fields: {', '.join(f.name for f in fields(DegradationConfig))})")
     check_common_args(parser, args, [
         ("--crop", args.crop, args.crop >= 8), ("--batch-size", args.batch_size, args.batch_size >= 1),
         ("--steps", args.steps, args.steps >= 1), ("--lr", args.lr, args.lr > 0), ("--ema", args.ema, 0 <= args.ema < 1),
@@ -125,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0),
     ])
     return args
+
+
+def degradation_chain(args: argparse.Namespace) -> DegradationConfig:
+    """The realistic chain with --chain's fields in place of the defaults (JSON lists become the config's tuples)."""
+    return replace(REALISTIC_CHAIN, **{k: tuple(map(tuple, v)) if k == "downsampling" else tuple(v) if isinstance(v, list)
+                                       else v for k, v in args.chain.items()})
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -185,7 +201,7 @@ def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float
     targets = to_float(sampler.batch(args.batch_size, step)).to(device)
     targets = dihedral_augment(targets, torch.Generator(device).manual_seed(args.seed * 1_000_003 + step))
     if args.degradation == "realistic":
-        inputs = degrade_batch(targets, REALISTIC_CHAIN, seed=f"{args.seed}:{step}").to(device)
+        inputs = degrade_batch(targets, degradation_chain(args), seed=f"{args.seed}:{step}").to(device)
     else:
         inputs = bicubic_degrade(targets, SCALE)
     return optimizer_step(model, optimizer, lr, inputs, targets, nn.functional.l1_loss, amp).item()
@@ -244,7 +260,7 @@ def run_setup(args: argparse.Namespace, natural: NaturalData, amp: bool) -> dict
     if args.degradation == "realistic":
         setup["degradation"] = REALISTIC
         setup["recipe"]["inputs"] = "8-bit (upgrader.degradations.degrade_batch, each crop's chain seeded by (seed, step, index))"
-        setup["recipe"]["degradation_chain"] = REALISTIC_CHAIN.describe()
+        setup["recipe"]["degradation_chain"] = degradation_chain(args).describe()
     return setup
 
 
