@@ -31,6 +31,10 @@ stop_engine() {
 prepare_offline_builds() {
   docker info >/dev/null 2>&1 || return 0
   export UPGRADER_BASE_IMAGE=upgrader-base:bookworm UPGRADER_PIP_SOURCE=wheelhouse
+  # A wheelhouse build never reads the torch index: both images install the wheelhouse's torch set. One value
+  # for both makes upgrader:cuda a cache hit of upgrader:cpu rather than a second 6 GB image and build cache.
+  export UPGRADER_TORCH_INDEX_URL_CPU=wheelhouse UPGRADER_TORCH_INDEX_URL_CUDA=wheelhouse
+  df -h "$(docker info --format '{{.DockerRootDir}}')" "${TMPDIR:-/tmp}" >&2 || true
   if ! docker image inspect "$UPGRADER_BASE_IMAGE" >/dev/null 2>&1; then
     docker/make-base-image.sh "$UPGRADER_BASE_IMAGE"
   fi
