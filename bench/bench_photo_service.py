@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import socket
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--photo-store", type=Path, help="a store with a published photo_residual (default: an untrained one)")
     parser.add_argument("--photo-model", default="photo")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the table's numbers here")
     args = parser.parse_args()
 
     data = PHOTO.read_bytes()
@@ -168,6 +170,12 @@ def main() -> None:
                       f"{megapixels / best:.2f} | {median:.3f} | {peaks[name]:.0f} |")
             print(f"| whole image, 1024x1024 -> 4096x4096 (windows) | {whole.model} | | {16 * megapixels / large_s:.2f} (one run) | | "
                   f"{large_s:.3f} | {whole.peak_rss_mb():.0f} |")
+            if args.json:
+                args.json.write_text(json.dumps({
+                    "cpu": cpu, "cpus": os.cpu_count(), "precision": precision, "rounds": args.rounds,
+                    "output_mp_per_s": {name: megapixels / statistics.median(times[name]) for name in servers},
+                    "models": {name: server.model for name, (server, _) in servers.items()},
+                    "large_output_mp_per_s": 16 * megapixels / large_s}, indent=1))
         finally:
             for server, _ in servers.values():
                 server.stop()

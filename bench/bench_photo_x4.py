@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--degradations", default="bicubic,bilinear")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--benchmark", type=Path, default=BENCHMARK)
+    p.add_argument("--json", type=Path, help="also write the table's means here, as {row: {'SET DEGRADATION': dB}}")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<{width}}" + "".join(f"{np.mean(table[(label, s, d)]):>16.2f}" for d in degradations for s in sets))
     print("published (bicubic LR): " + ", ".join(f"{k} {a:.2f}/{b:.2f}" for k, (a, b) in PUBLISHED.items()))
     print(f"({time.perf_counter() - started:.0f} s, {torch.get_num_threads()} threads)")
+    if args.json:
+        args.json.write_text(json.dumps({label: {f"{s} {d}": float(np.mean(table[(label, s, d)])) for d in degradations for s in sets}
+                                         for label, _, _ in rows}, indent=1))
     return 0
 
 
