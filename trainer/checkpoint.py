@@ -27,7 +27,7 @@ STATE_FILE = "state.json"
 class Checkpoint:
     """What a resumed run needs: the tensors plus the JSON scalars next to them."""
 
-    epoch: int  # last finished epoch (1-based)
+    epoch: int  # checkpoints saved in this directory, this one included (trainer.train saves one per epoch: its last epoch)
     step: int  # optimizer steps taken so far
     history: list[dict]
     run: dict  # architecture, recipe and dataset this run was started with (checked on resume)

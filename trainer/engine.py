@@ -3,8 +3,8 @@ version, the resume check, the training clock, the manifest's common part and th
 
 The recipes themselves read top to bottom in their own scripts: `trainer/train.py` (the 8x8 CIFAR upgraders, epochs,
 DDP) and `trainer/photo.py` (the x4 photo model, steps over random crops). Each builds its parser from these helpers,
-its run setup (what a resume must match and the manifest records) and its evaluation, and publishes through
-`publish_version`.
+its run setup (what a resume must match and the manifest records), its unit of training and its evaluation, runs
+them in `trainer.loop`'s loop and publishes through `publish_version`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from model_store import LATEST, ModelStore, StoreError
-from trainer.checkpoint import Checkpoint, load_checkpoint, mark_published
-from trainer.recipe import EMA
+from trainer.checkpoint import mark_published
 from upgrader.architectures import parameter_count
 from upgrader.cpus import native_bf16_cpu
 
@@ -112,7 +110,7 @@ def load_published(flag: str, spec: str, store: ModelStore) -> tuple[str, dict, 
     return name, state_dict, manifest
 
 
-# ---- resuming and the clock ----------------------------------------------------------------------------------
+# ---- the resume check, a step, the clock ---------------------------------------------------------------------
 
 
 def setup_changes(saved: dict, wanted: dict, resumable: set[str]) -> list[str]:
@@ -132,25 +130,6 @@ def check_resumable(saved: dict, wanted: dict, resumable: set[str], where: Path)
     changes = setup_changes(saved, wanted, resumable)
     if changes:
         raise ValueError(f"cannot resume from {where}: the run there used a different setup ({', '.join(changes)})")
-
-
-def resume_from(checkpoint_dir: Path, run: dict, resumable: set[str], model: nn.Module, optimizer: torch.optim.Optimizer,
-                ema: EMA | None, saved_setup: Callable[[dict], dict] = lambda run: run) -> Checkpoint | None:
-    """Continue from the checkpoint in `checkpoint_dir`, if there is one of the same experiment (`run`, up to the
-    `resumable` recipe entries; `saved_setup` reads the checkpoint's setup as today's recipe would write it): its
-    weights, optimizer state and EMA are loaded into `model`, `optimizer` and `ema`; the checkpoint (its history,
-    step, published version) is returned. None where there is no checkpoint."""
-    checkpoint = load_checkpoint(checkpoint_dir)
-    if checkpoint is None:
-        log.info("event=resume checkpoint_dir=%s found=none starting=fresh", checkpoint_dir)
-        return None
-    check_resumable(saved_setup(checkpoint.run), run, resumable, checkpoint_dir)
-    model.load_state_dict(checkpoint.model)
-    optimizer.load_state_dict(checkpoint.optimizer)
-    if ema is not None:
-        ema.averaged.load_state_dict(checkpoint.ema)
-    log.info("event=resume checkpoint_dir=%s epoch=%d step=%d", checkpoint_dir, checkpoint.epoch, checkpoint.step)
-    return checkpoint
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, inputs: torch.Tensor,

@@ -45,10 +45,10 @@ import torch
 from torch import nn
 
 from model_store import ModelStore, StoreError
-from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.engine import (TrainingClock, add_checkpoint_arguments, add_device_arguments, add_store_arguments,
                             base_manifest, check_common_args, json_object, load_published, logfmt, optimizer_step,
-                            pick_device, publish_version, resume_from, wants_bf16)
+                            pick_device, publish_version, wants_bf16)
+from trainer.loop import Task, Training, fit, publish_once
 from trainer.natural import NaturalData, load_natural_data
 from trainer.recipe import EMA, dihedral_augment
 from upgrader.architectures import build_model, parameter_count
@@ -225,6 +225,60 @@ def evaluate(model: nn.Module, photos: list[torch.Tensor], device: torch.device,
     return result
 
 
+class Steps(Task):
+    """This recipe's part of the loop: a step on fresh crops, a progress line every --log-every steps, an evaluation
+    every --eval-every steps and a checkpoint every --checkpoint-minutes, both also at the end: at --steps, or when
+    --max-minutes of training time are spent (a stall does not count against it or move the cosine schedule on)."""
+
+    event = "eval"
+
+    def __init__(self, args: argparse.Namespace, sampler: CropSampler, photos: list[torch.Tensor], device: torch.device,
+                 amp: bool, spent_s: float) -> None:
+        self.args, self.sampler, self.photos, self.device, self.amp = args, sampler, photos, device, amp
+        self.clock = TrainingClock(spent_s)
+        self.lr, self.loss_sum, self.loss_count = 0.0, 0.0, 0  # the loss is the mean since the last evaluation
+
+    def fits(self, training: Training) -> bool:
+        budget_s = self.args.max_minutes * 60 if self.args.max_minutes is not None else math.inf
+        return training.step < self.args.steps and self.clock.spent_s < budget_s
+
+    def train(self, training: Training) -> None:
+        args = self.args
+        self.clock.start()
+        self.lr = learning_rate(training.step, args, self.clock.spent_s)
+        self.loss_sum += train_one_step(training.model, training.optimizer, self.lr, self.sampler, training.step, args,
+                                        self.device, self.amp)
+        self.loss_count += 1
+        training.step += 1
+        training.ema.update(training.step)
+        self.clock.stop(training.step)
+        spent_s = self.clock.spent_s
+        if training.step % args.log_every == 0:
+            log.info("event=progress step=%d/%d loss=%.5f lr=%.3g train_minutes=%.1f s_per_step=%.2f", training.step, args.steps,
+                     self.loss_sum / self.loss_count, self.lr, spent_s / 60,
+                     spent_s / max(training.step - (training.history[0]["step"] if training.history else 0), 1))
+
+    def evaluation_due(self, training: Training) -> bool:
+        return training.step % self.args.eval_every == 0 or not self.fits(training)
+
+    def evaluation(self, training: Training) -> dict:
+        entry = {"step": training.step, "train_seconds": self.clock.spent_s, "loss": self.loss_sum / max(self.loss_count, 1),
+                 "lr": self.lr, **flatten(evaluate(training.ema.averaged, self.photos, self.device))}
+        self.loss_sum, self.loss_count = 0.0, 0
+        return entry
+
+    def checkpoint_due(self, training: Training) -> bool:
+        return time.monotonic() - training.saved_at > self.args.checkpoint_minutes * 60 or not self.fits(training)
+
+    def resume_point(self, training: Training) -> dict:
+        return {"step": training.step, "train_seconds": self.clock.spent_s, "loss": None, "lr": self.lr}
+
+
+def trained_seconds(history: list[dict]) -> float:
+    """The training time spent, over resumed runs too: the last history entry's."""
+    return history[-1]["train_seconds"] if history else 0.0
+
+
 def load_initial_weights(model: nn.Module, spec: str, store: ModelStore) -> dict:
     """Load a published version's verified head, body and tail into `model`; what to record in the manifest."""
     name, state_dict, manifest = load_published("--init-from", spec, store)
@@ -324,10 +378,12 @@ def samples_png(model: nn.Module, photos: list[torch.Tensor], device: torch.devi
     return _png(fig)
 
 
-def publish(model: nn.Module, run: dict, history: list[dict], photos: list[torch.Tensor], args: argparse.Namespace,
-            device: torch.device, step: int, spent_s: float, checkpoint_dir: Path | None) -> int:
+def publish(training: Training, photos: list[torch.Tensor], args: argparse.Namespace, device: torch.device,
+            checkpoint_dir: Path | None) -> int:
     """Evaluate the EMA weights on the held-out photographs (bicubic beside them) and publish a new version; with
     `checkpoint_dir`, mark its checkpoint published."""
+    model, run, step, spent_s = training.ema.averaged, training.run, training.step, trained_seconds(training.history)
+    history = [h for h in training.history if "val_psnr_y" in h]  # the evaluations, not the checkpoints' resume points
     metrics = evaluate(model, photos, device, baseline=True)
     gain = metrics["model"]["psnr_y"] - metrics["bicubic"]["psnr_y"]
     log.info("event=evaluated model=%s photos=%d psnr_y=%.4f bicubic_psnr_y=%.4f gain=%+.3f", args.publish_as,
@@ -366,70 +422,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.init_from:
             run["recipe"]["init_from"] = load_initial_weights(model, args.init_from, ModelStore(args.init_store or args.store))
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        ema = EMA(model, args.ema)
         checkpoint_dir = args.checkpoint_dir / args.publish_as if args.checkpoint_dir else None
-        history: list[dict] = []
-        step, spent_s, saves, published = 0, 0.0, 0, None
-        checkpoint = None
+        training = Training(model, optimizer, EMA(model, args.ema), run, checkpoint_dir)
+        resumed = False
         if checkpoint_dir is not None and (args.resume or args.publish_only):
-            checkpoint = resume_from(checkpoint_dir, run, RESUMABLE_CHANGES, model, optimizer, ema)
-        if checkpoint is not None:  # its epoch counts the checkpoints saved
-            history, step, saves, published = checkpoint.history, checkpoint.step, checkpoint.epoch, checkpoint.published_version
-            spent_s = history[-1]["train_seconds"] if history else 0.0
-        elif args.publish_only:
+            resumed = training.resume(RESUMABLE_CHANGES)
+        if args.publish_only and not resumed:
             raise ValueError(f"--publish-only: no checkpoint in {checkpoint_dir}")
         sampler = CropSampler(natural, args.crop * SCALE, args.seed)
         log.info("event=start params=%d device=%s amp=%s threads=%d train_photos=%d (skipped %d under %dpx) val_photos=%d step=%d",
                  parameter_count(model), device, amp, torch.get_num_threads(), len(sampler.images), sampler.skipped,
-                 sampler.size, len(photos), step)
+                 sampler.size, len(photos), training.step)
 
-        def save() -> None:
-            nonlocal saves, published
-            saves += 1
-            save_checkpoint(checkpoint_dir, Checkpoint(epoch=saves, step=step, history=history, run=run, model=model.state_dict(),
-                                                       optimizer=optimizer.state_dict(), ema=ema.averaged.state_dict()))
-            published = None
-
-        def budget_left() -> bool:
-            return step < args.steps and (args.max_minutes is None or spent_s < args.max_minutes * 60)
-
-        if not args.publish_only and not history:  # where it starts: the initial weights' held-out score
-            history.append({"step": step, "train_seconds": 0.0, "loss": None, "lr": 0.0, **flatten(evaluate(ema.averaged, photos, device, baseline=True))})
-            log.info("event=eval %s", logfmt(history[-1]))
-        # Training time: a stall (SIGSTOP, a suspended VM, a starved process) trained nothing, so it does not count
-        # against --max-minutes or move the time-based schedule on.
-        clock = TrainingClock(spent_s)
-        last_save, loss_sum, loss_count = time.monotonic(), 0.0, 0
-        while not args.publish_only and budget_left():
-            clock.start()
-            lr = learning_rate(step, args, spent_s)
-            loss_sum += train_one_step(model, optimizer, lr, sampler, step, args, device, amp)
-            loss_count += 1
-            step += 1
-            ema.update(step)
-            clock.stop(step)
-            spent_s = clock.spent_s
-            if step % args.log_every == 0:
-                log.info("event=progress step=%d/%d loss=%.5f lr=%.3g train_minutes=%.1f s_per_step=%.2f", step, args.steps,
-                         loss_sum / loss_count, lr, spent_s / 60, spent_s / max(step - (history[0]["step"] if history else 0), 1))
-            if step % args.eval_every == 0 or not budget_left():
-                history.append({"step": step, "train_seconds": spent_s, "loss": loss_sum / max(loss_count, 1), "lr": lr,
-                                **flatten(evaluate(ema.averaged, photos, device))})
-                loss_sum, loss_count = 0.0, 0
-                log.info("event=eval %s", logfmt(history[-1]))
-            if checkpoint_dir is not None and (time.monotonic() - last_save > args.checkpoint_minutes * 60 or not budget_left()):
-                if not history or history[-1]["step"] != step:  # the resume point records the time spent
-                    history.append({"step": step, "train_seconds": spent_s, "loss": None, "lr": lr})
-                save()
-                last_save = time.monotonic()
+        if not args.publish_only:
+            if not training.history:  # where it starts: the initial weights' held-out score
+                training.history.append({"step": training.step, "train_seconds": 0.0, "loss": None, "lr": 0.0,
+                                         **flatten(evaluate(training.ema.averaged, photos, device, baseline=True))})
+                log.info("event=eval %s", logfmt(training.history[-1]))
+            fit(training, Steps(args, sampler, photos, device, amp, spent_s=trained_seconds(training.history)))
         if args.no_publish:
             return 0
-        if published is not None and not args.publish_only:
-            log.info("event=skip reason=already_published version=%d", published)
-            return 0
-        # A --publish-only snapshot leaves the checkpoint alone: a run may still be training (and writing) there.
-        publish(ema.averaged, run, [h for h in history if "val_psnr_y" in h], photos, args, device, step, spent_s,
-                None if args.publish_only else checkpoint_dir)
+        if args.publish_only:  # a snapshot that leaves the checkpoint alone: a run may still be training (and writing) there
+            publish(training, photos, args, device, checkpoint_dir=None)
+        else:
+            publish_once(training, lambda: publish(training, photos, args, device, checkpoint_dir))
     except (FileNotFoundError, ValueError, StoreError) as exc:
         log.error("event=failed error=%s", exc)
         return 1

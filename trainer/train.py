@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from model_store import ModelStore, StoreError
 from trainer import distributed
-from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.data import ImageData, batches, load_image_data, place_on_device
 from trainer.engine import (add_checkpoint_arguments, add_device_arguments, add_store_arguments, base_manifest,
                             check_common_args, json_object, load_published, logfmt, native_bf16,
-                            optimizer_step, publish_version, resume_from)
+                            optimizer_step, publish_version)
+from trainer.loop import Task, Training, fit, publish_once
 from trainer.natural import NaturalData, epoch_images, load_natural_data
 from trainer.recipe import EMA, LOSSES, LR_SCHEDULES, dihedral_augment, learning_rate
 from trainer.report import loss_curve_png, samples_png
@@ -353,6 +353,67 @@ def next_epoch_fits(history: list[dict], max_minutes: float | None) -> bool:
     return spent + history[-1]["seconds"] <= max_minutes * 60
 
 
+def evenly_spread(images: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` of the images, evenly spread over them."""
+    return images[torch.linspace(0, len(images) - 1, count).long().to(images.device)]
+
+
+class Epochs(Task):
+    """This recipe's part of the loop: an epoch over this rank's shard of a fresh draw of --epoch-size images, with an
+    evaluation and a checkpoint (on rank 0) after every one. No epoch starts past --epochs, or that rank 0 judges to
+    end past --max-minutes."""
+
+    event = "epoch"
+
+    def __init__(self, training: Training, train: torch.Tensor, natural: NaturalData | None, val: torch.Tensor | None,
+                 natural_val: torch.Tensor | None, args: argparse.Namespace, runtime: distributed.Runtime, name: str) -> None:
+        self.train_images, self.natural, self.args, self.runtime, self.name = train, natural, args, runtime, name
+        self.epoch = training.saves  # the last finished one: a checkpoint follows every epoch
+        self.trained: nn.Module = training.model  # what the steps run: the model under DDP and torch.compile
+        if runtime.distributed:
+            device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(training.model, device_ids=device_ids)
+        if args.compile:
+            self.trained = torch.compile(self.trained)
+        self.epoch_size = args.epoch_size or len(train)
+        self.total_steps = args.epochs * steps_per_epoch(self.epoch_size, args.batch_size, runtime.world_size)
+        self.val, self.natural_val = val, natural_val  # what each epoch's history is measured on (--epoch-val)
+        if args.epoch_val is not None and runtime.is_main and args.epoch_val < len(val):
+            self.val = evenly_spread(val, args.epoch_val)
+            if natural_val is not None:
+                self.natural_val = evenly_spread(natural_val, max(1, round(len(natural_val) * args.epoch_val / len(val))))
+
+    def fits(self, training: Training) -> bool:
+        if self.epoch >= self.args.epochs:
+            return False
+        if not self.runtime.rank0_decides(next_epoch_fits(training.history, self.args.max_minutes)):
+            log.info("event=budget model=%s max_minutes=%s stopped_after_epoch=%d", self.name, self.args.max_minutes, self.epoch)
+            return False
+        return True
+
+    def train(self, training: Training) -> None:
+        self.epoch += 1
+        self.started = time.perf_counter()
+        images = epoch_images(self.train_images, self.natural, self.args.natural_share, epoch=self.epoch, seed=self.args.seed,
+                              size=self.epoch_size)
+        self.train_loss, training.step = train_one_epoch(self.trained, training.optimizer, images, self.epoch, training.step,
+                                                         self.total_steps, self.args, self.runtime, training.ema, self.name,
+                                                         spent_s=sum(h["seconds"] for h in training.history))
+        self.train_seconds = time.perf_counter() - self.started  # the loss is a host float by now: the GPU's work is done
+
+    def evaluation(self, training: Training) -> dict:
+        model, device, loss_name = training.evaluated, self.runtime.device, self.args.loss
+        val_metrics = evaluate(model, self.val, device, loss_name=loss_name)
+        natural_psnr = {}
+        if self.natural_val is not None:
+            natural_psnr["val_natural_psnr"] = evaluate(model, self.natural_val, device, loss_name=loss_name)["model"]["psnr"]
+        return {
+            "epoch": self.epoch, "train_loss": self.train_loss, "val_loss": val_metrics["loss"],
+            "val_psnr": val_metrics["model"]["psnr"], **natural_psnr, "lr": training.optimizer.param_groups[0]["lr"],
+            "train_seconds": self.train_seconds, "seconds": time.perf_counter() - self.started,
+        }
+
+
 def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torch.Tensor | None,
                       args: argparse.Namespace, runtime: distributed.Runtime, natural: NaturalData | None = None,
                       natural_val: torch.Tensor | None = None) -> int | None:
@@ -372,74 +433,24 @@ def train_and_publish(arch: str, data: ImageData, train: torch.Tensor, val: torc
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=runtime.device.type == "cuda")
     ema = EMA(model, args.ema) if args.ema > 0 else None  # averages from the initial weights, published ones included
     checkpoint_dir = args.checkpoint_dir / name if args.checkpoint_dir else None
-
-    history: list[dict] = []
-    step, first_epoch, published = 0, 1, None
-    checkpoint = None
+    training = Training(model, optimizer, ema, run, checkpoint_dir, log_fields={"model": name})
     if args.resume and checkpoint_dir is not None:
-        checkpoint = resume_from(checkpoint_dir, run, RESUMABLE_CHANGES, model, optimizer, ema, saved_setup=without_retired_phase)
-    if checkpoint is not None:
-        history, step, first_epoch, published = checkpoint.history, checkpoint.step, checkpoint.epoch + 1, checkpoint.published_version
+        training.resume(RESUMABLE_CHANGES, saved_setup=without_retired_phase)
 
-    trained: nn.Module = model
-    if runtime.distributed:
-        trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if args.compile:
-        trained = torch.compile(trained)
-    evaluated = ema.averaged if ema is not None else model  # the weights that are evaluated and published
-    epoch_size = args.epoch_size or len(train)
-    total_steps = args.epochs * steps_per_epoch(epoch_size, args.batch_size, runtime.world_size)
-    epoch_val, epoch_natural_val = val, natural_val  # what each epoch's history is measured on (--epoch-val)
-    if args.epoch_val is not None and runtime.is_main and args.epoch_val < len(val):
-        epoch_val = val[torch.linspace(0, len(val) - 1, args.epoch_val).long().to(val.device)]
-        if natural_val is not None:
-            count = max(1, round(len(natural_val) * args.epoch_val / len(val)))
-            epoch_natural_val = natural_val[torch.linspace(0, len(natural_val) - 1, count).long().to(natural_val.device)]
-    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d backend=%s first_epoch=%d", name,
-             parameter_count(model), len(data.train), len(data.val), runtime.device, runtime.world_size, runtime.backend, first_epoch)
-
-    for epoch in range(first_epoch, args.epochs + 1):
-        if not runtime.rank0_decides(next_epoch_fits(history, args.max_minutes)):
-            log.info("event=budget model=%s max_minutes=%s stopped_after_epoch=%d", name, args.max_minutes, epoch - 1)
-            break
-        started = time.perf_counter()
-        images = epoch_images(train, natural, args.natural_share, epoch=epoch, seed=args.seed, size=epoch_size)
-        train_loss, step = train_one_epoch(trained, optimizer, images, epoch, step, total_steps, args, runtime, ema, name,
-                                           spent_s=sum(h["seconds"] for h in history))
-        train_seconds = time.perf_counter() - started  # the loss is a host float by now: the GPU's work is done
-        del images
-        if not runtime.is_main:
-            continue
-        val_metrics = evaluate(evaluated, epoch_val, runtime.device, loss_name=args.loss)
-        natural_psnr = {}
-        if natural_val is not None:
-            natural_psnr["val_natural_psnr"] = evaluate(evaluated, epoch_natural_val, runtime.device, loss_name=args.loss)["model"]["psnr"]
-        history.append({
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_metrics["loss"], "val_psnr": val_metrics["model"]["psnr"],
-            **natural_psnr, "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
-            "seconds": time.perf_counter() - started,
-        })
-        log.info("event=epoch model=%s %s", name, logfmt(history[-1]))
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, Checkpoint(
-                epoch=epoch, step=step, history=history, run=run, model=model.state_dict(),
-                optimizer=optimizer.state_dict(), ema=ema.averaged.state_dict() if ema is not None else None))
-            published = None  # these weights are new
-
+    epochs = Epochs(training, train, natural, val, natural_val, args, runtime, name)
+    log.info("event=start model=%s params=%d train=%d val=%d device=%s world_size=%d backend=%s first_epoch=%d", name, parameter_count(model),
+             len(data.train), len(data.val), runtime.device, runtime.world_size, runtime.backend, epochs.epoch + 1)
+    fit(training, epochs, is_main=runtime.is_main)
     if not runtime.is_main:
         return None
-    if published is not None:
-        log.info("event=skip model=%s reason=already_published version=%d", name, published)
-        return published
-    return publish(name, run, evaluated, history, data, val, args, runtime, checkpoint_dir, natural_val)
+    return publish_once(training, lambda: publish(name, training, data, val, args, runtime, natural_val))
 
 
-def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: ImageData, val: torch.Tensor,
-            args: argparse.Namespace, runtime: distributed.Runtime, checkpoint_dir: Path | None,
-            natural_val: torch.Tensor | None = None) -> int:
-    """Evaluate against bicubic (on --data's validation split, and on the natural one if any), draw the pictures
-    and publish a new version of `name`."""
-    ensemble = not args.no_ensemble_metrics
+def publish(name: str, training: Training, data: ImageData, val: torch.Tensor, args: argparse.Namespace,
+            runtime: distributed.Runtime, natural_val: torch.Tensor | None = None) -> int:
+    """Evaluate the trained weights against bicubic (on --data's validation split, and on the natural one if any), draw
+    the pictures and publish a new version of `name`."""
+    model, history, ensemble = training.evaluated, training.history, not args.no_ensemble_metrics
     metrics = evaluate(model, val, runtime.device, loss_name=args.loss, baseline=True, ensemble=ensemble)
     metrics.pop("loss")
     if natural_val is not None:
@@ -452,7 +463,7 @@ def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: I
         log.info("event=evaluated model=%s split=%s images=%d %s %s psnr_vs_bicubic=%+.3f verdict=%s", name, split,
                  measured["images"], logfmt(measured["model"]), logfmt(measured["bicubic"], prefix="bicubic_"), gain,
                  "beats_bicubic" if gain > 0 else "loses_to_bicubic")
-    arch = run["architecture"]["name"]
+    arch = training.run["architecture"]["name"]
     title = (f"{name}{f' ({arch})' if name != arch else ''}: {len(history)} epochs\n"
              f"PSNR {metrics['model']['psnr']:.2f} dB (bicubic {metrics['bicubic']['psnr']:.2f})")
     files = {
@@ -460,7 +471,7 @@ def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: I
         "samples.png": draw_samples(model, data.val, runtime.device, title),
     }
     manifest = {
-        **base_manifest(run, model, args, runtime.device, history=history, metrics=metrics, evaluation=EVALUATION,
+        **base_manifest(training.run, model, args, runtime.device, history=history, metrics=metrics, evaluation=EVALUATION,
                         wall_time_s=sum(h["seconds"] for h in history)),
         "input_shape": list(INPUT_SHAPE),
         "output_shape": list(OUTPUT_SHAPE),
@@ -468,7 +479,7 @@ def publish(name: str, run: dict, model: nn.Module, history: list[dict], data: I
         "device_name": distributed.describe(runtime.device),
         "epochs_completed": history[-1]["epoch"] if history else 0,
     }
-    return publish_version(args.store, name, model, manifest, files, checkpoint_dir)
+    return publish_version(args.store, name, model, manifest, files, training.checkpoint_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
