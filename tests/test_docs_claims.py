@@ -320,3 +320,19 @@ def test_the_security_checklist_names_settings_the_service_reads():
                 assert f"${{{variable}" in compose, f"{variable} is not read by docker-compose.yml"
             else:
                 assert variable in settings, f"{variable} is not a setting of service/settings.py"
+
+
+def test_the_readme_headline_table_is_the_one_bench_headline_printed():
+    """bench/headline.py writes its numbers (bench/headline.json) and its table (bench/headline.md); the README carries
+    that table as printed, so no headline number is typed by hand or left behind by a re-measurement."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("headline", ROOT / "bench" / "headline.py")
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    results = json.loads((ROOT / "bench" / "headline.json").read_text())
+    table = headline.table(results, results["machine"])
+    assert table in (ROOT / "bench" / "headline.md").read_text()
+    assert table in (ROOT / "README.md").read_text(), "README.md's headline table differs from bench/headline.md"
+    assert len(table.splitlines()) >= 7 and results["machine"] in table
