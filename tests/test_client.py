@@ -186,8 +186,10 @@ def test_every_python_example_in_the_client_page_runs(live, tmp_path, photos):
         assert run.returncode == 0, f"{block}\n{run.stderr}"
         outputs.append(run.stdout)
     assert Image.open(tmp_path / "photo-x4.webp").size == (4 * photos[0].shape[1], 4 * photos[0].shape[0])
-    assert outputs[0].startswith("photo 2 ")
-    assert "photo any 3 [1, 2, 3]" in outputs[2] and "upgrader 8x8 2 [1, 2, 3]" in outputs[2]
+    photo_versions = PRETRAINED_STORE.versions("photo")
+    assert outputs[0].startswith(f"photo {PRETRAINED_STORE.aliases('photo')['clean']} ")  # a q95 JPEG reads as clean
+    assert f"photo any {photo_versions[-1]} {photo_versions}" in outputs[2], outputs[2]
+    assert "upgrader 8x8 2 [1, 2, 3]" in outputs[2], outputs[2]  # version 3: the fixture's failed copy
     assert "'photo'" in outputs[3] and str((4 * photos[1].shape[1], 4 * photos[1].shape[0])) in outputs[3]
     assert outputs[4].startswith("400 corrupt_image image 0 has a truncated or corrupt header")
     assert outputs[5].startswith("unreachable GET http://127.0.0.1:9/models: no answer after 3 tries (ConnectError")
