@@ -64,8 +64,11 @@ def compose_config(*profiles: str, services: tuple[str, ...] = (), env: dict[str
 def test_serving_alone_is_the_proxy_and_the_service_hardened_and_health_checked():
     assert compose_config()["services"] == {}  # every service belongs to a profile, or is named
     services = compose_config(services=("proxy",))["services"]
-    assert set(services) == {"proxy", "service"}  # the proxy brings the service it fronts
+    # the proxy brings the service it fronts, and the service the seeding of its store, which it waits for: its first
+    # scan sees every shipped model, so the default model is chosen from all of them
+    assert set(services) == {"proxy", "service", "store-init"}
     service, proxy = services["service"], services["proxy"]
+    assert service["depends_on"]["store-init"]["condition"] == "service_completed_successfully"
     assert service["user"] == "10001:10001"
     assert service["restart"] == "unless-stopped"
     assert {"type": "volume", "source": "store", "target": "/store", "read_only": True}.items() <= service["volumes"][0].items()
