@@ -148,12 +148,20 @@ def test_realistic_degradation_trains_on_the_seeded_chain_and_records_it(photos_
     assert run(photos_dir, tmp_path, "--steps", "2", "--resume", "--no-publish", "--degradation", "realistic") == 0
 
 
-def test_chain_overrides_reach_the_training_inputs_and_the_manifest(photos_dir, tmp_path, capsys):
+def test_chain_overrides_reach_the_training_inputs_and_the_manifest(photos_dir, tmp_path, capsys, monkeypatch):
     chain = {"clean_share": 0.0, "jpeg_prob": 1.0, "jpeg_quality": [70, 90], "downsampling": [["area", 1.0]]}
+    expected = DegradationConfig(scale=4, clean_share=0.0, jpeg_prob=1.0, jpeg_quality=(70, 90), downsampling=(("area", 1.0),))
+    real_degrade, used = photo.degrade_batch, []
+
+    def recording_degrade(hr, config, seed):
+        used.append(config)
+        return real_degrade(hr, config, seed)
+
+    monkeypatch.setattr(photo, "degrade_batch", recording_degrade)
     assert run(photos_dir, tmp_path, "--steps", "2", "--degradation", "realistic", "--chain", json.dumps(chain)) == 0
+    assert used == [expected, expected]  # every step's inputs came through the overridden chain
     recorded = ModelStore(tmp_path / "store").manifest("photo", 1)["recipe"]["degradation_chain"]
-    assert recorded == DegradationConfig(scale=4, clean_share=0.0, jpeg_prob=1.0, jpeg_quality=(70, 90),
-                                         downsampling=(("area", 1.0),)).describe()
+    assert recorded == expected.describe()
     args = photo.parse_args(["--natural", str(photos_dir), "--degradation", "realistic", "--chain", json.dumps(chain)])
     assert photo.degradation_chain(args).jpeg_quality == (70, 90)
     # a changed chain is a different recipe: the run does not resume under it

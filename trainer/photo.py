@@ -195,13 +195,14 @@ def learning_rate(step: int, args: argparse.Namespace, spent_s: float) -> float:
 
 
 def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, sampler: CropSampler, step: int,
-                   args: argparse.Namespace, device: torch.device, amp: bool) -> float:
-    """One optimizer step at `lr` on a fresh batch of crops; returns the L1 loss."""
+                   args: argparse.Namespace, device: torch.device, amp: bool, chain: DegradationConfig | None) -> float:
+    """One optimizer step at `lr` on a fresh batch of crops, their LR inputs through `chain` (None: bicubic only);
+    returns the L1 loss."""
     model.train()
     targets = to_float(sampler.batch(args.batch_size, step)).to(device)
     targets = dihedral_augment(targets, torch.Generator(device).manual_seed(args.seed * 1_000_003 + step))
-    if args.degradation == "realistic":
-        inputs = degrade_batch(targets, degradation_chain(args), seed=f"{args.seed}:{step}").to(device)
+    if chain is not None:
+        inputs = degrade_batch(targets, chain, seed=f"{args.seed}:{step}").to(device)
     else:
         inputs = bicubic_degrade(targets, SCALE)
     return optimizer_step(model, optimizer, lr, inputs, targets, nn.functional.l1_loss, amp).item()
@@ -235,6 +236,7 @@ class Steps(Task):
     def __init__(self, args: argparse.Namespace, sampler: CropSampler, photos: list[torch.Tensor], device: torch.device,
                  amp: bool, spent_s: float) -> None:
         self.args, self.sampler, self.photos, self.device, self.amp = args, sampler, photos, device, amp
+        self.chain = degradation_chain(args) if args.degradation == "realistic" else None
         self.clock = TrainingClock(spent_s)
         self.lr, self.loss_sum, self.loss_count = 0.0, 0.0, 0  # the loss is the mean since the last evaluation
 
@@ -247,7 +249,7 @@ class Steps(Task):
         self.clock.start()
         self.lr = learning_rate(training.step, args, self.clock.spent_s)
         self.loss_sum += train_one_step(training.model, training.optimizer, self.lr, self.sampler, training.step, args,
-                                        self.device, self.amp)
+                                        self.device, self.amp, self.chain)
         self.loss_count += 1
         training.step += 1
         training.ema.update(training.step)
