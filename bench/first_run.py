@@ -33,10 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(what: str, command: list[str], cwd: Path, log: Path) -> float:
+def timed(what: str, command: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> float:
     started = time.monotonic()
     with log.open("a") as out:
-        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
     seconds = time.monotonic() - started
     if result.returncode != 0:
         raise SystemExit(f"{what} failed ({result.returncode}) after {seconds:.0f} s:\n{log.read_text()[-3000:]}")
@@ -58,8 +58,8 @@ def main() -> None:
         times = {"git clone": timed("git clone", ["git", "clone", "--quiet", "--no-local", str(ROOT), str(clone)], tmp, log)}
         subprocess.run(["git", "-C", str(clone), "checkout", "--quiet", subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", args.ref], capture_output=True, text=True, check=True).stdout.strip()], check=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "VIRTUAL_ENV"))}
-        times["make install"] = timed("make install", ["make", "install"], clone, log)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("UPGRADER_", "VIRTUAL_ENV"))}  # a stranger's shell
+        times["make install"] = timed("make install", ["make", "install"], clone, log, env)
         port = free_port()
         started = time.monotonic()
         server = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=clone, stdout=log.open("a"), stderr=subprocess.STDOUT,
